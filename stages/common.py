@@ -1,0 +1,53 @@
+"""What every stage shares: argument parsing, params loading, and turning bad input into
+one line on stderr with exit code 2 instead of a traceback."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from typing import Callable
+
+import torch
+
+from tnd import tracking
+from tnd.config import Params, load_params
+from tnd.errors import TndError
+from tnd.tracking import Tracker
+
+EXIT_BAD_INPUT = 2
+
+
+def run_stage(name: str, body: Callable[[Params, Tracker], None], argv: list[str] | None = None) -> None:
+    """Parse --params, seed, and run `body` inside this stage's MLflow run."""
+    parser = argparse.ArgumentParser(prog=f"python -m stages.{name}")
+    parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    args = parser.parse_args(argv)
+    started = time.perf_counter()
+    try:
+        params = load_params(args.params)
+        seed_everything(params.seed)
+        with tracking.stage_run(name, params) as run:
+            body(params, run)
+    except TndError as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        raise SystemExit(EXIT_BAD_INPUT) from None
+    print(f"{name}: done in {time.perf_counter() - started:.1f}s", file=sys.stderr, flush=True)
+
+
+def seed_everything(seed: int) -> None:
+    """Same params, same seed, same numbers on CPU."""
+    import random
+
+    random.seed(seed)
+    torch.manual_seed(seed)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+
+
+# The pipeline's file layout (the same paths appear in dvc.yaml).
+PREPARED = "data/prepared"
+TOKENIZER = "artifacts/tokenizer"
+TEACHER = "models/teacher"
+METRICS = "metrics"

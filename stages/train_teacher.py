@@ -1,0 +1,57 @@
+"""Stage train_teacher: build and pretrain the built-in teacher, or load one by name/path.
+
+Writes models/teacher/ (save_pretrained, with the tokenizer) and metrics/teacher.json
+(eval perplexity, and on nursery data the grammaticality of sampled continuations).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tnd.config import Params
+from tnd.data.tokenizer import load_tokenizer
+from tnd.evaluation import grammaticality, sample_texts
+from tnd.io import atomic_write_json, read_jsonl
+from tnd.models import build_causal_lm, load_causal_lm, save_model
+from tnd.trainers.lm import perplexity, pretrain_lm
+from tnd.tracking import Tracker
+
+from stages.common import METRICS, PREPARED, TEACHER, TOKENIZER, run_stage
+
+
+def train_teacher(params: Params, run: Tracker) -> None:
+    cfg = params.teacher
+    tokenizer = load_tokenizer(TOKENIZER)
+    train_texts = [row["text"] for row in read_jsonl(Path(PREPARED) / "train.jsonl")]
+    eval_texts = [row["text"] for row in read_jsonl(Path(PREPARED) / "eval.jsonl")]
+    prompts = [row["prompt_ids"] for row in read_jsonl(Path(PREPARED) / "eval_prompts.jsonl")]
+
+    metrics: dict = {}
+    if cfg.source == "builtin":
+        model = build_causal_lm(cfg.arch, tokenizer, params.seed)
+        metrics.update(pretrain_lm(model, tokenizer, train_texts, cfg.train, params.seed, on_log=run.log_metrics))
+    else:
+        model = load_causal_lm(cfg.source, tokenizer, role="teacher")
+    metrics["n_parameters"] = sum(p.numel() for p in model.parameters())
+    metrics["eval_perplexity"] = perplexity(model, tokenizer, eval_texts, cfg.train.max_length)
+
+    samples = sample_texts(
+        model, tokenizer, prompts[: cfg.eval.n_samples], cfg.eval.max_new_tokens, params.seed, cfg.eval.temperature
+    )
+    # Grammaticality needs the nursery grammar; on other data it stays null.
+    metrics["grammaticality"] = grammaticality(samples) if params.data.source == "nursery" else None
+    metrics["mean_sample_length"] = sum(row["length"] for row in samples) / max(len(samples), 1)
+
+    save_model(model, tokenizer, TEACHER)
+    atomic_write_json(Path(METRICS) / "teacher.json", metrics)
+    run.log_metrics({k: v for k, v in metrics.items() if v is not None})
+    run.log_table(samples[:100], "teacher_samples.json")
+    print(f"train_teacher: perplexity {metrics['eval_perplexity']:.2f}, grammaticality {metrics['grammaticality']}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    run_stage("train_teacher", train_teacher, argv)
+
+
+if __name__ == "__main__":
+    main()

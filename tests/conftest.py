@@ -1,0 +1,91 @@
+"""Shared fixtures: a project directory with tiny params, so stages run in seconds."""
+
+from __future__ import annotations
+
+import copy
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Small enough for a 2-core CI machine, large enough that every code path runs.
+TINY = {
+    "data": {"n_train": 400, "n_eval": 60, "n_prompts": 40, "n_eval_prompts": 16},
+    "tokenizer": {"vocab_size": 400},
+    "teacher": {
+        "arch": {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "intermediate_size": 64},
+        "train": {"steps": 8, "batch_size": 8, "warmup_steps": 2},
+        "eval": {"n_samples": 8, "max_new_tokens": 8},
+    },
+    "student": {
+        "arch": {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "intermediate_size": 64},
+        "train": {"steps": 4, "batch_size": 8, "warmup_steps": 1},
+    },
+    "reward": {
+        "arch": {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "intermediate_size": 64},
+        "train": {"steps": 8, "batch_size": 8, "warmup_steps": 2},
+    },
+    "tracking": {"enabled": False},
+}
+
+
+def merge(base: dict, override: dict) -> dict:
+    out = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def repo_params() -> dict:
+    return yaml.safe_load((ROOT / "params.yaml").read_text())
+
+
+def tiny_params(**overrides) -> dict:
+    return merge(merge(repo_params(), TINY), overrides)
+
+
+@pytest.fixture
+def project(tmp_path, monkeypatch):
+    """A scratch project dir (cwd) holding tiny params.yaml; `project.write(**overrides)` rewrites it."""
+
+    class Project:
+        path = tmp_path
+
+        def write(self, **overrides) -> Path:
+            path = tmp_path / "params.yaml"
+            path.write_text(yaml.safe_dump(tiny_params(**overrides), sort_keys=False))
+            return path
+
+    monkeypatch.chdir(tmp_path)
+    project = Project()
+    project.write()
+    return project
+
+
+@pytest.fixture
+def dvc_project(tmp_path, monkeypatch):
+    """A git+dvc repo holding a copy of the pipeline code and tiny params (for `dvc repro` tests)."""
+    for name in ("tnd", "stages", "dvc.yaml"):
+        src = ROOT / name
+        if src.is_dir():
+            shutil.copytree(src, tmp_path / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy(src, tmp_path / name)
+    shutil.copy(ROOT / ".gitignore", tmp_path / ".gitignore")
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(tiny_params(), sort_keys=False))
+    monkeypatch.chdir(tmp_path)
+    # Stage commands call `python`: make it this interpreter, with the copied code first.
+    monkeypatch.setenv("PATH", f"{Path(os.sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    for env in ("GIT_AUTHOR_NAME", "GIT_COMMITTER_NAME"):
+        monkeypatch.setenv(env, "tnd-test")
+    for env in ("GIT_AUTHOR_EMAIL", "GIT_COMMITTER_EMAIL"):
+        monkeypatch.setenv(env, "tnd-test@example.invalid")
+    return tmp_path

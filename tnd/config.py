@@ -1,0 +1,387 @@
+"""Typed schema of params.yaml: the one place where parameters are defined and checked.
+
+Every stage reads params through `load_params`, so a typo or a bad value fails the
+same way everywhere: one line naming the key, the value and what is allowed, raised
+as `ParamsError` (stages turn it into exit code 2). Sections forbid unknown keys, so
+`ppo.learnng_rate` is an error that suggests `ppo.learning_rate`, not a silent no-op.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import typing
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import annotated_types
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from tnd.errors import ParamsError
+
+PositiveInt = typing.Annotated[int, Field(gt=0)]
+NonNegativeInt = typing.Annotated[int, Field(ge=0)]
+PositiveFloat = typing.Annotated[float, Field(gt=0)]
+NonNegativeFloat = typing.Annotated[float, Field(ge=0)]
+Probability = typing.Annotated[float, Field(ge=0, le=1)]
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# --- data and tokenizer -----------------------------------------------------------
+
+
+class DataParams(Section):
+    source: str = "nursery"  # "nursery", a local .jsonl/.csv/.parquet/.txt path, or a datasets hub id
+    hub_config: Optional[str] = None
+    hub_split: str = "train"
+    text_field: str = "text"
+    n_train: PositiveInt = 20000  # nursery: sentences generated; other sources: at most this many
+    n_eval: PositiveInt = 1000
+    max_chars: PositiveInt = 2000  # longer texts are truncated (and counted in stats.json)
+    prompt_tokens: PositiveInt = 2  # trial prompts are the first tokens of a text
+    n_prompts: PositiveInt = 2000
+    n_eval_prompts: PositiveInt = 200
+    pair_corruptions: list[
+        Literal["agreement_swap", "adjacent_swap", "drop_word", "duplicate_word"]
+    ] = Field(default=["agreement_swap", "adjacent_swap", "drop_word"], min_length=1)
+
+
+class TokenizerParams(Section):
+    source: str = "train"  # "train": byte-level BPE on the train split; else a name/path
+    vocab_size: typing.Annotated[int, Field(ge=300, le=1_000_000)] = 1024
+    min_frequency: PositiveInt = 2
+
+
+# --- models -----------------------------------------------------------------------
+
+
+class ArchParams(Section):
+    """A Llama-style decoder; the reward model reuses it with a scalar head."""
+
+    hidden_size: PositiveInt = 128
+    num_layers: PositiveInt = 4
+    num_heads: PositiveInt = 4
+    intermediate_size: PositiveInt = 384
+    max_position_embeddings: PositiveInt = 64
+    dropout: typing.Annotated[float, Field(ge=0, lt=1)] = 0.0
+
+    @model_validator(mode="after")
+    def _heads_divide_hidden(self) -> "ArchParams":
+        if self.hidden_size % self.num_heads:
+            raise ValueError(
+                f"hidden_size ({self.hidden_size}) must be divisible by num_heads ({self.num_heads})"
+            )
+        return self
+
+
+class LMTrainParams(Section):
+    steps: NonNegativeInt = 1200
+    batch_size: PositiveInt = 64
+    learning_rate: PositiveFloat = 3e-3
+    weight_decay: NonNegativeFloat = 0.01
+    warmup_steps: NonNegativeInt = 100
+    max_length: PositiveInt = 48
+    max_grad_norm: PositiveFloat = 1.0
+
+
+class LMEvalParams(Section):
+    n_samples: PositiveInt = 200  # sampled continuations scored by the grammar checker
+    max_new_tokens: PositiveInt = 24
+    temperature: PositiveFloat = 1.0
+
+
+class TeacherParams(Section):
+    source: str = "builtin"  # "builtin": build from `arch` and pretrain; else a HF name/path
+    arch: ArchParams = ArchParams()
+    train: LMTrainParams = LMTrainParams()
+    eval: LMEvalParams = LMEvalParams()
+
+
+class StudentParams(Section):
+    source: str = "builtin"
+    arch: ArchParams = ArchParams(hidden_size=64, num_layers=2, num_heads=2, intermediate_size=192)
+    train: LMTrainParams = LMTrainParams(steps=200)  # brief warm-up before PPO; 0 = from scratch
+
+
+class RewardTrainParams(Section):
+    steps: NonNegativeInt = 600
+    batch_size: PositiveInt = 64
+    learning_rate: PositiveFloat = 1e-3
+    weight_decay: NonNegativeFloat = 0.01
+    warmup_steps: NonNegativeInt = 50
+    max_length: PositiveInt = 48
+    max_grad_norm: PositiveFloat = 1.0
+
+
+class RewardParams(Section):
+    source: str = "builtin"
+    arch: ArchParams = ArchParams(hidden_size=64, num_layers=2, num_heads=2, intermediate_size=192)
+    objective: Literal["pairwise", "regression"] = "pairwise"
+    label_field: str = "label"  # regression: the numeric column of the labelled data
+    margin: NonNegativeFloat = 0.0
+    train: RewardTrainParams = RewardTrainParams()
+
+
+# --- cache, PPO, distillation -------------------------------------------------------
+
+
+class CacheParams(Section):
+    n_prompts: PositiveInt = 1000
+    max_new_tokens: PositiveInt = 24
+    top_k: PositiveInt = 32
+    temperature: PositiveFloat = 1.0  # the teacher's softmax temperature for stored log-probs
+    sample_temperature: PositiveFloat = 1.0
+    sample_top_k: NonNegativeInt = 0  # 0 = no top-k filtering
+    sample_top_p: typing.Annotated[float, Field(gt=0, le=1)] = 1.0
+    dtype: Literal["float16", "bfloat16", "float32"] = "float16"
+    batch_size: PositiveInt = 64
+    shard_tokens: PositiveInt = 65536
+
+
+class PPOParams(Section):
+    steps: PositiveInt = 100
+    learning_rate: PositiveFloat = 1e-4
+    batch_size: PositiveInt = 32
+    mini_batch_size: PositiveInt = 8
+    gradient_accumulation_steps: PositiveInt = 1
+    ppo_epochs: PositiveInt = 4
+    gamma: Probability = 1.0
+    lam: Probability = 0.95
+    cliprange: PositiveFloat = 0.2
+    cliprange_value: PositiveFloat = 0.2
+    vf_coef: NonNegativeFloat = 0.1
+    ent_coef: NonNegativeFloat = 0.0
+    max_grad_norm: PositiveFloat = 1.0
+    whiten_advantages: bool = True
+    init_kl_coef: NonNegativeFloat = 0.05
+    adap_kl_ctrl: bool = True
+    kl_target: PositiveFloat = 6.0
+    kl_horizon: PositiveInt = 10000
+    kl_reference: Literal["teacher", "initial_student"] = "teacher"
+    early_stopping: bool = False
+    target_kl: PositiveFloat = 1.0
+    use_score_scaling: bool = False
+    use_score_norm: bool = False
+    score_clip: Optional[PositiveFloat] = None
+    optimizer_name: str = "AdamW"
+    optimizer_kwargs: dict[str, Any] = {}
+    scheduler_name: Literal["linear", "cosine", "constant"] = "constant"
+    scheduler_kwargs: dict[str, Any] = {}
+    warmup_steps: NonNegativeInt = 0
+    optimize_cuda_cache: bool = False
+    max_new_tokens: PositiveInt = 24
+    temperature: PositiveFloat = 1.0
+    top_k: NonNegativeInt = 0
+    top_p: typing.Annotated[float, Field(gt=0, le=1)] = 1.0
+    save_every: PositiveInt = 25
+    max_nonfinite_reward_fraction: Probability = 0.5
+
+    @model_validator(mode="after")
+    def _batches_divide(self) -> "PPOParams":
+        if self.mini_batch_size > self.batch_size:
+            raise ValueError(
+                f"mini_batch_size ({self.mini_batch_size}) must not exceed batch_size ({self.batch_size})"
+            )
+        step = self.mini_batch_size * self.gradient_accumulation_steps
+        if self.batch_size % step:
+            raise ValueError(
+                f"batch_size ({self.batch_size}) must be divisible by mini_batch_size * "
+                f"gradient_accumulation_steps ({self.mini_batch_size} * {self.gradient_accumulation_steps})"
+            )
+        return self
+
+
+class DistillParams(Section):
+    loss: Literal["forward_kl", "reverse_kl", "jsd"] = "forward_kl"
+    temperature: PositiveFloat = 1.0
+    beta: Probability = 0.5  # jsd only: 0 = forward KL, 1 = reverse KL
+    coef: NonNegativeFloat = 1.0
+    online: bool = False  # also distil on the trials against the teacher's dense logits
+    online_coef: NonNegativeFloat = 0.5
+
+
+class TnDParams(Section):
+    mode: Literal["trials_and_demos", "trials_only", "demos_only"] = "trials_and_demos"
+    demos_as: Literal["kl", "ppo"] = "kl"  # "ppo": the paper's recipe, demos join the PPO batch
+    demo_batch_size: PositiveInt = 16
+    demo_score: float = 1.0  # demos_as=ppo: the fixed score a demonstration gets
+    lm_steps_per_ppo_step: NonNegativeInt = 0  # the paper interleaves 3 plain LM steps
+
+
+class KernelParams(Section):
+    backend: Literal["auto", "triton", "torch"] = "auto"
+
+
+class EvalParams(Section):
+    n_prompts: PositiveInt = 200
+    max_new_tokens: PositiveInt = 24
+    temperature: PositiveFloat = 1.0
+    seed: int = 0
+
+
+class TrackingParams(Section):
+    enabled: bool = True
+    uri: Optional[str] = None  # default: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db
+    experiment: str = "tnd-pipeline"
+
+
+class Params(Section):
+    seed: int = 1234
+    data: DataParams = DataParams()
+    tokenizer: TokenizerParams = TokenizerParams()
+    teacher: TeacherParams = TeacherParams()
+    student: StudentParams = StudentParams()
+    reward: RewardParams = RewardParams()
+    cache: CacheParams = CacheParams()
+    ppo: PPOParams = PPOParams()
+    distill: DistillParams = DistillParams()
+    tnd: TnDParams = TnDParams()
+    kernels: KernelParams = KernelParams()
+    eval: EvalParams = EvalParams()
+    tracking: TrackingParams = TrackingParams()
+
+    def flat(self) -> dict[str, Any]:
+        """Params as {"ppo.learning_rate": 1e-4, ...}, for logging."""
+        return _flatten(self.model_dump(mode="json"))
+
+    def fingerprint(self) -> str:
+        """Short stable hash of all params (tagged on every tracked run)."""
+        blob = json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:12]
+
+
+# --- loading and error messages -----------------------------------------------------
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    path = Path(path)
+    if not path.is_file():
+        raise ParamsError(f"{path}: file not found; run from the project root or pass --params PATH")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        where = getattr(exc, "problem_mark", None)
+        line = f" at line {where.line + 1}" if where else ""
+        raise ParamsError(f"{path}: not valid YAML{line}; fix the syntax ({_one_line(exc)})") from None
+    return parse_params(raw, source=str(path))
+
+
+def parse_params(raw: Any, source: str = "params.yaml") -> Params:
+    if raw is None:
+        raise ParamsError(f"{source}: file is empty; start from the params.yaml in the repository")
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{source}: top level must be a mapping of sections, got {type(raw).__name__}")
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as exc:
+        errors = exc.errors()
+        more = f" (and {len(errors) - 1} more problem(s))" if len(errors) > 1 else ""
+        raise ParamsError(f"{source}: {_describe(errors[0])}{more}") from None
+
+
+def _describe(error: dict) -> str:
+    loc = tuple(str(part) for part in error["loc"] if not isinstance(part, int))
+    key = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in error["loc"])[1:]
+    if error["type"] == "extra_forbidden":
+        return _unknown_key(loc)
+    if error["type"] in ("value_error", "assertion_error") and error.get("ctx", {}).get("error"):
+        prefix = f"{key}: " if key else ""
+        return f"{prefix}{error['ctx']['error']}"
+    allowed = _allowed(loc)
+    value = error.get("input")
+    shown = json.dumps(value) if _jsonable(value) else repr(value)
+    if error["type"] == "missing":
+        return f"{key} is missing; add it ({allowed})"
+    if error["type"] == "literal_error":
+        return f"{key} = {shown} is not a valid choice; allowed: {allowed}"
+    reason = error["msg"][0].lower() + error["msg"][1:]
+    return f"{key} = {shown} is invalid: {reason}; allowed: {allowed}"
+
+
+def _unknown_key(loc: tuple[str, ...]) -> str:
+    parent, name = loc[:-1], loc[-1]
+    model = _model_at(parent)
+    valid = sorted(model.model_fields) if model else []
+    close = difflib.get_close_matches(name, valid, n=1, cutoff=0.5)
+    key = ".".join(loc)
+    if close:
+        hint = f"did you mean '{'.'.join(parent + (close[0],))}'?"
+    else:
+        hint = f"valid keys here: {', '.join(valid)}"
+    return f"unknown key '{key}'; {hint}"
+
+
+def _model_at(loc: tuple[str, ...]) -> type[BaseModel] | None:
+    model: Any = Params
+    for part in loc:
+        field = model.model_fields.get(part) if isinstance(model, type) else None
+        if field is None:
+            return None
+        model = field.annotation
+    return model if isinstance(model, type) and issubclass(model, BaseModel) else None
+
+
+def _allowed(loc: tuple[str, ...]) -> str:
+    """What a field accepts, in words: its type, choices and bounds."""
+    model = _model_at(loc[:-1])
+    field = model.model_fields.get(loc[-1]) if model else None
+    if field is None:
+        return "see params.yaml"
+    annotation = field.annotation
+    if typing.get_origin(annotation) is list:
+        annotation = typing.get_args(annotation)[0]
+        if typing.get_origin(annotation) is typing.Annotated:
+            annotation = typing.get_args(annotation)[0]
+        return "a list of " + _allowed_type(annotation, [])
+    return _allowed_type(annotation, field.metadata)
+
+
+def _allowed_type(annotation: Any, metadata: list) -> str:
+    if typing.get_origin(annotation) is typing.Annotated:
+        inner, *extra = typing.get_args(annotation)
+        for item in extra:  # a pydantic Field() inside Annotated keeps its bounds in .metadata
+            metadata = [*metadata, *getattr(item, "metadata", [item])]
+        return _allowed_type(inner, metadata)
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if typing.get_origin(annotation) is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(annotation))
+    if typing.get_origin(annotation) is typing.Union and len(args) == 1:
+        return _allowed_type(args[0], metadata) + " or null"
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return "a mapping of " + ", ".join(annotation.model_fields)
+    name = getattr(annotation, "__name__", str(annotation))
+    bounds = []
+    for item in metadata:
+        for attr, sign in (("gt", ">"), ("ge", ">="), ("lt", "<"), ("le", "<=")):
+            bound = getattr(item, attr, None)
+            if bound is not None and isinstance(item, annotated_types.BaseMetadata):
+                bounds.append(f"{sign} {bound}")
+    return name + (" " + " and ".join(bounds) if bounds else "")
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            flat.update(_flatten(value, name + "."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def _jsonable(value: Any) -> bool:
+    try:
+        json.dumps(value)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
+def _one_line(exc: Exception) -> str:
+    return " ".join(str(exc).split())

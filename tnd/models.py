@@ -1,0 +1,82 @@
+"""Build, load and save the three models: teacher, student (causal LMs) and reward model.
+
+Built-in models are small Llama-style decoders made from an `ArchParams`; any HF
+model by name or path can stand in for each, provided its vocabulary covers the
+tokenizer's.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+from tnd.config import ArchParams
+from tnd.errors import TndError
+from tnd.io import atomic_dir
+
+
+def llama_config(arch: ArchParams, tokenizer: PreTrainedTokenizerBase, **extra) -> LlamaConfig:
+    return LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=arch.hidden_size,
+        num_hidden_layers=arch.num_layers,
+        num_attention_heads=arch.num_heads,
+        num_key_value_heads=arch.num_heads,
+        intermediate_size=arch.intermediate_size,
+        max_position_embeddings=arch.max_position_embeddings,
+        attention_dropout=arch.dropout,
+        tie_word_embeddings=True,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        **extra,
+    )
+
+
+def build_causal_lm(arch: ArchParams, tokenizer: PreTrainedTokenizerBase, seed: int) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(llama_config(arch, tokenizer))
+
+
+def load_causal_lm(source: str | Path, tokenizer: PreTrainedTokenizerBase, role: str) -> PreTrainedModel:
+    """A causal LM saved with save_pretrained (or a hub name) whose vocabulary fits the tokenizer."""
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(source))
+    except Exception as exc:
+        raise TndError(
+            f"{role}: could not load a causal LM from '{source}' ({' '.join(str(exc).split())[:200]}); "
+            f"check {role}.source or rerun its stage"
+        ) from None
+    check_vocab(model, tokenizer, role)
+    return model
+
+
+def check_vocab(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, role: str) -> None:
+    """Embeddings may be padded beyond the tokenizer, never smaller than it."""
+    model_vocab = model.get_input_embeddings().num_embeddings
+    if model_vocab < len(tokenizer):
+        raise TndError(
+            f"{role}: model vocabulary ({model_vocab}) is smaller than the tokenizer's ({len(tokenizer)}); "
+            f"use a {role} trained with this tokenizer, or set tokenizer.source to the model's tokenizer"
+        )
+
+
+def get_logits(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Next-token logits [B, T, V] with positions that skip left padding."""
+    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    return model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).logits
+
+
+def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, path: str | Path) -> None:
+    """save_pretrained into `path` atomically, with the tokenizer beside the weights."""
+    with atomic_dir(path) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
