@@ -23,13 +23,17 @@ ALL_CORRUPTIONS = ("agreement_swap", "adjacent_swap", "drop_word", "duplicate_wo
 
 
 def make_prompts(tokenizer, texts: list[str], n: int, prompt_tokens: int, seed: int) -> list[dict]:
-    """The first `prompt_tokens` tokens of texts that have something left to continue."""
+    """bos + the first `prompt_tokens` tokens of texts that have something left to continue.
+
+    The bos is part of the ids because every model here is trained on bos-prefixed text:
+    generation, the teacher cache and the reward model all take these ids as they are.
+    """
     usable = [ids for ids in (encode(tokenizer, t) for t in texts) if len(ids) > prompt_tokens]
     if not usable:
         return []
     rng = random.Random(seed)
-    chosen = [usable[rng.randrange(len(usable))] for _ in range(n)]
-    return [{"prompt": tokenizer.decode(ids[:prompt_tokens]).strip(), "prompt_ids": ids[:prompt_tokens]} for ids in chosen]
+    chosen = [usable[rng.randrange(len(usable))][:prompt_tokens] for _ in range(n)]
+    return [{"prompt": tokenizer.decode(ids).strip(), "prompt_ids": [tokenizer.bos_token_id] + ids} for ids in chosen]
 
 
 def prepare(params: Params, run: Tracker) -> None:

@@ -53,7 +53,7 @@ class DataParams(Section):
 
 class TokenizerParams(Section):
     source: str = "train"  # "train": byte-level BPE on the train split; else a name/path
-    vocab_size: typing.Annotated[int, Field(ge=300, le=1_000_000)] = 1024
+    vocab_size: typing.Annotated[int, Field(ge=300, le=1_000_000)] = 2048
     min_frequency: PositiveInt = 2
 
 
@@ -80,7 +80,7 @@ class ArchParams(Section):
 
 
 class LMTrainParams(Section):
-    steps: NonNegativeInt = 1200
+    steps: NonNegativeInt = 1500
     batch_size: PositiveInt = 64
     learning_rate: PositiveFloat = 3e-3
     weight_decay: NonNegativeFloat = 0.01

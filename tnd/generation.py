@@ -40,8 +40,8 @@ def sample_continuations(
         for start in tqdm(range(0, len(prompts), batch_size), desc=desc, leave=False):
             ids, mask = left_pad(prompts[start : start + batch_size], tokenizer.pad_token_id)
             out = model.generate(
-                input_ids=ids,
-                attention_mask=mask,
+                input_ids=ids.to(model.device),
+                attention_mask=mask.to(model.device),
                 do_sample=True,
                 temperature=temperature,
                 top_k=top_k or None,
@@ -50,7 +50,7 @@ def sample_continuations(
                 pad_token_id=tokenizer.pad_token_id,
                 eos_token_id=tokenizer.eos_token_id,
             )
-            for row in out[:, ids.shape[1] :].tolist():
+            for row in out[:, ids.shape[1] :].cpu().tolist():
                 continuations.append(_cut_after_eos(row, tokenizer.eos_token_id))
     finally:
         torch.random.set_rng_state(generator_state)

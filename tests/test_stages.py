@@ -1,0 +1,104 @@
+"""The foundation stages on tiny params, in-process and under `dvc repro`."""
+
+import json
+import subprocess
+
+import mlflow
+import pytest
+import yaml
+
+from tnd.data import nursery
+from tnd.io import read_jsonl
+from stages import prepare_data, train_teacher
+
+pytestmark = pytest.mark.slow
+
+
+def test_prepare_data_writes_every_output(project):
+    prepare_data.main([])
+    out = project.path / "data/prepared"
+    train = read_jsonl(out / "train.jsonl")
+    assert len(train) == 400 and len(read_jsonl(out / "eval.jsonl")) == 60
+    prompts = read_jsonl(out / "prompts.jsonl")
+    assert len(prompts) == 40 and all(len(p["prompt_ids"]) == 3 for p in prompts)  # bos + 2 tokens
+    assert {p["prompt_ids"][0] for p in prompts} == {1}
+    pairs = read_jsonl(out / "pairs_train.jsonl")
+    assert {p["kind"] for p in pairs} <= {"agreement_swap", "adjacent_swap", "drop_word"}
+    assert all(nursery.is_grammatical(p["chosen"]) and not nursery.is_grammatical(p["rejected"]) for p in pairs)
+    assert "duplicate_word" in {p["kind"] for p in read_jsonl(out / "pairs_eval.jsonl")}
+    assert (project.path / "artifacts/tokenizer/tokenizer.json").is_file()
+
+
+def test_prepare_data_on_a_local_file(project):
+    texts = [f"line {i} of my own corpus" for i in range(50)]
+    (project.path / "mine.txt").write_text("\n".join(texts))
+    project.write(data={"source": "mine.txt"})
+    prepare_data.main([])
+    train = read_jsonl(project.path / "data/prepared/train.jsonl")
+    assert {row["text"] for row in train} < set(texts)
+
+
+def test_train_teacher_is_deterministic(project):
+    prepare_data.main([])
+    train_teacher.main([])
+    first = json.loads((project.path / "metrics/teacher.json").read_text())
+    assert first["eval_perplexity"] > 1 and 0 <= first["grammaticality"] <= 1
+    assert (project.path / "models/teacher/model.safetensors").is_file()
+    train_teacher.main([])
+    assert json.loads((project.path / "metrics/teacher.json").read_text()) == first
+
+
+def test_teacher_from_a_local_saved_model(project):
+    prepare_data.main([])
+    train_teacher.main([])
+    saved = project.path / "models/teacher"
+    project.write(teacher={"source": str(saved)})
+    train_teacher.main([])  # loads the model saved above instead of training one
+    assert json.loads((project.path / "metrics/teacher.json").read_text())["eval_perplexity"] > 1
+
+
+def test_teacher_with_a_too_small_vocabulary_is_refused(project, capsys):
+    prepare_data.main([])
+    project.write(tokenizer={"vocab_size": 300}, teacher={"train": {"steps": 1}})
+    train_teacher.main([])
+    saved = project.path / "small_teacher"
+    (project.path / "models/teacher").rename(saved)
+    project.write()
+    prepare_data.main([])  # tokenizer of 400 tokens now
+    project.write(teacher={"source": str(saved)})
+    with pytest.raises(SystemExit) as exit_info:
+        train_teacher.main([])
+    assert exit_info.value.code == 2
+    assert "smaller than the tokenizer's" in capsys.readouterr().err
+
+
+def test_stage_run_is_recorded_in_mlflow(project):
+    project.write(tracking={"enabled": True, "experiment": "stages"})
+    prepare_data.main([])
+    mlflow.set_tracking_uri(f"sqlite:///{project.path}/mlflow.db")
+    runs = mlflow.search_runs(experiment_names=["stages"], output_format="list")
+    assert [r.data.tags["stage"] for r in runs] == ["prepare_data"]
+    assert runs[0].data.params["data.n_train"] == "400"
+    assert runs[0].data.metrics["n_train"] == 400
+
+
+def dvc(*args: str) -> str:
+    result = subprocess.run(["dvc", *args], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result.stdout
+
+
+def test_dvc_repro_is_incremental(dvc_project):
+    subprocess.run(["git", "init", "-q"], check=True)
+    dvc("init", "-q")
+    dvc("config", "core.analytics", "false")
+    targets = ["prepare_data", "train_teacher"]
+    first = dvc("repro", *targets)
+    assert "Running stage 'train_teacher'" in first
+    again = dvc("repro", *targets)
+    assert "Running stage" not in again and "up to date" in again
+    params = yaml.safe_load((dvc_project / "params.yaml").read_text())
+    params["teacher"]["train"]["steps"] += 1
+    (dvc_project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    third = dvc("repro", *targets)
+    assert "Running stage 'train_teacher'" in third and "Running stage 'prepare_data'" not in third

@@ -1,0 +1,1097 @@
+"""PPO on the student's own samples ("trials") plus distillation on the teacher's cached
+demonstrations ("demonstrations"): the TnD trainer (Ma, Wang & Chai, NAACL 2025).
+
+The PPO part is the PPO-for-language-models formulation of Ziegler et al. (2019), term by
+term as TRL's `PPOTrainer` computes it (trl/trainer/ppo_trainer.py, v0.11) and with the
+loop layout of cleanrl's ppo.py:
+
+  rollout     prompts -> student samples continuations (stop at eos; the response mask
+              covers the tokens up to and including the first eos)
+  score       reward model on bos + prompt + continuation -> score; optional scaling /
+              normalisation by running statistics and clipping (TRL `use_score_scaling`,
+              `use_score_norm`, `score_clip`); non-finite scores drop their sample
+  old policy  logp_old(t) = log pi_student(a_t | s_t),  V_old(t),  logp_ref(t)  (no grad;
+              logits divided by the sampling temperature, as TRL PPOv2 does)
+  rewards     kl_t = logp_old(t) - logp_ref(t);  r_t = -kl_coef * kl_t  (+ score on the last
+              response token)
+  GAE         delta_t = r_t + gamma V(t+1) - V(t),  A_t = delta_t + gamma lam A_(t+1),
+              V = 0 after the last response token;  returns R_t = A_t + V_old(t);
+              advantages whitened over the valid tokens (masked mean / unbiased var, TRL)
+  update      ppo_epochs passes over shuffled mini-batches (gradient accumulation):
+                ratio   = exp(logp - logp_old)
+                L_clip  = mean max(-A ratio, -A clip(ratio, 1 - eps, 1 + eps))
+                L_value = 0.5 mean max((V - R)^2, (V_old + clip(V - V_old, -eps_v, eps_v) - R)^2)
+                L       = L_clip + vf_coef L_value - ent_coef H  (+ distillation terms below)
+              gradients clipped at max_grad_norm; optional early stop of the epochs when the
+              approximate KL (k3 = (ratio - 1) - log ratio) passes 1.5 * target_kl
+  KL control  adaptive (Ziegler et al.): e = clip(KL / kl_target - 1, -0.2, 0.2),
+              kl_coef *= 1 + e * n / kl_horizon (n = samples in the batch), or fixed
+
+Demonstrations (tnd.mode = trials_and_demos | demos_only), tnd.demos_as:
+
+* "kl" (default): one batch of `demo_batch_size` cached demonstrations is drawn per step
+  (seeded generator). In every PPO epoch it is shuffled and split into as many slices as
+  there are PPO mini-batches, and each mini-batch's loss gets
+  `distill_coef * topk_distill_loss(student logits at target positions, cached top-k)`.
+  So the distillation term sits in the *same* optimizer steps as the PPO loss and, like
+  every trial, each demonstration is used once per epoch. Why there and not as a separate
+  step: the student then follows the gradient of one objective L_PPO + coef * L_distill --
+  Adam's moment estimates, gradient clipping and the learning-rate schedule all see the
+  sum (separate steps would make Adam alternate between two objectives and clip each on its
+  own), and `distill_coef` has one clear meaning: the weight of the demonstrations relative
+  to the trials. `demos_only` runs exactly the same loop with the PPO terms removed, so the
+  two modes get the same amount of demonstration signal and compare cleanly (demos_only always
+  uses this KL loss, whatever demos_as says). With fewer demonstrations than mini-batches some
+  mini-batches simply get no distillation term.
+* "ppo" (the paper's recipe): demonstrations join the PPO batch as extra samples whose
+  score is the fixed `demo_score` (in processed-score units; not fed into the running
+  score statistics); they get the same KL penalty, values and GAE as the trials.
+
+Optional extras: online distillation on the trials against the teacher's dense logits
+(`distill_online`, weight `distill_online_coef`), and `lm_steps_per_ppo_step` plain LM steps
+(cross-entropy on the demonstration continuation tokens) after each PPO update, on the same
+optimizer (the paper interleaves 3). Both run only when the mode includes demonstrations
+(online distillation: whenever enabled and the mode has trials).
+
+Stats: every step returns the same keys (`STAT_KEYS`); a quantity that was not computed in
+that step (no PPO update in demos_only, a skipped step, no demonstrations) is NaN.
+Dropout is switched off in the student for the whole run (the student stays in eval mode, as
+TRL PPOv2's `disable_dropout`), so the first mini-batch has ratio exactly 1 and a CPU run is
+bit-exactly resumable from `state_dict()`.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import math
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import (
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    get_constant_schedule_with_warmup,
+    get_cosine_schedule_with_warmup,
+    get_linear_schedule_with_warmup,
+)
+
+from tnd.errors import TndError
+from tnd.generation import left_pad
+from tnd.trainers.value_head import ValueHead, hidden_size_of
+
+MODES = ("trials_and_demos", "trials_only", "demos_only")
+DEMOS_AS = ("kl", "ppo")
+DISTILL_LOSSES = ("forward_kl", "reverse_kl", "jsd")
+SCHEDULERS = ("linear", "cosine", "constant")
+KL_REFERENCES = ("teacher", "initial_student")
+BACKENDS = ("auto", "triton", "torch")
+
+STAT_KEYS = (
+    "objective/kl",  # mean over trials of the summed per-token KL (k1) to the reference
+    "objective/kl_coef",  # the coefficient used for this step's rewards
+    "objective/entropy",  # mean per-token entropy of the student over trial response tokens
+    "env/reward_mean",  # raw reward-model score of the finite trials
+    "env/reward_std",
+    "env/score_mean",  # after score processing
+    "policy/approx_kl",  # k3 estimator: mean of (ratio - 1) - log(ratio), over update mini-batches
+    "policy/policykl",  # k1 estimator: mean of logp_old - logp (TRL's policy/policykl)
+    "policy/clipfrac",
+    "policy/ratio_mean",
+    "policy/entropy",  # mean per-token entropy during the update
+    "loss/policy",
+    "loss/value",
+    "loss/distill",  # demonstrations (top-k KL), before distill_coef
+    "loss/online_distill",  # trials vs dense teacher logits, before distill_online_coef
+    "loss/lm",  # interleaved LM steps (cross-entropy on demonstration tokens)
+    "loss/total",
+    "val/explained_variance",
+    "val/clipfrac",
+    "val/mean",
+    "returns/mean",
+    "advantages/mean",
+    "nonfinite_rewards",
+    "skipped",
+    "ppo/epochs",  # PPO epochs run (fewer than ppo_epochs after early stopping; a stopped epoch counts)
+    "ppo/grad_norm",
+    "tokens/response_length",
+    "lr",
+    "time/step",
+)
+
+
+class PPOConfigError(TndError, ValueError):
+    """An invalid CustomPPOConfig value."""
+
+
+# --- configuration ----------------------------------------------------------------------
+
+
+@dataclass
+class CustomPPOConfig:
+    """All trainer settings. PPO names are the `ppo.*` params keys; the other sections map as
+    `tnd.<key>` -> `<key>`, `distill.<key>` -> `distill_<key>`, `kernels.backend` -> `kernel_backend`."""
+
+    # ppo (names and defaults as tnd.config.PPOParams)
+    steps: int = 100
+    learning_rate: float = 1e-4
+    batch_size: int = 32
+    mini_batch_size: int = 8
+    gradient_accumulation_steps: int = 1
+    ppo_epochs: int = 4
+    gamma: float = 1.0
+    lam: float = 0.95
+    cliprange: float = 0.2
+    cliprange_value: float = 0.2
+    vf_coef: float = 0.1
+    ent_coef: float = 0.0
+    max_grad_norm: float = 1.0
+    whiten_advantages: bool = True
+    init_kl_coef: float = 0.05
+    adap_kl_ctrl: bool = True
+    kl_target: float = 6.0
+    kl_horizon: int = 10000
+    kl_reference: str = "teacher"
+    early_stopping: bool = False
+    target_kl: float = 1.0
+    use_score_scaling: bool = False
+    use_score_norm: bool = False
+    score_clip: Optional[float] = None
+    optimizer_name: str = "AdamW"
+    optimizer_kwargs: dict = field(default_factory=dict)
+    scheduler_name: str = "constant"
+    scheduler_kwargs: dict = field(default_factory=dict)
+    warmup_steps: int = 0
+    optimize_cuda_cache: bool = False
+    max_new_tokens: int = 24
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    save_every: int = 25  # used by the stage, not the trainer
+    max_nonfinite_reward_fraction: float = 0.5
+    seed: int = 1234
+    # tnd
+    mode: str = "trials_and_demos"
+    demos_as: str = "kl"
+    demo_batch_size: int = 16
+    demo_score: float = 1.0
+    lm_steps_per_ppo_step: int = 0
+    # distill
+    distill_loss: str = "forward_kl"
+    distill_temperature: float = 1.0
+    distill_beta: float = 0.5
+    distill_coef: float = 1.0
+    distill_online: bool = False
+    distill_online_coef: float = 0.5
+    # kernels
+    kernel_backend: str = "auto"
+    # initial score statistics (e.g. from metrics/rewards.json) for use_score_scaling / use_score_norm;
+    # reward_count: how many scores they summarise (None: they weigh as one batch)
+    reward_mean: Optional[float] = None
+    reward_std: Optional[float] = None
+    reward_count: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    @classmethod
+    def from_params(cls, params: Any, **overrides: Any) -> "CustomPPOConfig":
+        """Build from a `tnd.config.Params`; keyword overrides (e.g. reward_mean=...) win."""
+        values: dict[str, Any] = dict(params.ppo.model_dump())
+        values["seed"] = params.seed
+        values.update(params.tnd.model_dump())
+        values.update({f"distill_{key}": value for key, value in params.distill.model_dump().items()})
+        values["kernel_backend"] = params.kernels.backend
+        values.update(overrides)
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - names)
+        if unknown:
+            raise PPOConfigError(f"CustomPPOConfig has no field(s) {', '.join(unknown)}")
+        return cls(**values)
+
+    def validate(self) -> None:
+        def fail(message: str) -> None:
+            raise PPOConfigError(f"CustomPPOConfig: {message}")
+
+        for name in ("steps", "batch_size", "mini_batch_size", "gradient_accumulation_steps", "ppo_epochs",
+                     "kl_horizon", "max_new_tokens", "demo_batch_size", "save_every"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                fail(f"{name} = {value!r} must be a positive integer")
+        for name in ("warmup_steps", "top_k", "lm_steps_per_ppo_step"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                fail(f"{name} = {value!r} must be a non-negative integer")
+        for name in ("learning_rate", "cliprange", "cliprange_value", "max_grad_norm", "kl_target", "target_kl",
+                     "temperature", "distill_temperature"):
+            if not getattr(self, name) > 0:
+                fail(f"{name} = {getattr(self, name)!r} must be > 0")
+        for name in ("vf_coef", "ent_coef", "init_kl_coef", "distill_coef", "distill_online_coef"):
+            if not getattr(self, name) >= 0:
+                fail(f"{name} = {getattr(self, name)!r} must be >= 0")
+        for name in ("gamma", "lam", "distill_beta", "max_nonfinite_reward_fraction"):
+            if not 0 <= getattr(self, name) <= 1:
+                fail(f"{name} = {getattr(self, name)!r} must be in [0, 1]")
+        if not 0 < self.top_p <= 1:
+            fail(f"top_p = {self.top_p!r} must be in (0, 1]")
+        if self.score_clip is not None and not self.score_clip > 0:
+            fail(f"score_clip = {self.score_clip!r} must be > 0 or None")
+        if self.mini_batch_size > self.batch_size:
+            fail(f"mini_batch_size ({self.mini_batch_size}) must not exceed batch_size ({self.batch_size})")
+        if self.batch_size % (self.mini_batch_size * self.gradient_accumulation_steps):
+            fail(
+                f"batch_size ({self.batch_size}) must be divisible by mini_batch_size * gradient_accumulation_steps "
+                f"({self.mini_batch_size} * {self.gradient_accumulation_steps})"
+            )
+        for name, allowed in (("mode", MODES), ("demos_as", DEMOS_AS), ("distill_loss", DISTILL_LOSSES),
+                              ("scheduler_name", SCHEDULERS), ("kl_reference", KL_REFERENCES),
+                              ("kernel_backend", BACKENDS)):
+            if getattr(self, name) not in allowed:
+                fail(f"{name} = {getattr(self, name)!r} is not one of {', '.join(allowed)}")
+        if not isinstance(self.optimizer_name, str) or not self.optimizer_name:
+            fail(f"optimizer_name = {self.optimizer_name!r} must be the name of a torch.optim optimizer")
+        if self.reward_std is not None and not self.reward_std > 0:
+            fail(f"reward_std = {self.reward_std!r} must be > 0")
+        if (self.reward_mean is None) != (self.reward_std is None):
+            fail("reward_mean and reward_std must be given together")
+        if self.reward_count is not None and not self.reward_count > 0:
+            fail(f"reward_count = {self.reward_count!r} must be > 0")
+
+    @property
+    def num_mini_batches(self) -> int:
+        return self.batch_size // self.mini_batch_size
+
+    @property
+    def uses_trials(self) -> bool:
+        return self.mode != "demos_only"
+
+    @property
+    def uses_demos(self) -> bool:
+        return self.mode != "trials_only"
+
+
+# --- the PPO math, as small functions -------------------------------------------------------
+
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean over positions where mask is True (values elsewhere, even NaN, are ignored)."""
+    mask = mask.bool()
+    return torch.where(mask, values, torch.zeros_like(values)).sum() / mask.sum().clamp_min(1)
+
+
+def masked_var(values: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> torch.Tensor:
+    """Variance over the masked positions; unbiased (Bessel) as TRL's masked_var."""
+    mask = mask.bool()
+    mean = masked_mean(values, mask)
+    var = masked_mean((values - mean) ** 2, mask)
+    n = mask.sum()
+    if unbiased and n > 1:
+        var = var * n / (n - 1)
+    return var
+
+
+def masked_whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
+    """(x - mean) / sqrt(var + 1e-8) over the masked positions; masked positions become 0."""
+    mean, var = masked_mean(values, mask), masked_var(values, mask)
+    whitened = (values - mean) * torch.rsqrt(var + 1e-8)
+    if not shift_mean:
+        whitened = whitened + mean
+    return torch.where(mask.bool(), whitened, torch.zeros_like(whitened))
+
+
+def compute_gae(
+    rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimation over left-aligned response tokens [B, R].
+
+    delta_t = r_t + gamma * V_(t+1) - V_t, A_t = delta_t + gamma * lam * A_(t+1), with V and r
+    zero outside the mask (so the value after the last response token is 0: episode end).
+    Returns (advantages, returns = advantages + values), both zero outside the mask.
+    """
+    mask = mask.to(values.dtype)
+    values, rewards = values * mask, rewards * mask
+    length = rewards.shape[1]
+    last_gae = torch.zeros_like(rewards[:, 0])
+    advantages_reversed = []
+    for t in reversed(range(length)):
+        next_values = values[:, t + 1] if t < length - 1 else torch.zeros_like(values[:, 0])
+        delta = rewards[:, t] + gamma * next_values - values[:, t]
+        last_gae = delta + gamma * lam * last_gae
+        advantages_reversed.append(last_gae)
+    advantages = torch.stack(advantages_reversed[::-1], dim=1) * mask
+    returns = advantages + values
+    return advantages, returns
+
+
+def per_token_rewards(
+    scores: torch.Tensor, logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor, kl_coef: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """r_t = -kl_coef * (logp_t - logp_ref_t), plus the score on the last response token.
+
+    Returns (rewards [B, R], kl [B, R]); both zero outside the mask.
+    """
+    mask = mask.bool()
+    kl = torch.where(mask, logprobs - ref_logprobs, torch.zeros_like(logprobs))
+    rewards = -kl_coef * kl
+    last = mask.long().sum(1) - 1
+    rows = torch.arange(rewards.shape[0], device=rewards.device)
+    rewards[rows, last] += scores.to(rewards.dtype)
+    return rewards, kl
+
+
+def clipped_policy_loss(
+    logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, cliprange: float
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """PPO-clip: mean over valid tokens of max(-A ratio, -A clip(ratio, 1-eps, 1+eps))."""
+    logratio = logprobs - old_logprobs
+    ratio = torch.exp(logratio)
+    pg_losses = -advantages * ratio
+    pg_losses2 = -advantages * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)
+    loss = masked_mean(torch.max(pg_losses, pg_losses2), mask)
+    with torch.no_grad():
+        info = {
+            "clipfrac": masked_mean((pg_losses2 > pg_losses).float(), mask),
+            "approx_kl": masked_mean((ratio - 1) - logratio, mask),  # k3
+            "policykl": masked_mean(-logratio, mask),  # k1
+            "ratio_mean": masked_mean(ratio, mask),
+        }
+    return loss, info
+
+
+def clipped_value_loss(
+    values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor, cliprange_value: float
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """0.5 * mean over valid tokens of max((V - R)^2, (V_old + clip(V - V_old, +-eps_v) - R)^2)."""
+    values_clipped = old_values + torch.clamp(values - old_values, -cliprange_value, cliprange_value)
+    vf_losses1 = (values - returns) ** 2
+    vf_losses2 = (values_clipped - returns) ** 2
+    loss = 0.5 * masked_mean(torch.max(vf_losses1, vf_losses2), mask)
+    with torch.no_grad():
+        info = {"clipfrac": masked_mean((vf_losses2 > vf_losses1).float(), mask)}
+    return loss, info
+
+
+def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> float:
+    """1 - Var(R - V) / Var(R) over valid tokens (NaN when Var(R) = 0)."""
+    var_returns = masked_var(returns, mask, unbiased=False)
+    if var_returns <= 0:
+        return float("nan")
+    return float(1 - masked_var(returns - values, mask, unbiased=False) / var_returns)
+
+
+class AdaptiveKLController:
+    """Ziegler et al. (2019): e = clip(KL / target - 1, -0.2, 0.2); coef *= 1 + e * n_steps / horizon."""
+
+    def __init__(self, init_kl_coef: float, target: float, horizon: int) -> None:
+        self.value, self.target, self.horizon = float(init_kl_coef), float(target), int(horizon)
+
+    def update(self, current: float, n_steps: int) -> None:
+        proportional_error = min(max(current / self.target - 1.0, -0.2), 0.2)
+        self.value *= 1.0 + proportional_error * n_steps / self.horizon
+
+    def state_dict(self) -> dict:
+        return {"value": self.value}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.value = float(state["value"])
+
+
+class FixedKLController(AdaptiveKLController):
+    def __init__(self, kl_coef: float) -> None:
+        super().__init__(kl_coef, 1.0, 1)
+
+    def update(self, current: float, n_steps: int) -> None:
+        pass
+
+
+class RunningMoments:
+    """Running mean / variance of all scores seen (parallel Welford update, as TRL's RunningMoments)."""
+
+    def __init__(self, mean: float = 0.0, std: float = 1.0, count: float = 1e-24) -> None:
+        self.mean, self.var, self.count = float(mean), float(std) ** 2, float(count)
+
+    @property
+    def std(self) -> float:
+        return math.sqrt(self.var)
+
+    def update(self, xs: torch.Tensor) -> None:
+        xs = xs.detach().double().flatten()
+        n = xs.numel()
+        if n == 0:
+            return
+        xs_mean = float(xs.mean())
+        xs_var = float(xs.var(unbiased=False))
+        delta = xs_mean - self.mean
+        total = self.count + n
+        self.var = (self.var * self.count + xs_var * n + delta**2 * self.count * n / total) / total
+        self.mean += delta * n / total
+        self.count = total
+
+    def state_dict(self) -> dict:
+        return {"mean": self.mean, "var": self.var, "count": self.count}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.mean, self.var, self.count = float(state["mean"]), float(state["var"]), float(state["count"])
+
+
+class ScoreProcessor:
+    """Raw scores -> PPO scores: running statistics updated with each batch's finite scores first,
+    then normalisation (s - mean) / std (use_score_norm) or scaling s / std (use_score_scaling),
+    then clipping to [-score_clip, score_clip]."""
+
+    def __init__(self, use_scaling: bool, use_norm: bool, clip: Optional[float], moments: RunningMoments) -> None:
+        self.use_scaling, self.use_norm, self.clip, self.moments = use_scaling, use_norm, clip, moments
+
+    def __call__(self, scores: torch.Tensor) -> torch.Tensor:
+        scores = scores.float()
+        if self.use_scaling or self.use_norm:
+            self.moments.update(scores)
+            factor = self.moments.std + torch.finfo(scores.dtype).eps
+            if self.use_norm:
+                scores = (scores - self.moments.mean) / factor
+            else:
+                scores = scores / factor
+        if self.clip is not None:
+            scores = scores.clamp(-self.clip, self.clip)
+        return scores
+
+    def state_dict(self) -> dict:
+        return self.moments.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.moments.load_state_dict(state)
+
+
+class EarlyStopping:
+    """Stop the remaining PPO epochs once the approximate KL of an optimizer step passes factor * target_kl."""
+
+    def __init__(self, enabled: bool, target_kl: float, factor: float = 1.5) -> None:
+        self.enabled, self.target_kl, self.factor = enabled, target_kl, factor
+
+    def should_stop(self, approx_kl: float) -> bool:
+        return self.enabled and approx_kl > self.factor * self.target_kl
+
+
+@dataclass
+class Rollout:
+    """One PPO batch: prompts left-padded to width P, responses right-padded to width R."""
+
+    input_ids: torch.Tensor  # [B, P + R]
+    attention_mask: torch.Tensor  # [B, P + R]
+    prompt_width: int
+    response_mask: torch.Tensor  # [B, R] bool: response tokens (up to and including eos)
+    is_demo: torch.Tensor  # [B] bool
+    scores: torch.Tensor  # [B] processed
+    logprobs: torch.Tensor  # [B, R] old policy
+    ref_logprobs: torch.Tensor
+    values: torch.Tensor
+    entropy: torch.Tensor
+    rewards: torch.Tensor
+    kl: torch.Tensor
+    advantages: torch.Tensor
+    returns: torch.Tensor
+    teacher_logits: Optional[torch.Tensor] = None  # [B, R, V], online distillation only
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+
+def _nan() -> float:
+    return float("nan")
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else float("nan")
+
+
+# --- the trainer ----------------------------------------------------------------------------
+
+
+class CustomPPOTrainer:
+    def __init__(
+        self,
+        teacher: PreTrainedModel,
+        student: PreTrainedModel,
+        reward_model: nn.Module,
+        config: CustomPPOConfig,
+        train_dataset: list[list[int]],
+        demonstrations: Any = None,
+        tokenizer: PreTrainedTokenizerBase = None,
+    ) -> None:
+        if tokenizer is None:
+            raise TndError("CustomPPOTrainer needs tokenizer= (pad and eos ids, reward-model bos)")
+        self.config = config
+        self.teacher, self.student, self.reward_model = teacher, student, reward_model
+        self.tokenizer = tokenizer
+        self.pad_id, self.eos_id, self.bos_id = tokenizer.pad_token_id, tokenizer.eos_token_id, tokenizer.bos_token_id
+        self.train_dataset = [list(p) for p in train_dataset]
+        self.demonstrations = demonstrations
+        self._check_inputs()
+
+        self.device = next(student.parameters()).device
+        self.student.eval()  # dropout off for the whole run (see module docstring)
+        self.teacher.eval()
+        self.reward_model.eval()
+        self.value_head = ValueHead(hidden_size_of(student), seed=config.seed).to(self.device)
+        self.reference = None
+        if config.kl_reference == "initial_student":
+            self.reference = copy.deepcopy(student).eval().requires_grad_(False)
+
+        self.generator = torch.Generator().manual_seed(config.seed)
+        self.global_step = 0
+        self.nonfinite_total = 0
+        self.scored_total = 0
+        self.optimizer = self._setup_optimizer()
+        self.scheduler = self._setup_scheduler()
+        self.early_stopping = self._setup_early_stopping()
+        self.score_processor = self._setup_score_processing()
+        self.kl_ctl = (
+            AdaptiveKLController(config.init_kl_coef, config.kl_target, config.kl_horizon)
+            if config.adap_kl_ctrl
+            else FixedKLController(config.init_kl_coef)
+        )
+
+    def _check_inputs(self) -> None:
+        cfg = self.config
+        if self.pad_id is None or self.eos_id is None:
+            raise TndError("tokenizer needs a pad and an eos token")
+        if cfg.uses_trials and not self.train_dataset:
+            raise TndError("train_dataset is empty; the trials need prompts")
+        if any(len(p) == 0 for p in self.train_dataset):
+            raise TndError("train_dataset holds an empty prompt; every prompt needs at least one token")
+        if cfg.uses_demos and self.demonstrations is None:
+            raise TndError(
+                f"tnd.mode = {cfg.mode} needs demonstrations (a TeacherCache); pass demonstrations= "
+                "or set tnd.mode: trials_only"
+            )
+        if cfg.uses_demos and len(self.demonstrations) == 0:
+            raise TndError("the demonstrations cache is empty; rerun `dvc repro cache_teacher_logits`")
+        if cfg.distill_online and cfg.uses_trials:
+            vt = self.teacher.get_output_embeddings().out_features
+            vs = self.student.get_output_embeddings().out_features
+            if vt != vs:
+                raise TndError(
+                    f"distill.online needs the same vocabulary size in teacher ({vt}) and student ({vs}); "
+                    "set distill.online: false"
+                )
+
+    # --- setup (overridable) ---------------------------------------------------------------
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.student.parameters() if p.requires_grad] + list(self.value_head.parameters())
+
+    def _setup_optimizer(self) -> torch.optim.Optimizer:
+        cfg = self.config
+        valid = sorted(
+            name for name in dir(torch.optim)
+            if isinstance(getattr(torch.optim, name), type)
+            and issubclass(getattr(torch.optim, name), torch.optim.Optimizer)
+            and name != "Optimizer"
+        )
+        if cfg.optimizer_name not in valid:
+            close = [v for v in valid if v.lower() == cfg.optimizer_name.lower()]
+            close = close or difflib.get_close_matches(cfg.optimizer_name, valid, n=1, cutoff=0.5)
+            hint = f"did you mean '{close[0]}'? " if close else ""
+            raise PPOConfigError(
+                f"ppo.optimizer_name = {cfg.optimizer_name!r} is not a torch.optim optimizer; {hint}"
+                f"valid names include {', '.join(n for n in ('AdamW', 'Adam', 'SGD', 'RMSprop', 'Adagrad') if n in valid)}"
+            )
+        try:
+            return getattr(torch.optim, cfg.optimizer_name)(
+                self.trainable_parameters(), lr=cfg.learning_rate, **cfg.optimizer_kwargs
+            )
+        except (TypeError, ValueError) as exc:
+            raise PPOConfigError(
+                f"ppo.optimizer_kwargs = {cfg.optimizer_kwargs!r} do not fit {cfg.optimizer_name} ({exc})"
+            ) from None
+
+    def _setup_scheduler(self) -> torch.optim.lr_scheduler.LRScheduler:
+        """Learning rate per trainer step: warm-up over warmup_steps, then linear / cosine decay to 0
+        at `steps`, or constant."""
+        cfg = self.config
+        try:
+            if cfg.scheduler_name == "constant":
+                return get_constant_schedule_with_warmup(self.optimizer, cfg.warmup_steps, **cfg.scheduler_kwargs)
+            if cfg.scheduler_name == "linear":
+                return get_linear_schedule_with_warmup(self.optimizer, cfg.warmup_steps, cfg.steps, **cfg.scheduler_kwargs)
+            return get_cosine_schedule_with_warmup(self.optimizer, cfg.warmup_steps, cfg.steps, **cfg.scheduler_kwargs)
+        except TypeError as exc:
+            raise PPOConfigError(
+                f"ppo.scheduler_kwargs = {cfg.scheduler_kwargs!r} do not fit the {cfg.scheduler_name} schedule ({exc})"
+            ) from None
+
+    def _setup_early_stopping(self) -> EarlyStopping:
+        return EarlyStopping(self.config.early_stopping, self.config.target_kl)
+
+    def _setup_score_processing(self) -> ScoreProcessor:
+        cfg = self.config
+        if cfg.reward_mean is not None:
+            count = cfg.reward_count if cfg.reward_count is not None else cfg.batch_size
+            moments = RunningMoments(cfg.reward_mean, cfg.reward_std, count)
+        else:
+            moments = RunningMoments()
+        return ScoreProcessor(cfg.use_score_scaling, cfg.use_score_norm, cfg.score_clip, moments)
+
+    # --- model wrappers -------------------------------------------------------------------
+
+    @staticmethod
+    def _position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+        return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+    @torch.no_grad()
+    def get_teacher_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Teacher next-token logits [B, T, V] (left or right padding), no grad."""
+        device = next(self.teacher.parameters()).device
+        ids, mask = input_ids.to(device), attention_mask.to(device)
+        out = self.teacher(input_ids=ids, attention_mask=mask, position_ids=self._position_ids(mask))
+        return out.logits.to(self.device)
+
+    def get_student_logits(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, return_values: bool = False
+    ):
+        """Student next-token logits [B, T, V] (and values [B, T] from the value head), with grad."""
+        out = self.student(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=self._position_ids(attention_mask),
+            output_hidden_states=return_values,
+        )
+        if not return_values:
+            return out.logits
+        return out.logits, self.value_head(out.hidden_states[-1])
+
+    @torch.no_grad()
+    def _reference_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        if self.reference is None:
+            return self.get_teacher_logits(input_ids, attention_mask)
+        mask = attention_mask
+        return self.reference(input_ids=input_ids, attention_mask=mask, position_ids=self._position_ids(mask)).logits
+
+    def _token_logprobs(self, logits: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor):
+        """(logp, entropy) [B, R] of `tokens` under softmax(logits / temperature) on the masked positions
+        (computed on those rows only, through the fused kernel); zero elsewhere."""
+        import tnd_kernels
+
+        rows = mask.bool()
+        logp, ent = tnd_kernels.token_logprobs_entropy(
+            logits[rows], tokens[rows], temperature=self.config.temperature, backend=self.config.kernel_backend
+        )
+        zeros = torch.zeros(tokens.shape, dtype=logp.dtype, device=logp.device)
+        return zeros.masked_scatter(rows, logp), zeros.masked_scatter(rows, ent)
+
+    @torch.no_grad()
+    def compute_scores(self, sequences: list[list[int]]) -> torch.Tensor:
+        """Reward-model scores (float32 [n]) of prompt + continuation, scored as bos + text (+ eos when
+        sampled), right-padded; the classifier reads the last non-pad token."""
+        device = next(self.reward_model.parameters()).device
+        encoded = [s if (self.bos_id is None or (s and s[0] == self.bos_id)) else [self.bos_id] + s for s in sequences]
+        width = max(len(s) for s in encoded)
+        ids = torch.full((len(encoded), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for row, seq in enumerate(encoded):
+            ids[row, : len(seq)] = torch.tensor(seq)
+            mask[row, : len(seq)] = 1
+        logits = self.reward_model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+        return logits.reshape(len(encoded), -1)[:, 0].float().to(self.device)
+
+    # --- rollout --------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def _sample(self, prompts: list[list[int]]) -> list[list[int]]:
+        """One continuation per prompt, cut after the first eos (kept); as `tnd.generation.sample_continuations`
+        (HF generate, global RNG seeded for the call and restored after), with the inputs on the student's
+        device. The seed is a function of (config.seed, global_step), so a resumed run samples the same."""
+        cfg = self.config
+        ids, mask = left_pad(prompts, self.pad_id)
+        cpu_state = torch.random.get_rng_state()
+        cuda_state = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+        torch.manual_seed((cfg.seed * 1_000_003 + self.global_step) % (2**63))
+        try:
+            out = self.student.generate(
+                input_ids=ids.to(self.device),
+                attention_mask=mask.to(self.device),
+                do_sample=True,
+                temperature=cfg.temperature,
+                top_k=cfg.top_k or None,
+                top_p=cfg.top_p,
+                max_new_tokens=cfg.max_new_tokens,
+                pad_token_id=self.pad_id,
+                eos_token_id=self.eos_id,
+            )
+        finally:
+            torch.random.set_rng_state(cpu_state)
+            if cuda_state is not None:
+                torch.cuda.set_rng_state_all(cuda_state)
+        responses = []
+        for row in out[:, ids.shape[1] :].tolist():
+            responses.append(row[: row.index(self.eos_id) + 1] if self.eos_id in row else row)
+        return responses
+
+    def _pack(self, prompts: list[list[int]], responses: list[list[int]]):
+        """Prompts left-padded, responses right-padded after them: ids, attention mask, P, response mask."""
+        prompt_ids, prompt_mask = left_pad(prompts, self.pad_id)
+        width = max(len(r) for r in responses)
+        response_ids = torch.full((len(responses), width), self.pad_id, dtype=torch.long)
+        response_mask = torch.zeros((len(responses), width), dtype=torch.bool)
+        for row, resp in enumerate(responses):
+            response_ids[row, : len(resp)] = torch.tensor(resp, dtype=torch.long)
+            response_mask[row, : len(resp)] = True
+        ids = torch.cat([prompt_ids, response_ids], 1).to(self.device)
+        mask = torch.cat([prompt_mask, response_mask.long()], 1).to(self.device)
+        return ids, mask, prompt_ids.shape[1], response_mask.to(self.device)
+
+    def _response_slice(self, tensor: torch.Tensor, prompt_width: int) -> torch.Tensor:
+        """Positions P-1 .. T-2: the outputs that predict the response tokens."""
+        return tensor[:, prompt_width - 1 : -1]
+
+    @torch.no_grad()
+    def _old_policy(self, ids, mask, prompt_width, response_mask, chunk: int):
+        """logp_old, values, entropy, ref logp (and teacher logits when online distillation is on)."""
+        out = {k: [] for k in ("logprobs", "values", "entropy", "ref_logprobs", "teacher_logits")}
+        tokens = ids[:, prompt_width:]
+        for start in range(0, ids.shape[0], chunk):
+            sl = slice(start, start + chunk)
+            logits, values = self.get_student_logits(ids[sl], mask[sl], return_values=True)
+            logits = self._response_slice(logits, prompt_width)
+            logp, ent = self._token_logprobs(logits, tokens[sl], response_mask[sl])
+            ref_logits = self._response_slice(self._reference_logits(ids[sl], mask[sl]), prompt_width)
+            ref_logp, _ = self._token_logprobs(ref_logits, tokens[sl], response_mask[sl])
+            out["logprobs"].append(logp)
+            out["entropy"].append(ent)
+            out["values"].append(self._response_slice(values, prompt_width).float() * response_mask[sl])
+            out["ref_logprobs"].append(ref_logp)
+            if self.config.distill_online:
+                if self.reference is None:
+                    teacher_logits = ref_logits
+                else:
+                    teacher_logits = self._response_slice(self.get_teacher_logits(ids[sl], mask[sl]), prompt_width)
+                out["teacher_logits"].append(teacher_logits)
+        return {k: (torch.cat(v) if v else None) for k, v in out.items()}
+
+    def _demo_rows(self, indices: list[int]) -> tuple[list[list[int]], list[list[int]]]:
+        """Cached demonstrations split into prompt and continuation (for demos_as = ppo)."""
+        batch = self.demonstrations.batch(indices, self.pad_id)
+        prompts, continuations = [], []
+        for ids, mask, target in zip(batch["input_ids"], batch["attention_mask"], batch["target_mask"]):
+            positions = target.nonzero().flatten().tolist()
+            if not positions:
+                continue
+            first, last = positions[0], positions[-1]
+            prompts.append(ids[: first + 1].tolist())
+            continuations.append(ids[first + 1 : last + 2].tolist())
+        return prompts, continuations
+
+    def _draw_demos(self) -> list[int]:
+        n = len(self.demonstrations)
+        size = self.config.demo_batch_size
+        if size <= n:
+            return torch.randperm(n, generator=self.generator)[:size].tolist()
+        return torch.randint(n, (size,), generator=self.generator).tolist()
+
+    def make_rollout(
+        self, prompts: list[list[int]], responses: list[list[int]], raw_scores: torch.Tensor, is_demo: torch.Tensor
+    ) -> Rollout:
+        """Old-policy quantities, per-token rewards, GAE advantages and returns for a scored batch."""
+        cfg = self.config
+        ids, mask, prompt_width, response_mask = self._pack(prompts, responses)
+        old = self._old_policy(ids, mask, prompt_width, response_mask, chunk=cfg.mini_batch_size)
+        scores = raw_scores.to(self.device).float()
+        rewards, kl = per_token_rewards(scores, old["logprobs"], old["ref_logprobs"], response_mask, self.kl_ctl.value)
+        advantages, returns = compute_gae(rewards, old["values"], response_mask, cfg.gamma, cfg.lam)
+        if cfg.whiten_advantages:
+            advantages = masked_whiten(advantages, response_mask)
+        return Rollout(
+            input_ids=ids, attention_mask=mask, prompt_width=prompt_width, response_mask=response_mask,
+            is_demo=is_demo.to(self.device), scores=scores, logprobs=old["logprobs"],
+            ref_logprobs=old["ref_logprobs"], values=old["values"], entropy=old["entropy"], rewards=rewards, kl=kl,
+            advantages=advantages.detach(), returns=returns.detach(), teacher_logits=old["teacher_logits"],
+        )
+
+    # --- losses on a mini-batch -------------------------------------------------------------
+
+    def ppo_loss(self, rollout: Rollout, index: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        """Clipped policy loss + vf_coef * clipped value loss - ent_coef * entropy (+ online distillation)
+        on the rows `index` of the rollout."""
+        cfg = self.config
+        ids, mask = rollout.input_ids[index], rollout.attention_mask[index]
+        response_mask = rollout.response_mask[index]
+        logits, values = self.get_student_logits(ids, mask, return_values=True)
+        logits = self._response_slice(logits, rollout.prompt_width)
+        values = self._response_slice(values, rollout.prompt_width).float()
+        logp, entropy = self._token_logprobs(logits, ids[:, rollout.prompt_width :], response_mask)
+        pg_loss, pg = clipped_policy_loss(
+            logp, rollout.logprobs[index], rollout.advantages[index], response_mask, cfg.cliprange
+        )
+        vf_loss, vf = clipped_value_loss(
+            values, rollout.values[index], rollout.returns[index], response_mask, cfg.cliprange_value
+        )
+        mean_entropy = masked_mean(entropy, response_mask)
+        loss = pg_loss + cfg.vf_coef * vf_loss - cfg.ent_coef * mean_entropy
+        stats = {
+            "loss/policy": pg_loss.item(), "loss/value": vf_loss.item(), "policy/entropy": mean_entropy.item(),
+            "policy/clipfrac": pg["clipfrac"].item(), "policy/approx_kl": pg["approx_kl"].item(),
+            "policy/policykl": pg["policykl"].item(), "policy/ratio_mean": pg["ratio_mean"].item(),
+            "val/clipfrac": vf["clipfrac"].item(),
+        }
+        if cfg.distill_online and rollout.teacher_logits is not None:
+            trial_tokens = response_mask & ~rollout.is_demo[index, None]
+            online = self.online_distill_loss(logits, rollout.teacher_logits[index], trial_tokens)
+            loss = loss + cfg.distill_online_coef * online
+            stats["loss/online_distill"] = online.item()
+        return loss, stats
+
+    def online_distill_loss(self, student_logits, teacher_logits, mask) -> torch.Tensor:
+        import tnd_kernels
+
+        cfg = self.config
+        rows = mask.bool()
+        return tnd_kernels.distill_loss(
+            student_logits[rows], teacher_logits[rows], loss=cfg.distill_loss, beta=cfg.distill_beta,
+            temperature=cfg.distill_temperature, reduction="batchmean", backend=cfg.kernel_backend,
+        )
+
+    def demo_distill_loss(self, demo: dict[str, torch.Tensor]) -> torch.Tensor:
+        """topk_distill_loss of the student's logits at the target positions against the cached top-k."""
+        import tnd_kernels
+
+        cfg = self.config
+        logits = self.get_student_logits(demo["input_ids"], demo["attention_mask"])
+        rows = demo["target_mask"].bool()
+        return tnd_kernels.topk_distill_loss(
+            logits[rows], demo["topk_logprobs"][rows], demo["topk_indices"][rows].long(), demo["tail_logmass"][rows],
+            loss=cfg.distill_loss, beta=cfg.distill_beta, temperature=cfg.distill_temperature,
+            reduction="batchmean", backend=cfg.kernel_backend,
+        )
+
+    def demo_lm_loss(self, demo: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Cross-entropy of the demonstration continuation tokens (plain LM step)."""
+        logits = self.get_student_logits(demo["input_ids"], demo["attention_mask"])
+        rows = demo["target_mask"].bool().clone()
+        rows[:, -1] = False  # no next token to predict after the last column
+        targets = demo["input_ids"][:, 1:][rows[:, :-1]]
+        return F.cross_entropy(logits[rows].float(), targets)
+
+    def _demo_batch(self, indices: list[int]) -> dict[str, torch.Tensor]:
+        batch = self.demonstrations.batch(indices, self.pad_id)
+        return {k: v.to(self.device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
+
+    # --- one step -------------------------------------------------------------------------
+
+    def step(self, prompts: list[list[int]]) -> dict[str, float]:
+        """One TnD step on `prompts` (a PPO batch of trials) and, per mode, a batch of demonstrations."""
+        cfg = self.config
+        start = time.perf_counter()
+        self.global_step += 1
+        stats: dict[str, float] = {key: _nan() for key in STAT_KEYS}
+        stats.update({"objective/kl_coef": self.kl_ctl.value, "lr": self.scheduler.get_last_lr()[0],
+                      "nonfinite_rewards": 0.0, "skipped": 0.0, "ppo/epochs": 0.0})
+        rollout = None
+
+        # 1-2. trials and their scores (also in demos_only, for monitoring; no PPO update there)
+        if prompts:
+            prompts = [list(p) for p in prompts]
+            responses = self._sample(prompts)
+            raw = self.compute_scores([p + r for p, r in zip(prompts, responses)])
+            finite = torch.isfinite(raw)
+            n_bad = int((~finite).sum())
+            stats["nonfinite_rewards"] = float(n_bad)
+            stats["tokens/response_length"] = sum(map(len, responses)) / len(responses)
+            if finite.any():
+                stats["env/reward_mean"] = raw[finite].mean().item()
+                stats["env/reward_std"] = raw[finite].std(unbiased=False).item()
+            if cfg.uses_trials:
+                self._count_nonfinite(n_bad, len(raw))
+            keep = finite.nonzero().flatten().tolist()
+            if keep:
+                scores = self.score_processor(raw[finite]) if cfg.uses_trials else raw[finite]
+                stats["env/score_mean"] = scores.mean().item()
+                t_prompts, t_responses = [prompts[i] for i in keep], [responses[i] for i in keep]
+                is_demo = torch.zeros(len(keep), dtype=torch.bool)
+                if cfg.uses_trials and cfg.demos_as == "ppo":
+                    d_prompts, d_responses = self._demo_rows(self._draw_demos())
+                    t_prompts, t_responses = t_prompts + d_prompts, t_responses + d_responses
+                    scores = torch.cat([scores, torch.full((len(d_prompts),), float(cfg.demo_score), device=scores.device)])
+                    is_demo = torch.cat([is_demo, torch.ones(len(d_prompts), dtype=torch.bool)])
+                rollout = self.make_rollout(t_prompts, t_responses, scores, is_demo)
+                trial = ~rollout.is_demo
+                trial_mask = rollout.response_mask & trial[:, None]
+                stats["objective/kl"] = rollout.kl[trial].sum(1).mean().item()
+                stats["objective/entropy"] = masked_mean(rollout.entropy, trial_mask).item()
+                stats["val/mean"] = masked_mean(rollout.values, rollout.response_mask).item()
+                stats["returns/mean"] = masked_mean(rollout.returns, rollout.response_mask).item()
+                stats["advantages/mean"] = masked_mean(rollout.advantages, rollout.response_mask).item()
+                stats["val/explained_variance"] = explained_variance(rollout.values, rollout.returns, rollout.response_mask)
+            elif cfg.uses_trials:
+                stats["skipped"] = 1.0  # every score non-finite: no update this step
+                self._finish_step(stats, start)
+                return stats
+
+        # 5-6. PPO epochs (+ demonstrations through the top-k KL), then optional LM steps
+        use_ppo = cfg.uses_trials and rollout is not None
+        demo = self._demo_batch(self._draw_demos()) if (cfg.uses_demos and cfg.demos_as == "kl") or (
+            cfg.mode == "demos_only") else None
+        if use_ppo or demo is not None:
+            stats.update(self._optimize(rollout if use_ppo else None, demo))
+        if cfg.uses_demos and cfg.lm_steps_per_ppo_step:
+            stats["loss/lm"] = self._lm_steps()
+
+        if use_ppo:  # 3. KL controller, on the trials' KL measured before the update
+            self.kl_ctl.update(stats["objective/kl"], int((~rollout.is_demo).sum()))
+        self._finish_step(stats, start)
+        return stats
+
+    def _count_nonfinite(self, n_bad: int, n: int) -> None:
+        self.nonfinite_total += n_bad
+        self.scored_total += n
+        fraction = self.nonfinite_total / max(self.scored_total, 1)
+        if fraction > self.config.max_nonfinite_reward_fraction:
+            raise TndError(
+                f"{self.nonfinite_total} of {self.scored_total} rewards so far were NaN/inf "
+                f"({fraction:.0%} > ppo.max_nonfinite_reward_fraction = {self.config.max_nonfinite_reward_fraction}); "
+                "check the reward model (rerun `dvc repro train_reward`) or raise the limit"
+            )
+
+    def _finish_step(self, stats: dict, start: float) -> None:
+        with warnings.catch_warnings():  # a skipped first step steps the schedule before the optimizer
+            warnings.simplefilter("ignore", UserWarning)
+            self.scheduler.step()
+        if self.config.optimize_cuda_cache and torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        stats["time/step"] = time.perf_counter() - start
+
+    def _optimize(self, rollout: Optional[Rollout], demo: Optional[dict]) -> dict[str, float]:
+        """ppo_epochs passes; each optimizer step accumulates gradient_accumulation_steps mini-batches,
+        each mini-batch loss = PPO loss (if rollout) + distill_coef * top-k KL on its slice of the demos."""
+        cfg = self.config
+        n_mb, accum = cfg.num_mini_batches, cfg.gradient_accumulation_steps
+        params = self.trainable_parameters()
+        logs: dict[str, list[float]] = {}
+        epochs_done = 0
+        stop = False
+        for _epoch in range(cfg.ppo_epochs):
+            ppo_slices = (
+                torch.tensor_split(torch.randperm(len(rollout), generator=self.generator), n_mb)
+                if rollout is not None else None
+            )
+            demo_slices = (
+                torch.tensor_split(torch.randperm(demo["input_ids"].shape[0], generator=self.generator), n_mb)
+                if demo is not None else None
+            )
+            for group in range(0, n_mb, accum):
+                self.optimizer.zero_grad(set_to_none=True)
+                step_kl = []
+                for j in range(group, group + accum):
+                    loss, parts = None, {}
+                    if ppo_slices is not None and len(ppo_slices[j]):
+                        index = ppo_slices[j].to(self.device)
+                        loss, parts = self.ppo_loss(rollout, index)
+                        step_kl.append(parts["policy/approx_kl"])
+                    if demo_slices is not None and len(demo_slices[j]):
+                        rows = demo_slices[j].to(self.device)
+                        distill = self.demo_distill_loss({k: v[rows] for k, v in demo.items()})
+                        parts["loss/distill"] = distill.item()
+                        term = cfg.distill_coef * distill
+                        loss = term if loss is None else loss + term
+                    if loss is None:
+                        continue
+                    parts["loss/total"] = loss.item()
+                    (loss / accum).backward()
+                    for key, value in parts.items():
+                        logs.setdefault(key, []).append(value)
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+                logs.setdefault("ppo/grad_norm", []).append(float(grad_norm))
+                self.optimizer.step()
+                if step_kl and self.early_stopping.should_stop(_mean(step_kl)):
+                    stop = True
+                    break
+            epochs_done += 1
+            if stop:
+                break
+        self.optimizer.zero_grad(set_to_none=True)
+        out = {key: _mean(values) for key, values in logs.items()}
+        out["ppo/epochs"] = float(epochs_done)
+        return out
+
+    def _lm_steps(self) -> float:
+        losses = []
+        params = self.trainable_parameters()
+        for _ in range(self.config.lm_steps_per_ppo_step):
+            loss = self.demo_lm_loss(self._demo_batch(self._draw_demos()))
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, self.config.max_grad_norm)
+            self.optimizer.step()
+            losses.append(loss.item())
+        self.optimizer.zero_grad(set_to_none=True)
+        return _mean(losses)
+
+    # --- training loop ----------------------------------------------------------------------
+
+    def next_prompts(self) -> list[list[int]]:
+        """batch_size prompts drawn (without replacement within the batch) by the seeded generator."""
+        n, size = len(self.train_dataset), self.config.batch_size
+        if n == 0:
+            return []
+        index = torch.randperm(n, generator=self.generator)[:size] if size <= n else torch.randint(
+            n, (size,), generator=self.generator)
+        return [self.train_dataset[i] for i in index.tolist()]
+
+    def train(
+        self, steps: Optional[int] = None, on_step: Optional[Callable[[dict, int], None]] = None
+    ) -> list[dict[str, float]]:
+        """Run `steps` more steps (default: up to config.steps); on_step(stats, global_step) after each."""
+        if steps is None:
+            steps = max(self.config.steps - self.global_step, 0)
+        history = []
+        for _ in range(steps):
+            prompts = self.next_prompts() if self.config.uses_trials or self.train_dataset else []
+            stats = self.step(prompts)
+            history.append(stats)
+            if on_step is not None:
+                on_step(stats, self.global_step)
+        return history
+
+    # --- checkpointing ----------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        state = {
+            "global_step": self.global_step,
+            "student": self.student.state_dict(),
+            "value_head": self.value_head.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "kl_ctl": self.kl_ctl.state_dict(),
+            "score_stats": self.score_processor.state_dict(),
+            "nonfinite": {"nonfinite_total": self.nonfinite_total, "scored_total": self.scored_total},
+            "rng": {
+                "generator": self.generator.get_state(),
+                "torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            },
+        }
+        if self.reference is not None:
+            state["reference"] = self.reference.state_dict()
+        return copy.deepcopy(state)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.global_step = int(state["global_step"])
+        self.student.load_state_dict(state["student"])
+        self.value_head.load_state_dict(state["value_head"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.kl_ctl.load_state_dict(state["kl_ctl"])
+        self.score_processor.load_state_dict(state["score_stats"])
+        self.nonfinite_total = int(state["nonfinite"]["nonfinite_total"])
+        self.scored_total = int(state["nonfinite"]["scored_total"])
+        self.generator.set_state(state["rng"]["generator"])
+        torch.set_rng_state(state["rng"]["torch"])
+        if state["rng"].get("cuda") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        if self.reference is not None and "reference" in state:
+            self.reference.load_state_dict(state["reference"])
