@@ -33,10 +33,11 @@ def sample_continuations(
 ) -> list[list[int]]:
     """Token ids of one sampled continuation per prompt, cut after the first eos (kept)."""
     model.eval()
-    generator_state = torch.random.get_rng_state()
-    torch.manual_seed(seed)  # HF generate samples from the global RNG
     continuations: list[list[int]] = []
-    try:
+    devices = [model.device] if model.device.type == "cuda" else []
+    # HF generate samples from the global RNG: seed it, and leave the caller's state as it was.
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
         for start in tqdm(range(0, len(prompts), batch_size), desc=desc, leave=False):
             ids, mask = left_pad(prompts[start : start + batch_size], tokenizer.pad_token_id)
             out = model.generate(
@@ -52,8 +53,6 @@ def sample_continuations(
             )
             for row in out[:, ids.shape[1] :].cpu().tolist():
                 continuations.append(_cut_after_eos(row, tokenizer.eos_token_id))
-    finally:
-        torch.random.set_rng_state(generator_state)
     return continuations
 
 
