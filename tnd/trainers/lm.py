@@ -58,7 +58,7 @@ def pretrain_lm(
     progress = tqdm(range(1, cfg.steps + 1), desc=desc, leave=False)
     for step in progress:
         index = torch.randint(len(data), (cfg.batch_size,), generator=generator).tolist()
-        batch = collate([data[i] for i in index], tokenizer.pad_token_id)
+        batch = {k: v.to(model.device) for k, v in collate([data[i] for i in index], tokenizer.pad_token_id).items()}
         loss = model(**batch).loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -83,7 +83,7 @@ def perplexity(
     data = encode_for_lm(tokenizer, texts, max_length)
     total_nll, total_tokens = 0.0, 0
     for start in range(0, len(data), batch_size):
-        batch = collate(data[start : start + batch_size], tokenizer.pad_token_id)
+        batch = {k: v.to(model.device) for k, v in collate(data[start : start + batch_size], tokenizer.pad_token_id).items()}
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         targets = batch["labels"][:, 1:]
         nll = torch.nn.functional.cross_entropy(

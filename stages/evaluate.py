@@ -1,0 +1,231 @@
+"""Stage evaluate: the trained student, the initial student and the teacher, side by side.
+
+For each model, on the first eval.n_prompts held-out prompts (one continuation each,
+sampled with eval.seed, the same seed for every model) and on the held-out eval texts:
+
+  reward, reward_std  reward model on prompt + continuation token ids (mean, std)
+  grammaticality      share of continuations the nursery grammar accepts (nursery data only;
+                      else null, with grammaticality_note)
+  perplexity          on eval texts (bos + text + eos, cut to eval.max_length)
+  kl_to_teacher       mean per-token KL(teacher || model) on the same ids (0 for the teacher)
+  distinct_1/2        unique word uni/bigrams over all continuations / all of them
+  mean_length         continuation tokens (eos included)
+  word_surprisal      mean over nursery content words of the word's mean surprisal (bits) in
+                      the eval texts given its left context (the TnD paper's word acquisition)
+
+Writes metrics/eval.json {"student": {...}, "initial_student": {...}, "teacher": {...}},
+plots/eval_models.csv (one row per model), plots/eval_word_surprisal.csv (one row per
+word: word, category, count, one column per model) and eval/ (samples.jsonl, one row
+per prompt, and the PNG figures also logged to MLflow).
+
+Word surprisal along training needs per-step student snapshots; train_ppo keeps only the
+latest resumable state (checkpoints/ppo/state.pt), so there is no such curve.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+from pathlib import Path
+
+import torch
+
+from tnd.config import Params
+from tnd.data import nursery
+from tnd.data.tokenizer import load_tokenizer
+from tnd.errors import TndError
+from tnd.evaluation import (
+    distinct_n,
+    grammaticality,
+    is_grammatical_row,
+    locate_words,
+    mean_length,
+    mean_word_surprisal,
+    perplexity_from_logprobs,
+    sample_rows,
+    sequence_logprobs,
+    token_kl,
+    word_category,
+    word_surprisals,
+)
+from tnd.io import atomic_dir, atomic_write_json, atomic_write_jsonl, atomic_write_text, read_jsonl
+from tnd.models import load_causal_lm
+from tnd.tracking import Tracker
+from tnd.trainers.lm import encode_for_lm
+from tnd.trainers.reward import load_reward_model, reward_stats, score_token_ids
+
+from stages.common import (
+    EVAL, INITIAL_STUDENT, METRICS, PLOTS, PREPARED, REWARD, STUDENT, TEACHER, TOKENIZER, run_stage,
+)
+
+MODELS = {"student": STUDENT, "initial_student": INITIAL_STUDENT, "teacher": TEACHER}
+KEYS = (
+    "reward", "reward_std", "grammaticality", "perplexity", "kl_to_teacher",
+    "distinct_1", "distinct_2", "mean_length", "word_surprisal",
+)
+WORD_CATEGORIES = ("noun", "verb", "adjective", "name")  # nursery.CONTENT_WORDS
+GRAMMAR_NOTE = "grammaticality needs the nursery grammar (data.source: nursery)"
+
+
+def _rows(path: Path) -> list[dict]:
+    if not path.is_file():
+        raise TndError(f"{path}: not found; run `dvc repro prepare_data`")
+    return read_jsonl(path)
+
+
+def _finite(value) -> float | None:
+    return float(value) if value is not None and math.isfinite(value) else None
+
+
+def _csv(header: list[str], rows: list[list]) -> str:
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(header)
+    writer.writerows([["" if v is None else v for v in row] for row in rows])
+    return out.getvalue()
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_lengths(models: dict, prompts: list[list[int]], params: Params) -> None:
+    longest = max(map(len, prompts)) + params.eval.max_new_tokens
+    for role, model in models.items():
+        limit = getattr(model.config, "max_position_embeddings", None)
+        if limit and longest > limit:
+            raise TndError(
+                f"eval.max_new_tokens = {params.eval.max_new_tokens}: prompts + samples reach {longest} tokens, "
+                f"more than the {role}'s max_position_embeddings ({limit}); lower eval.max_new_tokens"
+            )
+        if limit and role != "reward" and params.eval.max_length > limit:
+            raise TndError(
+                f"eval.max_length = {params.eval.max_length} is more than the {role}'s max_position_embeddings "
+                f"({limit}); lower eval.max_length"
+            )
+
+
+def evaluate(params: Params, run: Tracker) -> None:
+    cfg = params.eval
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    tokenizer = load_tokenizer(TOKENIZER)
+    models = {name: load_causal_lm(path, tokenizer, role=name).to(device).eval() for name, path in MODELS.items()}
+    reward_model = load_reward_model(REWARD, tokenizer)  # small; score_token_ids batches on the CPU
+    prompts = [list(row["prompt_ids"]) for row in _rows(Path(PREPARED) / "eval_prompts.jsonl")][: cfg.n_prompts]
+    texts = [row["text"] for row in _rows(Path(PREPARED) / "eval.jsonl")]
+    if not prompts or not texts:
+        raise TndError(f"{PREPARED}: no eval prompts or texts; run `dvc repro prepare_data`")
+    _check_lengths({**models, "reward": reward_model}, prompts, params)
+    nursery_data = params.data.source == "nursery"
+    words = [w for c in WORD_CATEGORIES for w in nursery.WORDS_BY_CATEGORY[c]]
+    word_note = None
+    try:
+        sequences, occurrences = locate_words(tokenizer, texts, words, cfg.max_length)
+    except ValueError:  # a slow tokenizer has no character offsets
+        sequences, occurrences = encode_for_lm(tokenizer, texts, cfg.max_length), []
+        word_note = "word surprisal needs a fast tokenizer (character offsets)"
+
+    metrics: dict[str, dict] = {}
+    samples: dict[str, list[dict]] = {}
+    per_word: dict[str, dict] = {}
+    for name, model in models.items():
+        rows = sample_rows(
+            model, tokenizer, prompts, cfg.max_new_tokens, cfg.seed, cfg.temperature,
+            desc=f"sampling ({name})", batch_size=cfg.batch_size,
+        )
+        rewards = score_token_ids(
+            reward_model, tokenizer, [r["prompt_ids"] + r["continuation_ids"] for r in rows],
+            batch_size=cfg.batch_size, max_length=None,
+        )
+        for row, reward in zip(rows, rewards.tolist()):
+            row["reward"] = _finite(reward)
+            row["grammatical"] = is_grammatical_row(row) if nursery_data else None
+        stats = reward_stats(rewards)
+        logprobs = sequence_logprobs(model, sequences, tokenizer.pad_token_id, cfg.batch_size)
+        per_word[name] = word_surprisals(logprobs, occurrences)
+        continuations = [r["continuation"] for r in rows]
+        m = {
+            "reward": stats["mean"],
+            "reward_std": stats["std"],
+            "grammaticality": grammaticality(rows) if nursery_data else None,
+            "perplexity": perplexity_from_logprobs(logprobs),
+            "kl_to_teacher": token_kl(
+                model, models["teacher"], tokenizer, texts, cfg.max_length, cfg.batch_size, params.kernels.backend
+            ),
+            "distinct_1": distinct_n(continuations, 1),
+            "distinct_2": distinct_n(continuations, 2),
+            "mean_length": mean_length(rows),
+            "word_surprisal": mean_word_surprisal(per_word[name]),
+        }
+        if stats["nan_count"]:
+            m["reward_nonfinite"] = stats["nan_count"]
+        if not nursery_data:
+            m["grammaticality_note"] = GRAMMAR_NOTE
+        if word_note:
+            m["word_surprisal_note"] = word_note
+        metrics[name] = m
+        samples[name] = rows
+
+    # Per-word table: the words that occur in the eval texts (counts agree across models).
+    word_rows = [
+        {"word": w, "category": word_category(w), "count": per_word["teacher"][w]["count"],
+         **{name: per_word[name][w]["surprisal"] for name in MODELS}}
+        for w in sorted(per_word["teacher"])
+    ]
+    sample_table = [
+        {"prompt": samples["teacher"][i]["prompt"],
+         **{name: {"continuation": samples[name][i]["continuation"], "reward": samples[name][i]["reward"],
+                   "grammatical": samples[name][i]["grammatical"]} for name in MODELS}}
+        for i in range(len(prompts))
+    ]
+
+    plots = Path(PLOTS)
+    atomic_write_json(Path(METRICS) / "eval.json", metrics)
+    model_table = [[name, *(metrics[name][k] for k in KEYS)] for name in MODELS]
+    atomic_write_text(plots / "eval_models.csv", _csv(["model", *KEYS], model_table))
+    word_columns = ["word", "category", "count", *MODELS]
+    word_table = [[r[k] for k in word_columns] for r in word_rows]
+    atomic_write_text(plots / "eval_word_surprisal.csv", _csv(word_columns, word_table))
+    figures = []
+    with atomic_dir(EVAL) as out:
+        atomic_write_jsonl(out / "samples.jsonl", sample_table)
+        figures = _figures(out, metrics, word_rows, plots / "train.csv")
+    figures = [Path(EVAL) / f.name for f in figures]
+
+    run.log_metrics({f"{name}/{k}": v for name, m in metrics.items() for k, v in m.items() if _is_number(v)})
+    for figure in figures:
+        run.log_artifact(figure, "plots")
+    flat_samples = [
+        {"prompt": s["prompt"], **{f"{name}/{k}": v for name in MODELS for k, v in s[name].items()}}
+        for s in sample_table
+    ]
+    run.log_table(flat_samples, "eval_samples.json")
+    fmt = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
+    for name in MODELS:
+        m = metrics[name]
+        print(
+            f"evaluate: {name:<15} reward {fmt(m['reward'])}  grammaticality {fmt(m['grammaticality'])}  "
+            f"perplexity {fmt(m['perplexity'])}  kl {fmt(m['kl_to_teacher'])}  "
+            f"word surprisal {fmt(m['word_surprisal'])}"
+        )
+
+
+def _figures(out: Path, metrics: dict, word_rows: list[dict], train_csv: Path) -> list[Path]:
+    from tnd import plots
+
+    made = [plots.model_comparison(metrics, KEYS, out / "eval_models.png")]
+    order = ["initial_student", "student", "teacher"]  # the scatter plots the others against the first
+    made.append(plots.word_surprisal(word_rows, order, out / "eval_word_surprisal.png"))
+    if train_csv.is_file():
+        with open(train_csv, newline="", encoding="utf-8") as handle:
+            made.append(plots.training_curves(list(csv.DictReader(handle)), out / "train_curves.png"))
+    return [p for p in made if p is not None]
+
+
+def main(argv: list[str] | None = None) -> None:
+    run_stage("evaluate", evaluate, argv)
+
+
+if __name__ == "__main__":
+    main()

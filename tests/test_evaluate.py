@@ -1,0 +1,204 @@
+"""The evaluate stage's measures on hand examples, and the stage end to end on tiny params."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+
+import pytest
+import torch
+
+from tnd.config import ArchParams
+from tnd.data import nursery
+from tnd.data.tokenizer import train_bpe
+from tnd.evaluation import (
+    WordOccurrence,
+    distinct_n,
+    locate_words,
+    mean_word_surprisal,
+    perplexity_from_logprobs,
+    sequence_logprobs,
+    token_kl,
+    word_category,
+    word_surprisal,
+    word_surprisals,
+)
+from tnd.models import build_causal_lm
+
+TINY_ARCH = ArchParams(hidden_size=16, num_layers=1, num_heads=2, intermediate_size=32)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    # A small vocabulary, so that rarer words are spelled with several tokens.
+    return train_bpe(nursery.generate_sentences(300, seed=0), vocab_size=300)
+
+
+# --- distinct-n -------------------------------------------------------------------------------
+
+
+def test_distinct_n_by_hand():
+    texts = ["the dog runs", "the dog sleeps"]
+    assert distinct_n(texts, 1) == pytest.approx(4 / 6)  # the dog runs sleeps / 6 words
+    assert distinct_n(texts, 2) == pytest.approx(3 / 4)  # (the dog) twice, (dog runs), (dog sleeps)
+    assert distinct_n(["a b", "c"], 2) == 1.0  # n-grams never cross texts
+    assert distinct_n([], 1) == 0.0 and distinct_n(["one"], 2) == 0.0
+
+
+# --- word surprisal ---------------------------------------------------------------------------
+
+
+def test_surprisal_of_a_word_spelled_with_two_tokens_sums_its_tokens():
+    # bos w1 w2a w2b eos: the word's tokens are positions 2 and 3.
+    logprobs = [torch.tensor([0.0, math.log(0.5), math.log(0.25), math.log(0.5), math.log(0.9)], dtype=torch.float64)]
+    occurrences = [WordOccurrence(0, "doggy", (2, 3)), WordOccurrence(0, "the", (1,))]
+    result = word_surprisals(logprobs, occurrences)
+    assert result["doggy"] == {"count": 1, "surprisal": pytest.approx(3.0)}  # 2 bits + 1 bit
+    assert result["the"]["surprisal"] == pytest.approx(1.0)
+    # two occurrences average
+    twice = word_surprisals(logprobs * 2, [WordOccurrence(0, "the", (1,)), WordOccurrence(1, "the", (2,))])
+    assert twice["the"] == {"count": 2, "surprisal": pytest.approx(1.5)}
+    assert mean_word_surprisal(result) == pytest.approx(2.0)
+    assert mean_word_surprisal({}) is None
+
+
+def test_locate_words_finds_every_token_of_a_multi_token_word(tokenizer):
+    multi = next(
+        w for w in nursery.CONTENT_WORDS
+        if len(tokenizer(" " + w, add_special_tokens=False)["input_ids"]) == 2
+    )
+    text = f"the {multi} is big."
+    sequences, occurrences = locate_words(tokenizer, [text, "nothing here"], [multi, "big", "absent"], max_length=48)
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert sequences[0] == [tokenizer.bos_token_id, *ids, tokenizer.eos_token_id]
+    found = {occ.word: occ for occ in occurrences}
+    assert set(found) == {multi, "big"}
+    word_tokens = tokenizer(" " + multi, add_special_tokens=False)["input_ids"]
+    assert [sequences[0][p] for p in found[multi].positions] == word_tokens
+    assert tokenizer.decode([sequences[0][p] for p in found["big"].positions]).strip() == "big"
+    # cut off by max_length: the word is left out, never counted half
+    _, cut = locate_words(tokenizer, [text], [multi], max_length=found[multi].positions[-1])
+    assert cut == []
+
+
+def test_word_surprisal_matches_the_model_by_hand(tokenizer):
+    model = build_causal_lm(TINY_ARCH, tokenizer, seed=0).eval()
+    text = "the dog is big."
+    result = word_surprisal(model, tokenizer, [text], ["dog", "big"], max_length=48)
+    sequences, occurrences = locate_words(tokenizer, [text], ["dog"], 48)
+    ids = torch.tensor([sequences[0]])
+    with torch.no_grad():
+        logp = torch.log_softmax(model(input_ids=ids).logits[0].double(), -1)
+    expected = -sum(float(logp[p - 1, sequences[0][p]]) for p in occurrences[0].positions) / math.log(2)
+    assert result["dog"]["surprisal"] == pytest.approx(expected, rel=1e-5)
+    assert result["dog"]["count"] == 1 and set(result) == {"dog", "big"}
+    # scoring in a batch with padding gives the same numbers as alone
+    batch = sequence_logprobs(model, [sequences[0], sequences[0][:3]], tokenizer.pad_token_id)
+    alone = sequence_logprobs(model, [sequences[0]], tokenizer.pad_token_id)
+    torch.testing.assert_close(batch[0], alone[0], rtol=1e-5, atol=1e-6)
+
+
+def test_perplexity_from_logprobs_matches_the_lm_perplexity(tokenizer):
+    from tnd.trainers.lm import encode_for_lm, perplexity
+
+    model = build_causal_lm(TINY_ARCH, tokenizer, seed=0).eval()
+    texts = nursery.generate_sentences(5, seed=2)
+    sequences, _ = locate_words(tokenizer, texts, [], max_length=12)
+    assert sequences == encode_for_lm(tokenizer, texts, 12)
+    logprobs = sequence_logprobs(model, sequences, tokenizer.pad_token_id, batch_size=2)
+    assert perplexity_from_logprobs(logprobs) == pytest.approx(perplexity(model, tokenizer, texts, 12), rel=1e-5)
+
+
+def test_word_category():
+    assert word_category("dog") == "noun" and word_category("runs") == "verb"
+    assert word_category("the") == "determiner" and word_category("xyz") is None
+
+
+# --- KL --------------------------------------------------------------------------------------------
+
+
+def test_kl_of_a_model_to_itself_is_zero_and_to_another_positive(tokenizer):
+    texts = nursery.generate_sentences(6, seed=1)
+    a = build_causal_lm(TINY_ARCH, tokenizer, seed=0).eval()
+    b = build_causal_lm(TINY_ARCH, tokenizer, seed=1).eval()
+    assert token_kl(a, a, tokenizer, texts, max_length=48, batch_size=4) == pytest.approx(0.0, abs=1e-6)
+    kl = token_kl(a, b, tokenizer, texts, max_length=48, batch_size=4)
+    assert kl > 0
+    # mean per token: the batch size does not change it
+    assert token_kl(a, b, tokenizer, texts, max_length=48, batch_size=1) == pytest.approx(kl, rel=1e-5)
+
+
+# --- the stage end to end --------------------------------------------------------------------------
+
+
+def _read_csv(path):
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+@pytest.mark.slow
+def test_evaluate_stage_end_to_end(project):
+    from stages import evaluate, prepare_data, train_teacher
+    from tnd.config import load_params
+    from tnd.data.tokenizer import load_tokenizer
+    from tnd.models import load_causal_lm, save_model
+    from tnd.trainers.reward import build_reward_model
+
+    project.write(eval={"n_prompts": 6, "max_new_tokens": 8})
+    prepare_data.main([])
+    train_teacher.main([])
+    p = project.path
+    tokenizer = load_tokenizer(p / "artifacts/tokenizer")
+    teacher = load_causal_lm(p / "models/teacher", tokenizer, role="teacher")
+    save_model(teacher, tokenizer, p / "models/student")
+    save_model(teacher, tokenizer, p / "models/initial_student")
+    params = load_params(p / "params.yaml")
+    save_model(build_reward_model(params.reward.arch, tokenizer, 0), tokenizer, p / "models/reward")
+    (p / "plots").mkdir(exist_ok=True)
+    (p / "plots/train.csv").write_text(
+        "step,env/reward_mean,objective/kl,objective/kl_coef,loss/policy,loss/value,loss/distill\n"
+        "1,0.1,0.5,0.05,0.2,0.3,1.0\n2,0.2,0.4,0.05,0.1,0.2,0.9\n"
+    )
+
+    evaluate.main([])
+    metrics = json.loads((p / "metrics/eval.json").read_text())
+    assert set(metrics) == {"student", "initial_student", "teacher"}
+    keys = set(evaluate.KEYS)
+    for name, m in metrics.items():
+        assert keys <= set(m), name
+        for key in keys:
+            assert isinstance(m[key], float) and math.isfinite(m[key]), (name, key)
+        assert 0 <= m["grammaticality"] <= 1 and 0 < m["distinct_1"] <= 1 and m["perplexity"] > 1
+        assert m["word_surprisal"] > 0
+    assert abs(metrics["teacher"]["kl_to_teacher"]) < 1e-5
+    teacher_json = json.loads((p / "metrics/teacher.json").read_text())
+    assert metrics["teacher"]["perplexity"] == pytest.approx(teacher_json["eval_perplexity"], rel=1e-5)
+    for key in keys:  # same weights, same seed: same numbers
+        assert metrics["student"][key] == pytest.approx(metrics["teacher"][key], abs=1e-5), key
+        assert metrics["initial_student"][key] == pytest.approx(metrics["teacher"][key], abs=1e-5), key
+
+    models = _read_csv(p / "plots/eval_models.csv")
+    assert [r["model"] for r in models] == ["student", "initial_student", "teacher"]
+    assert float(models[2]["perplexity"]) == pytest.approx(metrics["teacher"]["perplexity"])
+    words = _read_csv(p / "plots/eval_word_surprisal.csv")
+    assert words and list(words[0]) == ["word", "category", "count", "student", "initial_student", "teacher"]
+    assert all(r["word"] in nursery.CONTENT_WORDS and int(r["count"]) > 0 for r in words)
+    mean = sum(float(r["teacher"]) for r in words) / len(words)
+    assert mean == pytest.approx(metrics["teacher"]["word_surprisal"])
+
+    samples = [json.loads(line) for line in (p / "eval/samples.jsonl").read_text().splitlines()]
+    assert len(samples) == 6
+    for row in samples:
+        assert row["prompt"] and set(row) == {"prompt", "student", "initial_student", "teacher"}
+        assert set(row["student"]) == {"continuation", "reward", "grammatical"}
+        assert isinstance(row["teacher"]["grammatical"], bool)
+        assert row["student"] == row["teacher"]
+    for png in ("eval_models.png", "eval_word_surprisal.png", "train_curves.png"):
+        assert (p / "eval" / png).read_bytes()[:4] == b"\x89PNG", png
+
+    # Reruns agree exactly.
+    outputs = {name: (p / name).read_bytes() for name in (
+        "metrics/eval.json", "plots/eval_models.csv", "plots/eval_word_surprisal.csv", "eval/samples.jsonl")}
+    evaluate.main([])
+    assert {name: (p / name).read_bytes() for name in outputs} == outputs

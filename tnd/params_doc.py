@@ -1,0 +1,57 @@
+"""The params reference table in README.md, generated from the schema so it cannot drift.
+
+    python -m tnd.params_doc            # print the table
+    python -m tnd.params_doc --write    # refresh it in README.md (between the markers)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from pydantic import BaseModel
+
+from tnd.config import Params, _allowed
+
+START, END = "<!-- params-table:start -->", "<!-- params-table:end -->"
+
+
+def rows(model: type[BaseModel] = Params, default: BaseModel | None = None, prefix: tuple = ()) -> list[tuple]:
+    default = default if default is not None else model()
+    out = []
+    for name, field in model.model_fields.items():
+        value = getattr(default, name)
+        loc = prefix + (name,)
+        if isinstance(value, BaseModel):
+            out.extend(rows(type(value), value, loc))
+        else:
+            out.append((".".join(loc), json.dumps(value), _allowed(loc)))
+    return out
+
+
+def table() -> str:
+    lines = ["| key | default | allowed |", "|---|---|---|"]
+    lines += [f"| `{key}` | `{value}` | {allowed} |" for key, value, allowed in rows()]
+    return "\n".join(lines)
+
+
+def replace_in(text: str) -> str:
+    head, _, rest = text.partition(START)
+    _, _, tail = rest.partition(END)
+    return f"{head}{START}\n{table()}\n{END}{tail}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--write", action="store_true", help="refresh the table in README.md")
+    args = parser.parse_args()
+    if args.write:
+        readme = Path("README.md")
+        readme.write_text(replace_in(readme.read_text()))
+    else:
+        print(table())
+
+
+if __name__ == "__main__":
+    main()

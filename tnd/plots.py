@@ -1,0 +1,130 @@
+"""Matplotlib figures (PNG) for MLflow and the eval outputs.
+
+matplotlib is imported inside each function with the Agg backend, so importing this
+module costs nothing and needs no display. Every function takes plain data and the PNG
+path to write (written atomically), and returns that path, or None when there is nothing to plot.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from pathlib import Path
+from typing import Mapping, Sequence
+
+from tnd.io import atomic_write_bytes
+
+# Training-curve panels: (title, columns of plots/train.csv drawn in it).
+TRAIN_PANELS = (
+    ("reward", ("env/reward_mean",)),
+    ("KL to reference", ("objective/kl",)),
+    ("KL coefficient", ("objective/kl_coef",)),
+    ("losses", ("loss/policy", "loss/value", "loss/distill")),
+)
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: str | Path) -> Path:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
+    _pyplot().close(fig)
+    atomic_write_bytes(path, buffer.getvalue())
+    return Path(path)
+
+
+def _number(value) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def training_curves(rows: Sequence[Mapping], path: str | Path) -> Path | None:
+    """Reward, KL, KL coefficient and losses vs step, from rows of plots/train.csv (strings or numbers)."""
+    if not rows or "step" not in rows[0]:
+        return None
+    panels = [(title, [c for c in cols if c in rows[0]]) for title, cols in TRAIN_PANELS]
+    panels = [(title, cols) for title, cols in panels if cols]
+    if not panels:
+        return None
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2), squeeze=False)
+    steps = [_number(row["step"]) for row in rows]
+    for ax, (title, cols) in zip(axes[0], panels):
+        for col in cols:
+            ax.plot(steps, [_number(row[col]) for row in rows], label=col)
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        if len(cols) > 1:
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def model_comparison(metrics: Mapping[str, Mapping], keys: Sequence[str], path: str | Path) -> Path | None:
+    """One bar panel per metric key, one bar per model (null metrics are left out)."""
+    keys = [k for k in keys if any(isinstance(m.get(k), (int, float)) for m in metrics.values())]
+    if not keys:
+        return None
+    plt = _pyplot()
+    cols = min(len(keys), 5)
+    nrows = math.ceil(len(keys) / cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(3.2 * cols, 2.8 * nrows), squeeze=False)
+    names = list(metrics)
+    colours = [f"C{i}" for i in range(len(names))]
+    for ax, key in zip(axes.flat, keys):
+        values = [metrics[name].get(key) for name in names]
+        ax.bar(range(len(names)), [v if isinstance(v, (int, float)) else 0.0 for v in values], color=colours)
+        ax.set_xticks(range(len(names)), names, rotation=20, fontsize=7)
+        ax.set_title(key, fontsize=9)
+    for ax in list(axes.flat)[len(keys) :]:
+        ax.axis("off")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def word_surprisal(rows: Sequence[Mapping], models: Sequence[str], path: str | Path) -> Path | None:
+    """Mean surprisal per word category and model (bars), and per word: each model vs the first (scatter).
+
+    rows: {"word", "category", "count", <model>: bits, ...} as in plots/eval_word_surprisal.csv.
+    """
+    if not rows or not models:
+        return None
+    plt = _pyplot()
+    fig, (bars, scatter) = plt.subplots(1, 2, figsize=(10, 3.8))
+    categories = sorted({row["category"] for row in rows})
+    width = 0.8 / len(models)
+    for i, model in enumerate(models):
+        means = []
+        for category in categories:
+            values = [_number(r[model]) for r in rows if r["category"] == category]
+            values = [v for v in values if math.isfinite(v)]
+            means.append(sum(values) / len(values) if values else 0.0)
+        bars.bar([c + i * width for c in range(len(categories))], means, width, label=model)
+    bars.set_xticks([c + 0.4 - width / 2 for c in range(len(categories))], categories, fontsize=8)
+    bars.set_ylabel("mean surprisal (bits)")
+    bars.set_title("word surprisal by category")
+    bars.legend(fontsize=7)
+    base = models[0]
+    xs = [_number(r[base]) for r in rows]
+    for model in models[1:]:
+        scatter.scatter(xs, [_number(r[model]) for r in rows], s=8, alpha=0.6, label=model)
+    finite = [v for r in rows for m in models if math.isfinite(v := _number(r[m]))]
+    if finite:
+        lo, hi = min(finite), max(finite)
+        scatter.plot([lo, hi], [lo, hi], color="grey", linewidth=0.8)
+    scatter.set_xlabel(f"{base} (bits)")
+    scatter.set_ylabel("other model (bits)")
+    scatter.set_title("per-word surprisal")
+    if len(models) > 1:
+        scatter.legend(fontsize=7)
+    fig.tight_layout()
+    return _save(fig, path)
