@@ -23,9 +23,9 @@ def test_prepare_data_writes_every_output(project):
     assert len(prompts) == 40 and all(len(p["prompt_ids"]) == 3 for p in prompts)  # bos + 2 tokens
     assert {p["prompt_ids"][0] for p in prompts} == {1}
     pairs = read_jsonl(out / "pairs_train.jsonl")
-    assert {p["kind"] for p in pairs} <= {"agreement_swap", "adjacent_swap", "drop_word"}
+    assert {p["kind"] for p in pairs} <= {"agreement_swap", "drop_word", "duplicate_word"}
     assert all(nursery.is_grammatical(p["chosen"]) and not nursery.is_grammatical(p["rejected"]) for p in pairs)
-    assert "duplicate_word" in {p["kind"] for p in read_jsonl(out / "pairs_eval.jsonl")}
+    assert "adjacent_swap" in {p["kind"] for p in read_jsonl(out / "pairs_eval.jsonl")}
     assert (project.path / "artifacts/tokenizer/tokenizer.json").is_file()
 
 
@@ -63,9 +63,9 @@ def test_teacher_with_a_too_small_vocabulary_is_refused(project, capsys):
     train_teacher.main([])
     saved = project.path / "small_teacher"
     (project.path / "models/teacher").rename(saved)
-    project.write()
-    prepare_data.main([])  # tokenizer of 400 tokens now
-    project.write(teacher={"source": str(saved)})
+    project.write(tokenizer={"vocab_size": 800})
+    prepare_data.main([])  # a larger tokenizer now
+    project.write(tokenizer={"vocab_size": 800}, teacher={"source": str(saved)})
     with pytest.raises(SystemExit) as exit_info:
         train_teacher.main([])
     assert exit_info.value.code == 2

@@ -48,7 +48,7 @@ class DataParams(Section):
     n_eval_prompts: PositiveInt = 200
     pair_corruptions: list[
         Literal["agreement_swap", "adjacent_swap", "drop_word", "duplicate_word"]
-    ] = Field(default=["agreement_swap", "adjacent_swap", "drop_word"], min_length=1)
+    ] = Field(default=["agreement_swap", "drop_word", "duplicate_word"], min_length=1)
 
 
 class TokenizerParams(Section):
@@ -109,7 +109,7 @@ class StudentParams(Section):
 
 
 class RewardTrainParams(Section):
-    steps: NonNegativeInt = 600
+    steps: NonNegativeInt = 1500
     batch_size: PositiveInt = 64
     learning_rate: PositiveFloat = 1e-3
     weight_decay: NonNegativeFloat = 0.01
@@ -207,7 +207,7 @@ class DistillParams(Section):
 
 class TnDParams(Section):
     mode: Literal["trials_and_demos", "trials_only", "demos_only"] = "trials_and_demos"
-    demos_as: Literal["kl", "ppo"] = "kl"  # "ppo": the paper's recipe, demos join the PPO batch
+    demos_as: Literal["distill", "ppo"] = "distill"  # "ppo": the paper's recipe, demos join the PPO batch
     demo_batch_size: PositiveInt = 16
     demo_score: float = 1.0  # demos_as=ppo: the fixed score a demonstration gets
     lm_steps_per_ppo_step: NonNegativeInt = 0  # the paper interleaves 3 plain LM steps
@@ -218,10 +218,12 @@ class KernelParams(Section):
 
 
 class EvalParams(Section):
-    n_prompts: PositiveInt = 200
+    n_prompts: PositiveInt = 200  # first n of data/prepared/eval_prompts.jsonl
     max_new_tokens: PositiveInt = 24
     temperature: PositiveFloat = 1.0
-    seed: int = 0
+    seed: int = 0  # sampling seed, the same for every model
+    max_length: PositiveInt = 48  # eval texts (bos + text + eos) are cut to this many tokens
+    batch_size: PositiveInt = 64
 
 
 class TrackingParams(Section):

@@ -29,7 +29,7 @@ loop layout of cleanrl's ppo.py:
 
 Demonstrations (tnd.mode = trials_and_demos | demos_only), tnd.demos_as:
 
-* "kl" (default): one batch of `demo_batch_size` cached demonstrations is drawn per step
+* "distill" (default): one batch of `demo_batch_size` cached demonstrations is drawn per step
   (seeded generator). In every PPO epoch it is shuffled and split into as many slices as
   there are PPO mini-batches, and each mini-batch's loss gets
   `distill_coef * topk_distill_loss(student logits at target positions, cached top-k)`.
@@ -87,7 +87,7 @@ from tnd.generation import left_pad
 from tnd.trainers.value_head import ValueHead, hidden_size_of
 
 MODES = ("trials_and_demos", "trials_only", "demos_only")
-DEMOS_AS = ("kl", "ppo")
+DEMOS_AS = ("distill", "ppo")
 DISTILL_LOSSES = ("forward_kl", "reverse_kl", "jsd")
 SCHEDULERS = ("linear", "cosine", "constant")
 KL_REFERENCES = ("teacher", "initial_student")
@@ -178,7 +178,7 @@ class CustomPPOConfig:
     seed: int = 1234
     # tnd
     mode: str = "trials_and_demos"
-    demos_as: str = "kl"
+    demos_as: str = "distill"
     demo_batch_size: int = 16
     demo_score: float = 1.0
     lm_steps_per_ppo_step: int = 0
@@ -934,7 +934,7 @@ class CustomPPOTrainer:
 
         # 5-6. PPO epochs (+ demonstrations through the top-k KL), then optional LM steps
         use_ppo = cfg.uses_trials and rollout is not None
-        demo = self._demo_batch(self._draw_demos()) if (cfg.uses_demos and cfg.demos_as == "kl") or (
+        demo = self._demo_batch(self._draw_demos()) if (cfg.uses_demos and cfg.demos_as == "distill") or (
             cfg.mode == "demos_only") else None
         if use_ppo or demo is not None:
             stats.update(self._optimize(rollout if use_ppo else None, demo))

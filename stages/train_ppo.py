@@ -1,0 +1,276 @@
+"""Stage train_ppo: TnD training of the student (tnd.trainers.CustomPPOTrainer) for ppo.steps.
+
+Reads the tokenizer, teacher, reward model, prompts, the teacher-logit cache (checked
+against this teacher and tokenizer) and metrics/rewards.json (the demonstrations' reward
+statistics seed the score normaliser). The built-in student is built from student.arch and
+warmed up for student.train.steps LM steps (0 = from scratch); otherwise it is loaded by
+name/path. The student training starts from is saved to models/initial_student/.
+
+Writes models/student/, metrics/train.json (step-1 / final / mean-of-last-10 figures, time
+and tokens/s), plots/train.csv (one row per step: `step` + every trainer stat) and, every
+ppo.save_every steps and after the last one, checkpoints/ppo/state.pt: one file holding the
+trainer state, the csv rows so far, the initial student (built-in students) and a meta
+block (params fingerprint, step, fingerprints of teacher, reward model, tokenizer, cache).
+
+Resuming: an unfinished checkpoint written with the same training params and inputs is
+resumed (bit-exactly on CPU); one written with other params or inputs is refused, so that
+a run is never silently continued under changed settings. A finished checkpoint is only
+the end state of an earlier run: it is ignored and training starts afresh (so that
+`dvc exp run -S ...` works with the persisted checkpoint directory).
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import math
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from tqdm.auto import tqdm
+
+from tnd.cache import TeacherCache, fingerprint_model, fingerprint_tokenizer
+from tnd.config import Params
+from tnd.data.tokenizer import load_tokenizer
+from tnd.errors import TndError
+from tnd.io import atomic_write_bytes, atomic_write_json, atomic_write_text, read_jsonl
+from tnd.models import build_causal_lm, load_causal_lm, save_model
+from tnd.tracking import Tracker
+from tnd.trainers import CustomPPOConfig, CustomPPOTrainer
+from tnd.trainers.lm import pretrain_lm
+from tnd.trainers.ppo import STAT_KEYS
+from tnd.trainers.reward import load_reward_model
+
+from stages.common import (
+    CACHE, CHECKPOINTS, INITIAL_STUDENT, METRICS, PLOTS, PREPARED, REWARD, STUDENT, TEACHER, TOKENIZER, run_stage,
+)
+
+CHECKPOINT_FORMAT = 1
+# The params that change what training computes (not tracking/eval, not kernels.backend, not save_every).
+TRAINING_SECTIONS = ("seed", "data", "tokenizer", "teacher", "reward", "cache", "student", "ppo", "distill", "tnd")
+CSV_COLUMNS = ("step", *STAT_KEYS)
+SUMMARY = {  # metrics/train.json name -> trainer stat
+    "reward": "env/reward_mean", "score": "env/score_mean", "kl": "objective/kl", "kl_coef": "objective/kl_coef",
+    "entropy": "objective/entropy", "response_length": "tokens/response_length", "loss_total": "loss/total",
+    "loss_policy": "loss/policy", "loss_value": "loss/value", "loss_distill": "loss/distill",
+    "loss_online_distill": "loss/online_distill", "loss_lm": "loss/lm",
+}
+DELETE = f"delete it (rm -r {CHECKPOINTS}) to start over"
+
+
+def training_fingerprint(params: Params) -> str:
+    dump = params.model_dump(mode="json")
+    blob = {key: dump[key] for key in TRAINING_SECTIONS}
+    blob["ppo"] = {k: v for k, v in blob["ppo"].items() if k != "save_every"}
+    return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _read_json(path: Path, stage: str) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        reason = " ".join(str(exc).split())[:120]
+        raise TndError(f"{path}: cannot be read ({reason}); run `dvc repro {stage}`") from None
+
+
+def _read_rows(path: Path) -> list[dict]:
+    if not path.is_file():
+        raise TndError(f"{path}: not found; run `dvc repro prepare_data`")
+    return read_jsonl(path)
+
+
+def reward_seed(path: Path) -> dict:
+    """reward_mean / reward_std / reward_count for CustomPPOConfig, from the demonstrations' rewards."""
+    stats = _read_json(path, "score_rewards").get("demonstrations") or {}
+    if stats.get("mean") is None or not (stats.get("std") or 0) > 0:
+        return {}
+    count = stats["count"] - stats["nan_count"]
+    return {"reward_mean": stats["mean"], "reward_std": stats["std"], "reward_count": count}
+
+
+# --- checkpoints -----------------------------------------------------------------------------
+
+
+def read_checkpoint(path: Path) -> Optional[dict]:
+    if not path.is_file():
+        return None
+    try:
+        ckpt = torch.load(io.BytesIO(path.read_bytes()), map_location="cpu", weights_only=True)
+        meta = ckpt["meta"]
+        if meta["format_version"] != CHECKPOINT_FORMAT or not {"trainer", "rows"} <= ckpt.keys():
+            raise ValueError(f"unknown checkpoint format {meta['format_version']!r}")
+    except Exception as exc:
+        raise TndError(
+            f"{path}: cannot be read as a train_ppo checkpoint (truncated or corrupted: "
+            f"{' '.join(str(exc).split())[:120]}); {DELETE}"
+        ) from None
+    return ckpt
+
+
+def check_checkpoint(path: Path, old: dict, new: dict) -> None:
+    """Refuse to resume an unfinished run under other params or inputs."""
+    where = f"{path}: checkpoint of an unfinished run (step {old['step']} of {old['steps']})"
+    if old["params_fingerprint"] != new["params_fingerprint"]:
+        raise TndError(
+            f"{where} was written with different training params (fingerprint {old['params_fingerprint']}, "
+            f"now {new['params_fingerprint']}); restore those params to resume it, or {DELETE}"
+        )
+    for key in ("tokenizer_fingerprint", "teacher_fingerprint", "reward_fingerprint", "cache_fingerprint"):
+        if old[key] != new[key]:
+            what = key.removesuffix("_fingerprint")
+            raise TndError(f"{where} was trained against a different {what} (it changed since); {DELETE}")
+
+
+def write_checkpoint(path: Path, trainer: CustomPPOTrainer, meta: dict, rows: list, initial: Optional[dict]) -> None:
+    state = {"meta": {**meta, "step": trainer.global_step}, "trainer": trainer.state_dict(), "rows": rows}
+    if initial is not None:
+        state["initial_student"] = initial
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+# --- outputs ---------------------------------------------------------------------------------
+
+
+def _cell(value: float) -> str:
+    return "" if isinstance(value, float) and math.isnan(value) else repr(value)
+
+
+def write_csv(path: Path, rows: list[dict]) -> None:
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(CSV_COLUMNS)
+    writer.writerows([[_cell(row[key]) for key in CSV_COLUMNS] for row in rows])
+    atomic_write_text(path, out.getvalue())
+
+
+def _finite(value: float) -> Optional[float]:
+    return value if math.isfinite(value) else None
+
+
+def _mean(values: list[float]) -> Optional[float]:
+    values = [v for v in values if math.isfinite(v)]
+    return sum(values) / len(values) if values else None
+
+
+def summarise(rows: list[dict], batch_size: int) -> dict:
+    """Step-1 (the initial student's trials), final and mean-of-last-10 figures; time and throughput
+    (time is the sum of the steps' wall times, so a resumed run counts only training)."""
+    seconds = sum(row["time/step"] for row in rows)
+    lengths = [row["tokens/response_length"] for row in rows]
+    tokens = batch_size * sum(n for n in lengths if math.isfinite(n))
+    return {
+        "steps": len(rows),
+        "first": {name: _finite(rows[0][key]) for name, key in SUMMARY.items()},
+        "final": {name: _finite(rows[-1][key]) for name, key in SUMMARY.items()},
+        "last10": {name: _mean([row[key] for row in rows[-10:]]) for name, key in SUMMARY.items()},
+        "skipped_steps": int(sum(row["skipped"] for row in rows)),
+        "nonfinite_rewards": int(sum(row["nonfinite_rewards"] for row in rows)),
+        "total_seconds": seconds,
+        "tokens_per_second": tokens / seconds if seconds > 0 else None,  # sampled trial tokens
+    }
+
+
+# --- the stage -------------------------------------------------------------------------------
+
+
+def train_ppo(params: Params, run: Tracker) -> None:
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    tokenizer = load_tokenizer(TOKENIZER)
+    teacher = load_causal_lm(TEACHER, tokenizer, role="teacher").eval()
+    reward_model = load_reward_model(REWARD, tokenizer)
+    prompts = [list(row["prompt_ids"]) for row in _read_rows(Path(PREPARED) / "prompts.jsonl")]
+    if not prompts:
+        raise TndError(f"{PREPARED}/prompts.jsonl: no prompts; run `dvc repro prepare_data`")
+    meta = {
+        "format_version": CHECKPOINT_FORMAT, "steps": params.ppo.steps,
+        "params_fingerprint": training_fingerprint(params),
+        "tokenizer_fingerprint": fingerprint_tokenizer(tokenizer), "teacher_fingerprint": fingerprint_model(teacher),
+        "reward_fingerprint": fingerprint_model(reward_model),
+    }
+    cache = TeacherCache(CACHE, meta["teacher_fingerprint"], meta["tokenizer_fingerprint"])
+    meta["cache_fingerprint"] = hashlib.sha256((Path(CACHE) / "index.json").read_bytes()).hexdigest()
+    config = CustomPPOConfig.from_params(params, **reward_seed(Path(METRICS) / "rewards.json"))
+
+    ckpt_path = Path(CHECKPOINTS) / "state.pt"
+    for stale in ckpt_path.parent.glob(f".{ckpt_path.name}.*.tmp"):  # left by a kill during a write
+        stale.unlink()
+    ckpt = read_checkpoint(ckpt_path)
+    if ckpt is not None and ckpt["meta"]["step"] >= ckpt["meta"]["steps"]:
+        print(f"train_ppo: {ckpt_path} is from a finished run; starting afresh")
+        ckpt = None
+    if ckpt is not None:
+        check_checkpoint(ckpt_path, ckpt["meta"], meta)
+
+    # The student training starts from (on resume: the one the checkpointed run started from).
+    initial = None
+    if params.student.source == "builtin":
+        student = build_causal_lm(params.student.arch, tokenizer, params.seed)
+        if ckpt is not None:
+            student.load_state_dict(ckpt["initial_student"])
+        elif params.student.train.steps:
+            texts = [row["text"] for row in _read_rows(Path(PREPARED) / "train.jsonl")]
+            pretrain_lm(student, tokenizer, texts, params.student.train, params.seed, desc="student warm-up")
+        initial = {k: v.clone() for k, v in student.state_dict().items()}
+    else:
+        student = load_causal_lm(params.student.source, tokenizer, role="student")
+    save_model(student, tokenizer, INITIAL_STUDENT)
+    longest = max(map(len, prompts)) + params.ppo.max_new_tokens
+    for role, model in (("student", student), ("teacher", teacher), ("reward", reward_model)):
+        limit = getattr(model.config, "max_position_embeddings", None)
+        if limit and longest > limit:
+            raise TndError(
+                f"ppo.max_new_tokens = {params.ppo.max_new_tokens}: prompts + samples reach {longest} tokens, more "
+                f"than the {role}'s max_position_embeddings ({limit}); lower ppo.max_new_tokens"
+            )
+
+    trainer = CustomPPOTrainer(
+        teacher.to(device), student.to(device), reward_model.to(device), config, prompts,
+        demonstrations=cache, tokenizer=tokenizer,
+    )
+    rows: list[dict] = []
+    if ckpt is not None:
+        trainer.load_state_dict(ckpt["trainer"])
+        rows = list(ckpt["rows"])
+        print(f"train_ppo: resuming from {ckpt_path} at step {trainer.global_step} of {config.steps}")
+    del ckpt
+
+    csv_path = Path(PLOTS) / "train.csv"
+    progress = tqdm(total=config.steps, initial=trainer.global_step, desc="ppo")
+
+    def on_step(stats: dict, step: int) -> None:
+        rows.append({"step": step, **stats})
+        run.log_metrics({k: v for k, v in stats.items() if math.isfinite(v)}, step)
+        progress.update(1)
+        progress.set_postfix(reward=f"{stats['env/reward_mean']:.3f}", kl=f"{stats['objective/kl']:.3f}")
+        if step % config.save_every == 0 or step == config.steps:
+            write_checkpoint(ckpt_path, trainer, meta, rows, initial)
+            write_csv(csv_path, rows)
+
+    trainer.train(on_step=on_step)
+    progress.close()
+
+    summary = summarise(rows, config.batch_size)
+    write_csv(csv_path, rows)
+    save_model(trainer.student, tokenizer, STUDENT)
+    atomic_write_json(Path(METRICS) / "train.json", summary)
+    run.log_metrics({f"{part}.{k}": v for part in ("final", "last10") for k, v in summary[part].items()
+                     if v is not None})
+    fmt = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
+    print(
+        f"train_ppo: reward {fmt(summary['first']['reward'])} -> {fmt(summary['last10']['reward'])} (last 10), "
+        f"kl {fmt(summary['first']['kl'])} -> {fmt(summary['last10']['kl'])}, "
+        f"{fmt(summary['tokens_per_second'])} tokens/s"
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    run_stage("train_ppo", train_ppo, argv)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,218 @@
+"""Stage train_ppo on tiny params: outputs, bit-exact resume, refused checkpoints, the paper preset."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import ROOT, merge, tiny_params
+from tnd.config import parse_params
+from tnd.trainers import CustomPPOTrainer
+
+PRESET = ROOT / "params" / "tnd_original.yaml"
+PPO = {
+    "cache": {"n_prompts": 16, "max_new_tokens": 8, "batch_size": 16},
+    "ppo": {"steps": 4, "batch_size": 4, "mini_batch_size": 2, "save_every": 2, "max_new_tokens": 8, "ppo_epochs": 2},
+    "tnd": {"demo_batch_size": 4},
+}
+UPSTREAM = ("data", "artifacts", "models", "cache", "metrics")
+TIMING = {"total_seconds", "tokens_per_second"}
+
+
+def flatten(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+# --- the preset (fast) ----------------------------------------------------------------------
+
+
+def test_preset_is_valid_and_its_dvc_args_match_its_values():
+    text = PRESET.read_text()
+    preset = yaml.safe_load(text)
+    parsed = parse_params(merge(tiny_params(), preset))
+    assert parsed.tnd.demos_as == "ppo" and parsed.student.train.steps == 0
+    assert parsed.tnd.lm_steps_per_ppo_step == 3 and parsed.ppo.init_kl_coef == 0 and not parsed.ppo.adap_kl_ctrl
+    line = next(ln for ln in text.splitlines() if ln.startswith("# DVC_ARGS: "))
+    words = line.removeprefix("# DVC_ARGS: ").split()
+    assert words[::2] == ["-S"] * (len(words) // 2)
+    from_args = {key: yaml.safe_load(value) for key, value in (w.split("=", 1) for w in words[1::2])}
+    assert from_args == flatten(preset)
+
+
+# --- end to end -----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def upstream(tmp_path_factory):
+    """prepare_data .. score_rewards run once on tiny params; each test copies the results."""
+    from stages import cache_teacher_logits, prepare_data, score_rewards, train_reward, train_teacher
+
+    path = tmp_path_factory.mktemp("upstream")
+    (path / "params.yaml").write_text(yaml.safe_dump(tiny_params(**PPO), sort_keys=False))
+    cwd = os.getcwd()
+    os.chdir(path)
+    try:
+        for stage in (prepare_data, train_teacher, train_reward, cache_teacher_logits, score_rewards):
+            stage.main([])
+    finally:
+        os.chdir(cwd)
+    return path
+
+
+@pytest.fixture
+def ready(project, upstream):
+    for name in UPSTREAM:
+        shutil.copytree(upstream / name, project.path / name)
+    project.write(**PPO)
+    return project
+
+
+def run_stage() -> None:
+    from stages import train_ppo
+
+    train_ppo.main([])
+
+
+def refused(capsys) -> str:
+    from stages import train_ppo
+
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exc:
+        train_ppo.main([])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    message = err[err.index("error: "):]
+    assert message.count("\n") == 1, message  # one line, and nothing after it
+    return message.strip()
+
+
+class Crash(Exception):
+    pass
+
+
+def crash_after(monkeypatch, step: int) -> None:
+    """Run the stage and die right after trainer step `step` (the checkpoint of an earlier step is on disk)."""
+    original = CustomPPOTrainer.step
+
+    def step_then_crash(self, prompts):
+        stats = original(self, prompts)
+        if self.global_step == step:
+            raise Crash(f"simulated crash after step {step}")
+        return stats
+
+    with monkeypatch.context() as patch:
+        patch.setattr(CustomPPOTrainer, "step", step_then_crash)
+        with pytest.raises(Crash):
+            run_stage()
+
+
+def outputs(path: Path) -> dict:
+    """Everything the stage writes, minus wall-clock figures."""
+    train = json.loads((path / "metrics/train.json").read_text())
+    with open(path / "plots/train.csv", newline="") as handle:
+        rows = [{k: v for k, v in row.items() if k != "time/step"} for row in csv.DictReader(handle)]
+    return {
+        "train": {k: v for k, v in train.items() if k not in TIMING},
+        "csv": rows,
+        "student": (path / "models/student/model.safetensors").read_bytes(),
+        "initial": (path / "models/initial_student/model.safetensors").read_bytes(),
+    }
+
+
+def clear_outputs(path: Path) -> None:
+    for name in ("models/student", "models/initial_student", "checkpoints", "plots", "metrics/train.json"):
+        target = path / name
+        shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
+
+
+@pytest.mark.slow
+def test_stage_writes_every_output_and_a_finished_checkpoint_is_not_resumed(ready):
+    run_stage()
+    p = ready.path
+    for name in ("models/student/model.safetensors", "models/initial_student/model.safetensors",
+                 "models/student/tokenizer.json", "checkpoints/ppo/state.pt"):
+        assert (p / name).is_file(), name
+    train = json.loads((p / "metrics/train.json").read_text())
+    assert train["steps"] == 4
+    for part in ("first", "final", "last10"):
+        for key in ("reward", "kl", "kl_coef", "loss_total", "loss_policy", "loss_value", "loss_distill"):
+            assert math.isfinite(train[part][key]), (part, key)
+    assert train["total_seconds"] > 0 and train["tokens_per_second"] > 0
+    rows = list(csv.DictReader(open(p / "plots/train.csv", newline="")))
+    assert [r["step"] for r in rows] == ["1", "2", "3", "4"]
+    assert "env/reward_mean" in rows[0] and "loss/distill" in rows[0]
+    # The checkpoint of a finished run is no resume point: other params start afresh.
+    ready.write(**merge(PPO, {"ppo": {"learning_rate": 3e-4, "steps": 2}}))
+    run_stage()
+    assert json.loads((p / "metrics/train.json").read_text())["steps"] == 2
+
+
+@pytest.mark.slow
+def test_a_crashed_run_resumes_bit_exactly(ready, monkeypatch, capsys):
+    run_stage()
+    uninterrupted = outputs(ready.path)
+    clear_outputs(ready.path)
+
+    crash_after(monkeypatch, 3)  # the step-2 checkpoint is on disk, step 3 is lost
+    assert (ready.path / "checkpoints/ppo/state.pt").is_file()
+    assert not (ready.path / "models/student").exists()
+    shutil.rmtree(ready.path / "models/initial_student")  # as `dvc repro` removes outs before a rerun
+    capsys.readouterr()
+    run_stage()
+    assert "resuming from checkpoints/ppo/state.pt at step 2 of 4" in capsys.readouterr().out
+    assert outputs(ready.path) == uninterrupted
+
+
+@pytest.mark.slow
+def test_an_unfinished_checkpoint_from_other_params_is_refused(ready, monkeypatch, capsys):
+    crash_after(monkeypatch, 3)
+    ready.write(**merge(PPO, {"ppo": {"learning_rate": 3e-4}}))
+    err = refused(capsys)
+    assert "checkpoints/ppo/state.pt" in err and "different training params" in err and "rm -r checkpoints/ppo" in err
+    # Tracking and evaluation settings do not affect training: the run resumes.
+    ready.write(**merge(PPO, {"eval": {"n_prompts": 3}}))
+    run_stage()
+    assert json.loads((ready.path / "metrics/train.json").read_text())["steps"] == 4
+
+
+@pytest.mark.slow
+def test_a_corrupted_checkpoint_is_refused(ready, monkeypatch, capsys):
+    crash_after(monkeypatch, 3)
+    state = ready.path / "checkpoints/ppo/state.pt"
+    state.write_bytes(state.read_bytes()[: state.stat().st_size // 2])
+    err = refused(capsys)
+    assert "checkpoints/ppo/state.pt: cannot be read" in err and "corrupted" in err
+    state.write_bytes(b"")
+    assert "checkpoints/ppo/state.pt: cannot be read" in refused(capsys)
+
+
+@pytest.mark.slow
+def test_missing_inputs_name_the_stage_to_run(ready, capsys):
+    (ready.path / "metrics/rewards.json").unlink()
+    assert "metrics/rewards.json: cannot be read" in (err := refused(capsys)) and "dvc repro score_rewards" in err
+    shutil.rmtree(ready.path / "cache/teacher")
+    assert "dvc repro cache_teacher_logits" in refused(capsys)
+
+
+@pytest.mark.slow
+def test_the_paper_preset_runs(ready):
+    preset = yaml.safe_load(PRESET.read_text())
+    ready.write(**merge(merge(PPO, preset), {"ppo": {"steps": 1}}))
+    run_stage()
+    rows = list(csv.DictReader(open(ready.path / "plots/train.csv", newline="")))
+    assert len(rows) == 1
+    assert float(rows[0]["objective/kl_coef"]) == 0.0 and math.isfinite(float(rows[0]["loss/lm"]))
+    assert rows[0]["loss/distill"] == ""  # demonstrations go through PPO, not the KL loss

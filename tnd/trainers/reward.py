@@ -1,0 +1,404 @@
+"""The reward model: a sequence classifier with one scalar output, and how it is trained.
+
+Two objectives (reward.objective):
+  pairwise   -- Bradley-Terry on preference pairs {"chosen", "rejected", "kind"}:
+                loss = -log sigmoid(r(chosen) - r(rejected) - margin)
+  regression -- mean squared error to a numeric label, on rows {"text", "label"}
+
+Texts are always scored as bos + text + eos (as in `tnd.trainers.lm.encode_for_lm`),
+right-padded, and the classifier reads the last non-pad token (HF finds it through
+`config.pad_token_id`). Training mirrors `tnd.trainers.lm`: AdamW, linear warm-up and
+cosine decay, seeded random mini-batches, gradient clipping, a progress bar.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import random
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+from transformers import (
+    AutoModelForSequenceClassification,
+    LlamaForSequenceClassification,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    get_cosine_schedule_with_warmup,
+)
+
+from tnd.config import ArchParams, RewardParams
+from tnd.errors import TndError
+from tnd.models import check_vocab, llama_config
+from tnd.trainers.lm import collate, encode_for_lm
+
+QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
+
+
+# --- building and loading ---------------------------------------------------------
+
+
+def build_reward_model(arch: ArchParams, tokenizer: PreTrainedTokenizerBase, seed: int) -> LlamaForSequenceClassification:
+    """A Llama-style decoder with a scalar head on the last non-pad token."""
+    torch.manual_seed(seed)
+    config = llama_config(arch, tokenizer, num_labels=1)
+    config.pad_token_id = tokenizer.pad_token_id
+    return LlamaForSequenceClassification(config)
+
+
+def load_reward_model(source: str | Path, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
+    """A sequence classifier (save_pretrained dir or hub name) with one output and a vocabulary that fits."""
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(str(source))
+    except Exception as exc:
+        raise TndError(
+            f"reward: could not load a sequence classifier from '{source}' ({' '.join(str(exc).split())[:200]}); "
+            "check reward.source or rerun `dvc repro train_reward`"
+        ) from None
+    num_labels = model.config.num_labels
+    if num_labels != 1:
+        raise TndError(
+            f"reward: the model at '{source}' has {num_labels} outputs (num_labels={num_labels}), a reward model "
+            "needs exactly 1; use a scalar-head classifier or set reward.source: builtin"
+        )
+    check_vocab(model, tokenizer, "reward")
+    # Batches are padded with the tokenizer's pad id; the head must look for that one.
+    model.config.pad_token_id = tokenizer.pad_token_id
+    model.eval()
+    return model
+
+
+# --- scoring ----------------------------------------------------------------------
+
+
+def _forward_rewards(model: PreTrainedModel, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    return logits.squeeze(-1).float()
+
+
+def _score_encoded(model: PreTrainedModel, pad_id: int, sequences: list[list[int]], batch_size: int) -> torch.Tensor:
+    was_training = model.training
+    model.eval()
+    scores = []
+    try:
+        with torch.no_grad():
+            for start in range(0, len(sequences), batch_size):
+                batch = collate(sequences[start : start + batch_size], pad_id)
+                scores.append(_forward_rewards(model, batch).cpu())
+    finally:
+        model.train(was_training)
+    return torch.cat(scores) if scores else torch.zeros(0, dtype=torch.float32)
+
+
+def score_texts(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    texts: Sequence[str],
+    batch_size: int = 64,
+    max_length: int = 48,
+) -> torch.Tensor:
+    """Rewards (float32 [n], no grad) of texts encoded as bos + text + eos, as in training."""
+    return _score_encoded(model, tokenizer.pad_token_id, encode_for_lm(tokenizer, list(texts), max_length), batch_size)
+
+
+def score_token_ids(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    sequences: Iterable[Sequence[int] | torch.Tensor],
+    batch_size: int = 64,
+    max_length: int | None = 48,
+    add_bos: bool = True,
+) -> torch.Tensor:
+    """Rewards (float32 [n]) of token-id sequences such as cached demonstrations (prompt + continuation).
+
+    A bos is put in front when missing (training saw bos + text + eos); an eos is never
+    added, so an unfinished sample is scored as unfinished. Sequences longer than
+    max_length are cut (as in training).
+    """
+    bos = tokenizer.bos_token_id
+    encoded = []
+    for seq in sequences:
+        ids = seq.tolist() if isinstance(seq, torch.Tensor) else list(seq)
+        ids = [int(t) for t in ids]
+        if add_bos and bos is not None and (not ids or ids[0] != bos):
+            ids = [bos] + ids
+        if not ids:  # nothing to read the reward from: score the pad token alone
+            ids = [tokenizer.pad_token_id]
+        encoded.append(ids[:max_length] if max_length else ids)
+    return _score_encoded(model, tokenizer.pad_token_id, encoded, batch_size)
+
+
+def reward_stats(rewards: torch.Tensor) -> dict:
+    """Summary of the finite rewards; non-finite ones (nan, +-inf) are only counted.
+
+    count is the number of rewards given, nan_count the non-finite ones among them;
+    the statistics are None when no reward is finite.
+    """
+    values = torch.as_tensor(rewards).detach().flatten().double().cpu()
+    finite = values[torch.isfinite(values)]
+    stats: dict = {
+        "count": int(values.numel()),
+        "nan_count": int(values.numel() - finite.numel()),
+        "nonfinite_fraction": float((values.numel() - finite.numel()) / values.numel()) if values.numel() else 0.0,
+    }
+    if finite.numel() == 0:
+        stats.update({"mean": None, "std": None, "min": None, "max": None})
+        stats.update({f"q{round(q * 100):02d}": None for q in QUANTILES})
+        return stats
+    stats.update(
+        {
+            "mean": float(finite.mean()),
+            "std": float(finite.std(unbiased=False)),
+            "min": float(finite.min()),
+            "max": float(finite.max()),
+        }
+    )
+    quantiles = torch.quantile(finite, torch.tensor(QUANTILES, dtype=torch.float64))
+    stats.update({f"q{round(q * 100):02d}": float(v) for q, v in zip(QUANTILES, quantiles)})
+    return stats
+
+
+# --- losses and metrics -------------------------------------------------------------
+
+
+def bradley_terry_loss(chosen: torch.Tensor, rejected: torch.Tensor, margin: float = 0.0) -> torch.Tensor:
+    """mean of -log sigmoid(r_chosen - r_rejected - margin)."""
+    return -F.logsigmoid(chosen - rejected - margin).mean()
+
+
+def pearson(x: torch.Tensor, y: torch.Tensor) -> float:
+    x, y = x.double().flatten(), y.double().flatten()
+    if x.numel() < 2:
+        return float("nan")
+    x, y = x - x.mean(), y - y.mean()
+    denom = x.norm() * y.norm()
+    return float((x * y).sum() / denom) if denom > 0 else float("nan")
+
+
+def pairwise_metrics(chosen: torch.Tensor, rejected: torch.Tensor, kinds: Sequence[str | None]) -> dict:
+    """pairwise_accuracy (r_chosen > r_rejected, ties count as wrong), overall and per kind."""
+    wins = (chosen > rejected).double()
+    metrics = {
+        "pairwise_accuracy": float(wins.mean()) if wins.numel() else float("nan"),
+        "reward_margin": float((chosen - rejected).mean()) if wins.numel() else float("nan"),
+        "n_eval_pairs": int(wins.numel()),
+    }
+    for kind in sorted({k for k in kinds if k}):
+        index = torch.tensor([k == kind for k in kinds])
+        metrics[f"pairwise_accuracy_{kind}"] = float(wins[index].mean())
+    return metrics
+
+
+def corruption_separation(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    sentences: Sequence[str],
+    kinds: Sequence[str],
+    corrupt: Callable[[str, str, random.Random], str | None],
+    seed: int,
+    batch_size: int = 64,
+    max_length: int = 48,
+    prefix: str = "fresh",
+) -> dict:
+    """How often r(sentence) > r(corrupted sentence), over every applicable kind of corruption.
+
+    Returns {prefix}_accuracy, {prefix}_accuracy_<kind> and {prefix}_pairs(_<kind>).
+    """
+    rng = random.Random(seed)
+    chosen, rejected, pair_kinds = [], [], []
+    for sentence in sentences:
+        for kind in kinds:
+            bad = corrupt(sentence, kind, rng)
+            if bad is not None and bad != sentence:
+                chosen.append(sentence)
+                rejected.append(bad)
+                pair_kinds.append(kind)
+    good_scores = score_texts(model, tokenizer, sorted(set(chosen)), batch_size, max_length)
+    by_text = dict(zip(sorted(set(chosen)), good_scores.tolist()))
+    r_chosen = torch.tensor([by_text[s] for s in chosen], dtype=torch.float32)
+    r_rejected = score_texts(model, tokenizer, rejected, batch_size, max_length)
+    wins = (r_chosen > r_rejected).double()
+    metrics: dict = {
+        f"{prefix}_accuracy": float(wins.mean()) if wins.numel() else float("nan"),
+        f"{prefix}_pairs": int(wins.numel()),
+    }
+    for kind in kinds:
+        index = torch.tensor([k == kind for k in pair_kinds], dtype=torch.bool)
+        if index.any():
+            metrics[f"{prefix}_accuracy_{kind}"] = float(wins[index].mean())
+            metrics[f"{prefix}_pairs_{kind}"] = int(index.sum())
+    return metrics
+
+
+# --- labelled data for regression -----------------------------------------------------
+
+
+def load_labelled_texts(path: str | Path, text_field: str, label_field: str) -> list[dict]:
+    """Rows {"text", "label"} from a local .jsonl or .csv with a numeric label column."""
+    path = Path(path)
+    if path.suffix not in (".jsonl", ".csv"):
+        raise TndError(
+            f"reward.objective = regression reads labelled texts from data.source, which must be a local "
+            f".jsonl or .csv file (got '{path}'); point data.source at one or use reward.objective: pairwise"
+        )
+    if not path.is_file():
+        raise TndError(f"data.source: file '{path}' not found; fix the path in params.yaml")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise TndError(f"data.source: '{path}' is not valid UTF-8; re-encode the file as UTF-8") from None
+    if path.suffix == ".jsonl":
+        raw = []
+        for number, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                raw.append((f"line {number}", json.loads(line)))
+            except json.JSONDecodeError:
+                raise TndError(f"data.source: '{path}' line {number} is not valid JSON; fix or remove it") from None
+    else:
+        raw = [(f"row {i + 2}", row) for i, row in enumerate(csv.DictReader(text.splitlines()))]
+    rows = []
+    for where, row in raw:
+        fields = list(row) if isinstance(row, dict) else []
+        for field, key in ((text_field, "data.text_field"), (label_field, "reward.label_field")):
+            if field not in fields:
+                raise TndError(
+                    f"{key}: '{path}' has no field '{field}' at {where} (fields: {', '.join(map(str, fields)) or 'none'}); "
+                    f"set {key} to the right column"
+                )
+        value = row[label_field]
+        try:
+            label = float(value) if not isinstance(value, bool) and value not in (None, "") else None
+        except (TypeError, ValueError):
+            label = None
+        if label is None or not math.isfinite(label):
+            raise TndError(
+                f"reward.label_field: '{path}' {where} has {label_field} = {json.dumps(value, default=str)}, "
+                "not a finite number; fix the value or set reward.label_field to a numeric column"
+            )
+        text_value = " ".join(str(row[text_field] or "").split())
+        if text_value:
+            rows.append({"text": text_value, "label": label})
+    if len(rows) < 2:
+        raise TndError(f"data.source: '{path}' has {len(rows)} labelled text(s); regression needs at least 2")
+    return rows
+
+
+# --- training ------------------------------------------------------------------------
+
+
+class RewardTrainer:
+    """Trains a scalar reward model in place with the objective in `cfg.objective`.
+
+    pairwise rows: {"chosen", "rejected", "kind"}; regression rows: {"text", "label"}.
+    """
+
+    def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, cfg: RewardParams, seed: int):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.cfg = cfg
+        self.seed = seed
+        if model.config.pad_token_id is None:
+            model.config.pad_token_id = tokenizer.pad_token_id
+
+    # data
+    def _encode(self, texts: list[str]) -> list[list[int]]:
+        return encode_for_lm(self.tokenizer, texts, self.cfg.train.max_length)
+
+    def _check_rows(self, rows: Sequence[dict], what: str) -> None:
+        keys = ("chosen", "rejected") if self.cfg.objective == "pairwise" else ("text", "label")
+        if not rows:
+            raise TndError(f"reward: no {what} rows for objective '{self.cfg.objective}'; rerun prepare_data or check data.source")
+        missing = [k for k in keys if k not in rows[0]]
+        if missing:
+            raise TndError(
+                f"reward: {what} rows lack {', '.join(missing)} (objective '{self.cfg.objective}' needs "
+                f"{', '.join(keys)}); rerun prepare_data or fix reward.objective"
+            )
+
+    def train(
+        self,
+        rows: Sequence[dict],
+        on_log: Callable[[dict, int], None] | None = None,
+        log_every: int = 50,
+        desc: str = "reward model",
+    ) -> dict[str, float]:
+        """Train for cfg.train.steps; returns the final running loss (and batch accuracy for pairwise)."""
+        self._check_rows(rows, "training")
+        cfg = self.cfg.train
+        pairwise = self.cfg.objective == "pairwise"
+        if pairwise:
+            chosen = self._encode([r["chosen"] for r in rows])
+            rejected = self._encode([r["rejected"] for r in rows])
+            n = len(chosen)
+        else:
+            texts = self._encode([r["text"] for r in rows])
+            labels = torch.tensor([float(r["label"]) for r in rows], dtype=torch.float32)
+            n = len(texts)
+        pad_id = self.tokenizer.pad_token_id
+        model = self.model
+        generator = torch.Generator().manual_seed(self.seed)
+        torch.manual_seed(self.seed)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+        scheduler = get_cosine_schedule_with_warmup(optimizer, cfg.warmup_steps, max(cfg.steps, 1))
+        model.train()
+        running, running_acc = float("nan"), float("nan")
+        progress = tqdm(range(1, cfg.steps + 1), desc=desc, leave=False)
+        for step in progress:
+            index = torch.randint(n, (cfg.batch_size,), generator=generator).tolist()
+            if pairwise:
+                batch = collate([chosen[i] for i in index] + [rejected[i] for i in index], pad_id)
+                scores = _forward_rewards(model, batch)
+                r_chosen, r_rejected = scores[: len(index)], scores[len(index) :]
+                loss = bradley_terry_loss(r_chosen, r_rejected, self.cfg.margin)
+                acc = float((r_chosen > r_rejected).float().mean())
+            else:
+                batch = collate([texts[i] for i in index], pad_id)
+                loss = F.mse_loss(_forward_rewards(model, batch), labels[index])
+                acc = float("nan")
+            if not torch.isfinite(loss):
+                raise TndError(
+                    f"reward: training loss became {loss.item()} at step {step}; lower reward.train.learning_rate "
+                    "or check the labels for extreme values"
+                )
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            running = loss.item() if math.isnan(running) else 0.95 * running + 0.05 * loss.item()
+            if pairwise:
+                running_acc = acc if math.isnan(running_acc) else 0.95 * running_acc + 0.05 * acc
+            if step % log_every == 0 or step == cfg.steps:
+                shown = {"loss": f"{running:.3f}"}
+                if pairwise:
+                    shown["acc"] = f"{running_acc:.2f}"
+                progress.set_postfix(shown)
+                if on_log:
+                    logged = {"train_loss": loss.item(), "grad_norm": float(grad_norm), "lr": scheduler.get_last_lr()[0]}
+                    if pairwise:
+                        logged["train_batch_accuracy"] = acc
+                    on_log(logged, step)
+        model.eval()
+        out = {"train_loss": running}
+        if pairwise:
+            out["train_accuracy"] = running_acc
+        return out
+
+    def evaluate(self, rows: Sequence[dict], batch_size: int | None = None) -> dict:
+        """pairwise: pairwise_accuracy (+ per kind); regression: mse and pearson."""
+        self._check_rows(rows, "evaluation")
+        batch_size = batch_size or max(self.cfg.train.batch_size, 64)
+        max_length = self.cfg.train.max_length
+        if self.cfg.objective == "pairwise":
+            r_chosen = score_texts(self.model, self.tokenizer, [r["chosen"] for r in rows], batch_size, max_length)
+            r_rejected = score_texts(self.model, self.tokenizer, [r["rejected"] for r in rows], batch_size, max_length)
+            return pairwise_metrics(r_chosen, r_rejected, [r.get("kind") for r in rows])
+        scores = score_texts(self.model, self.tokenizer, [r["text"] for r in rows], batch_size, max_length)
+        labels = torch.tensor([float(r["label"]) for r in rows], dtype=torch.float32)
+        return {"mse": float(F.mse_loss(scores, labels)), "pearson": pearson(scores, labels), "n_eval": len(rows)}
