@@ -28,12 +28,19 @@ def run_stage(name: str, body: Callable[[Params, Tracker], None], argv: list[str
     try:
         params = load_params(args.params)
         seed_everything(params.seed)
+        if not is_main_process():  # under `accelerate launch`, process 0 alone logs the run
+            params = params.model_copy(update={"tracking": params.tracking.model_copy(update={"enabled": False})})
         with tracking.stage_run(name, params) as run:
             body(params, run)
     except TndError as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         raise SystemExit(EXIT_BAD_INPUT) from None
     print(f"{name}: done in {time.perf_counter() - started:.1f}s", file=sys.stderr, flush=True)
+
+
+def is_main_process() -> bool:
+    """False in the other processes of a multi-process launch (`accelerate launch` sets RANK)."""
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 def seed_everything(seed: int) -> None:

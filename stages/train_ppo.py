@@ -17,6 +17,10 @@ resumed (bit-exactly on CPU); one written with other params or inputs is refused
 a run is never silently continued under changed settings. A finished checkpoint is only
 the end state of an earlier run: it is ignored and training starts afresh (so that
 `dvc exp run -S ...` works with the persisted checkpoint directory).
+
+Several processes: `accelerate launch --num_processes 2 [--cpu] -m stages.train_ppo` trains one
+student data-parallel (each process takes its share of every batch, see
+tnd/trainers/distributed.py); process 0 alone writes the outputs and logs to MLflow.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
+from accelerate import Accelerator
 from tqdm.auto import tqdm
 
 from tnd.cache import TeacherCache, fingerprint_model, fingerprint_tokenizer
@@ -48,7 +53,7 @@ from stages.common import (
     CACHE, CHECKPOINTS, INITIAL_STUDENT, METRICS, PLOTS, PREPARED, REWARD, STUDENT, TEACHER, TOKENIZER, run_stage,
 )
 
-CHECKPOINT_FORMAT = 1
+CHECKPOINT_FORMAT = 2
 # The params that change what training computes (not tracking/eval, not kernels.backend, not save_every).
 TRAINING_SECTIONS = ("seed", "data", "tokenizer", "teacher", "reward", "cache", "student", "ppo", "distill", "tnd")
 CSV_COLUMNS = ("step", *STAT_KEYS)
@@ -179,7 +184,8 @@ def summarise(rows: list[dict], batch_size: int) -> dict:
 
 
 def train_ppo(params: Params, run: Tracker) -> None:
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    device, main = accelerator.device, accelerator.is_main_process
     tokenizer = load_tokenizer(TOKENIZER)
     teacher = load_causal_lm(TEACHER, tokenizer, role="teacher").eval()
     reward_model = load_reward_model(REWARD, tokenizer)
@@ -197,11 +203,13 @@ def train_ppo(params: Params, run: Tracker) -> None:
     config = CustomPPOConfig.from_params(params, **reward_seed(Path(METRICS) / "rewards.json"))
 
     ckpt_path = Path(CHECKPOINTS) / "state.pt"
-    for stale in ckpt_path.parent.glob(f".{ckpt_path.name}.*.tmp"):  # left by a kill during a write
-        stale.unlink()
+    if main:
+        for stale in ckpt_path.parent.glob(f".{ckpt_path.name}.*.tmp"):  # left by a kill during a write
+            stale.unlink()
     ckpt = read_checkpoint(ckpt_path)
     if ckpt is not None and ckpt["meta"]["step"] >= ckpt["meta"]["steps"]:
-        print(f"train_ppo: {ckpt_path} is from a finished run; starting afresh")
+        if main:
+            print(f"train_ppo: {ckpt_path} is from a finished run; starting afresh")
         ckpt = None
     if ckpt is not None:
         check_checkpoint(ckpt_path, ckpt["meta"], meta)
@@ -218,7 +226,8 @@ def train_ppo(params: Params, run: Tracker) -> None:
         initial = {k: v.clone() for k, v in student.state_dict().items()}
     else:
         student = load_causal_lm(params.student.source, tokenizer, role="student")
-    save_model(student, tokenizer, INITIAL_STUDENT)
+    if main:
+        save_model(student, tokenizer, INITIAL_STUDENT)
     longest = max(map(len, prompts)) + params.ppo.max_new_tokens
     for role, model in (("student", student), ("teacher", teacher), ("reward", reward_model)):
         limit = getattr(model.config, "max_position_embeddings", None)
@@ -230,29 +239,32 @@ def train_ppo(params: Params, run: Tracker) -> None:
 
     trainer = CustomPPOTrainer(
         teacher.to(device), student.to(device), reward_model.to(device), config, prompts,
-        demonstrations=cache, tokenizer=tokenizer,
+        demonstrations=cache, tokenizer=tokenizer, accelerator=accelerator,
     )
     rows: list[dict] = []
     if ckpt is not None:
         trainer.load_state_dict(ckpt["trainer"])
         rows = list(ckpt["rows"])
-        print(f"train_ppo: resuming from {ckpt_path} at step {trainer.global_step} of {config.steps}")
+        if main:
+            print(f"train_ppo: resuming from {ckpt_path} at step {trainer.global_step} of {config.steps}")
     del ckpt
 
     csv_path = Path(PLOTS) / "train.csv"
-    progress = tqdm(total=config.steps, initial=trainer.global_step, desc="ppo")
+    progress = tqdm(total=config.steps, initial=trainer.global_step, desc="ppo", disable=not main)
 
     def on_step(stats: dict, step: int) -> None:
         rows.append({"step": step, **stats})
         run.log_metrics({k: v for k, v in stats.items() if math.isfinite(v)}, step)
         progress.update(1)
         progress.set_postfix(reward=f"{stats['env/reward_mean']:.3f}", kl=f"{stats['objective/kl']:.3f}")
-        if step % config.save_every == 0 or step == config.steps:
+        if main and (step % config.save_every == 0 or step == config.steps):
             write_checkpoint(ckpt_path, trainer, meta, rows, initial)
             write_csv(csv_path, rows)
 
     trainer.train(on_step=on_step)
     progress.close()
+    if not main:
+        return
 
     summary = summarise(rows, config.batch_size)
     write_csv(csv_path, rows)

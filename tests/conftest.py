@@ -72,7 +72,7 @@ def project(tmp_path, monkeypatch):
 @pytest.fixture
 def dvc_project(tmp_path, monkeypatch):
     """A git+dvc repo holding a copy of the pipeline code and tiny params (for `dvc repro` tests)."""
-    for name in ("tnd", "stages", "dvc.yaml"):
+    for name in ("tnd", "tnd_kernels", "stages", "dvc.yaml"):
         src = ROOT / name
         if src.is_dir():
             shutil.copytree(src, tmp_path / name, ignore=shutil.ignore_patterns("__pycache__"))

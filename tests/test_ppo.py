@@ -523,3 +523,10 @@ def test_ppo_increases_the_reward(tokenizer, prompts):
     rewards = [s["env/reward_mean"] for s in history]
     first, last = sum(rewards[:5]) / 5, sum(rewards[-5:]) / 5
     assert last > first + 0.3, rewards  # typically 0.1 -> 0.6
+
+
+def test_library_defaults_equal_the_params_schema_defaults():
+    """CustomPPOConfig() and a run from default params.yaml train the same way."""
+    from tnd.config import Params
+
+    assert CustomPPOConfig() == CustomPPOConfig.from_params(Params())

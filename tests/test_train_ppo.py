@@ -179,7 +179,7 @@ def test_a_crashed_run_resumes_bit_exactly(ready, monkeypatch, capsys):
 @pytest.mark.slow
 def test_an_unfinished_checkpoint_from_other_params_is_refused(ready, monkeypatch, capsys):
     crash_after(monkeypatch, 3)
-    ready.write(**merge(PPO, {"ppo": {"learning_rate": 3e-4}}))
+    ready.write(**merge(PPO, {"ppo": {"learning_rate": 1e-5}}))
     err = refused(capsys)
     assert "checkpoints/ppo/state.pt" in err and "different training params" in err and "rm -r checkpoints/ppo" in err
     # Tracking and evaluation settings do not affect training: the run resumes.

@@ -145,7 +145,7 @@ class CacheParams(Section):
 
 class PPOParams(Section):
     steps: PositiveInt = 100
-    learning_rate: PositiveFloat = 1e-4
+    learning_rate: PositiveFloat = 3e-4
     batch_size: PositiveInt = 32
     mini_batch_size: PositiveInt = 8
     gradient_accumulation_steps: PositiveInt = 1
@@ -200,7 +200,7 @@ class DistillParams(Section):
     loss: Literal["forward_kl", "reverse_kl", "jsd"] = "forward_kl"
     temperature: PositiveFloat = 1.0
     beta: Probability = 0.5  # jsd only: 0 = forward KL, 1 = reverse KL
-    coef: NonNegativeFloat = 1.0
+    coef: NonNegativeFloat = 5.0
     online: bool = False  # also distil on the trials against the teacher's dense logits
     online_coef: NonNegativeFloat = 0.5
 

@@ -53,6 +53,13 @@ Optional extras: online distillation on the trials against the teacher's dense l
 optimizer (the paper interleaves 3). Both run only when the mode includes demonstrations
 (online distillation: whenever enabled and the mode has trials).
 
+Several processes (`accelerator=`, from `accelerate launch --num_processes N`): each process
+samples, scores and updates on 1/N of every batch of prompts and demonstrations, and the
+gradients are averaged before each optimizer step (tnd/trainers/distributed.py), so all
+processes keep one student. What steers training is global -- the score statistics, the KL
+fed to the controller, the early-stopping KL, the non-finite count and the skip decision --
+while the other stats are process 0's. Advantages are whitened per process, as in TRL.
+
 Stats: every step returns the same keys (`STAT_KEYS`); a quantity that was not computed in
 that step (no PPO update in demos_only, a skipped step, no demonstrations) is NaN.
 Dropout is switched off in the student for the whole run (the student stays in eval mode, as
@@ -84,6 +91,7 @@ from transformers import (
 
 from tnd.errors import TndError
 from tnd.generation import left_pad
+from tnd.trainers.distributed import DataParallel
 from tnd.trainers.value_head import ValueHead, hidden_size_of
 
 MODES = ("trials_and_demos", "trials_only", "demos_only")
@@ -140,7 +148,7 @@ class CustomPPOConfig:
 
     # ppo (names and defaults as tnd.config.PPOParams)
     steps: int = 100
-    learning_rate: float = 1e-4
+    learning_rate: float = 3e-4
     batch_size: int = 32
     mini_batch_size: int = 8
     gradient_accumulation_steps: int = 1
@@ -186,7 +194,7 @@ class CustomPPOConfig:
     distill_loss: str = "forward_kl"
     distill_temperature: float = 1.0
     distill_beta: float = 0.5
-    distill_coef: float = 1.0
+    distill_coef: float = 5.0
     distill_online: bool = False
     distill_online_coef: float = 0.5
     # kernels
@@ -443,15 +451,16 @@ class RunningMoments:
 class ScoreProcessor:
     """Raw scores -> PPO scores: running statistics updated with each batch's finite scores first,
     then normalisation (s - mean) / std (use_score_norm) or scaling s / std (use_score_scaling),
-    then clipping to [-score_clip, score_clip]."""
+    then clipping to [-score_clip, score_clip]. With several processes the statistics are updated
+    with every process's scores (`population`), so all processes process scores alike."""
 
     def __init__(self, use_scaling: bool, use_norm: bool, clip: Optional[float], moments: RunningMoments) -> None:
         self.use_scaling, self.use_norm, self.clip, self.moments = use_scaling, use_norm, clip, moments
 
-    def __call__(self, scores: torch.Tensor) -> torch.Tensor:
+    def __call__(self, scores: torch.Tensor, population: Optional[torch.Tensor] = None) -> torch.Tensor:
         scores = scores.float()
         if self.use_scaling or self.use_norm:
-            self.moments.update(scores)
+            self.moments.update(scores if population is None else population)
             factor = self.moments.std + torch.finfo(scores.dtype).eps
             if self.use_norm:
                 scores = (scores - self.moments.mean) / factor
@@ -523,6 +532,7 @@ class CustomPPOTrainer:
         train_dataset: list[list[int]],
         demonstrations: Any = None,
         tokenizer: PreTrainedTokenizerBase = None,
+        accelerator: Any = None,
     ) -> None:
         if tokenizer is None:
             raise TndError("CustomPPOTrainer needs tokenizer= (pad and eos ids, reward-model bos)")
@@ -532,6 +542,8 @@ class CustomPPOTrainer:
         self.pad_id, self.eos_id, self.bos_id = tokenizer.pad_token_id, tokenizer.eos_token_id, tokenizer.bos_token_id
         self.train_dataset = [list(p) for p in train_dataset]
         self.demonstrations = demonstrations
+        # accelerate launch --num_processes N: each process takes 1/N of every batch (see distributed.py)
+        self.dist = DataParallel.from_accelerator(accelerator)
         self._check_inputs()
 
         self.device = next(student.parameters()).device
@@ -543,7 +555,12 @@ class CustomPPOTrainer:
         if config.kl_reference == "initial_student":
             self.reference = copy.deepcopy(student).eval().requires_grad_(False)
 
+        self.dist.broadcast_parameters([self.student, self.value_head])
+        # Two streams: `generator` draws prompts and demonstrations and is the same on every process
+        # (each then takes its shard); `shuffle_generator` orders the local mini-batches, whose sizes
+        # may differ between processes (dropped non-finite scores), so it is per process.
         self.generator = torch.Generator().manual_seed(config.seed)
+        self.shuffle_generator = torch.Generator().manual_seed(config.seed + 1 + self.dist.process_index)
         self.global_step = 0
         self.nonfinite_total = 0
         self.scored_total = 0
@@ -572,6 +589,12 @@ class CustomPPOTrainer:
             )
         if cfg.uses_demos and len(self.demonstrations) == 0:
             raise TndError("the demonstrations cache is empty; rerun `dvc repro cache_teacher_logits`")
+        n = self.dist.num_processes
+        if cfg.mini_batch_size % n:
+            raise PPOConfigError(
+                f"ppo.mini_batch_size ({cfg.mini_batch_size}) must be divisible by the number of processes ({n}): "
+                "each process takes an equal share of every mini-batch"
+            )
         if cfg.distill_online and cfg.uses_trials:
             vt = self.teacher.get_output_embeddings().out_features
             vs = self.student.get_output_embeddings().out_features
@@ -706,12 +729,13 @@ class CustomPPOTrainer:
     def _sample(self, prompts: list[list[int]]) -> list[list[int]]:
         """One continuation per prompt, cut after the first eos (kept); as `tnd.generation.sample_continuations`
         (HF generate, global RNG seeded for the call and restored after), with the inputs on the student's
-        device. The seed is a function of (config.seed, global_step), so a resumed run samples the same."""
+        device. The seed is a function of (config.seed, global_step, process), so a resumed run samples the same."""
         cfg = self.config
         ids, mask = left_pad(prompts, self.pad_id)
         cpu_state = torch.random.get_rng_state()
         cuda_state = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
-        torch.manual_seed((cfg.seed * 1_000_003 + self.global_step) % (2**63))
+        step = self.global_step * self.dist.num_processes + self.dist.process_index
+        torch.manual_seed((cfg.seed * 1_000_003 + step) % (2**63))
         try:
             out = self.student.generate(
                 input_ids=ids.to(self.device),
@@ -898,43 +922,52 @@ class CustomPPOTrainer:
             prompts = [list(p) for p in prompts]
             responses = self._sample(prompts)
             raw = self.compute_scores([p + r for p, r in zip(prompts, responses)])
+            all_raw = self.dist.gather(raw)  # every process's scores: statistics and decisions are global
+            all_finite = torch.isfinite(all_raw)
             finite = torch.isfinite(raw)
-            n_bad = int((~finite).sum())
+            n_bad = int((~all_finite).sum())
             stats["nonfinite_rewards"] = float(n_bad)
             stats["tokens/response_length"] = sum(map(len, responses)) / len(responses)
-            if finite.any():
-                stats["env/reward_mean"] = raw[finite].mean().item()
-                stats["env/reward_std"] = raw[finite].std(unbiased=False).item()
+            if all_finite.any():
+                stats["env/reward_mean"] = all_raw[all_finite].mean().item()
+                stats["env/reward_std"] = all_raw[all_finite].std(unbiased=False).item()
             if cfg.uses_trials:
-                self._count_nonfinite(n_bad, len(raw))
+                self._count_nonfinite(n_bad, len(all_raw))
             keep = finite.nonzero().flatten().tolist()
-            if keep:
-                scores = self.score_processor(raw[finite]) if cfg.uses_trials else raw[finite]
+            # A process left without a finite score skips the step, so all processes must.
+            if int(self.dist.min(torch.tensor(len(keep)))) > 0:
+                if cfg.uses_trials:
+                    scores = self.score_processor(raw[finite], population=all_raw[all_finite])
+                else:
+                    scores = raw[finite]
                 stats["env/score_mean"] = scores.mean().item()
                 t_prompts, t_responses = [prompts[i] for i in keep], [responses[i] for i in keep]
                 is_demo = torch.zeros(len(keep), dtype=torch.bool)
                 if cfg.uses_trials and cfg.demos_as == "ppo":
-                    d_prompts, d_responses = self._demo_rows(self._draw_demos())
+                    d_prompts, d_responses = self._demo_rows(self.dist.shard(self._draw_demos()))
                     t_prompts, t_responses = t_prompts + d_prompts, t_responses + d_responses
                     scores = torch.cat([scores, torch.full((len(d_prompts),), float(cfg.demo_score), device=scores.device)])
                     is_demo = torch.cat([is_demo, torch.ones(len(d_prompts), dtype=torch.bool)])
                 rollout = self.make_rollout(t_prompts, t_responses, scores, is_demo)
                 trial = ~rollout.is_demo
                 trial_mask = rollout.response_mask & trial[:, None]
-                stats["objective/kl"] = rollout.kl[trial].sum(1).mean().item()
+                kl_sum, n_trials = self.dist.sum(
+                    torch.tensor([rollout.kl[trial].sum(1).double().sum().item(), float(trial.sum())], dtype=torch.float64)
+                ).tolist()
+                stats["objective/kl"] = kl_sum / n_trials
                 stats["objective/entropy"] = masked_mean(rollout.entropy, trial_mask).item()
                 stats["val/mean"] = masked_mean(rollout.values, rollout.response_mask).item()
                 stats["returns/mean"] = masked_mean(rollout.returns, rollout.response_mask).item()
                 stats["advantages/mean"] = masked_mean(rollout.advantages, rollout.response_mask).item()
                 stats["val/explained_variance"] = explained_variance(rollout.values, rollout.returns, rollout.response_mask)
             elif cfg.uses_trials:
-                stats["skipped"] = 1.0  # every score non-finite: no update this step
+                stats["skipped"] = 1.0  # no finite score (on some process): no update this step
                 self._finish_step(stats, start)
                 return stats
 
         # 5-6. PPO epochs (+ demonstrations through the top-k KL), then optional LM steps
         use_ppo = cfg.uses_trials and rollout is not None
-        demo = self._demo_batch(self._draw_demos()) if (cfg.uses_demos and cfg.demos_as == "distill") or (
+        demo = self._demo_batch(self.dist.shard(self._draw_demos())) if (cfg.uses_demos and cfg.demos_as == "distill") or (
             cfg.mode == "demos_only") else None
         if use_ppo or demo is not None:
             stats.update(self._optimize(rollout if use_ppo else None, demo))
@@ -942,7 +975,7 @@ class CustomPPOTrainer:
             stats["loss/lm"] = self._lm_steps()
 
         if use_ppo:  # 3. KL controller, on the trials' KL measured before the update
-            self.kl_ctl.update(stats["objective/kl"], int((~rollout.is_demo).sum()))
+            self.kl_ctl.update(stats["objective/kl"], int(n_trials))
         self._finish_step(stats, start)
         return stats
 
@@ -976,11 +1009,11 @@ class CustomPPOTrainer:
         stop = False
         for _epoch in range(cfg.ppo_epochs):
             ppo_slices = (
-                torch.tensor_split(torch.randperm(len(rollout), generator=self.generator), n_mb)
+                torch.tensor_split(torch.randperm(len(rollout), generator=self.shuffle_generator), n_mb)
                 if rollout is not None else None
             )
             demo_slices = (
-                torch.tensor_split(torch.randperm(demo["input_ids"].shape[0], generator=self.generator), n_mb)
+                torch.tensor_split(torch.randperm(demo["input_ids"].shape[0], generator=self.shuffle_generator), n_mb)
                 if demo is not None else None
             )
             for group in range(0, n_mb, accum):
@@ -1004,10 +1037,12 @@ class CustomPPOTrainer:
                     (loss / accum).backward()
                     for key, value in parts.items():
                         logs.setdefault(key, []).append(value)
+                self.dist.average_gradients(params)
                 grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
                 logs.setdefault("ppo/grad_norm", []).append(float(grad_norm))
                 self.optimizer.step()
-                if step_kl and self.early_stopping.should_stop(_mean(step_kl)):
+                kl_sum, kl_count = self.dist.sum(torch.tensor([sum(step_kl), len(step_kl)], dtype=torch.float64)).tolist()
+                if kl_count and self.early_stopping.should_stop(kl_sum / kl_count):
                     stop = True
                     break
             epochs_done += 1
@@ -1022,9 +1057,10 @@ class CustomPPOTrainer:
         losses = []
         params = self.trainable_parameters()
         for _ in range(self.config.lm_steps_per_ppo_step):
-            loss = self.demo_lm_loss(self._demo_batch(self._draw_demos()))
+            loss = self.demo_lm_loss(self._demo_batch(self.dist.shard(self._draw_demos())))
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            self.dist.average_gradients(params)
             torch.nn.utils.clip_grad_norm_(params, self.config.max_grad_norm)
             self.optimizer.step()
             losses.append(loss.item())
@@ -1034,13 +1070,14 @@ class CustomPPOTrainer:
     # --- training loop ----------------------------------------------------------------------
 
     def next_prompts(self) -> list[list[int]]:
-        """batch_size prompts drawn (without replacement within the batch) by the seeded generator."""
+        """This process's share of batch_size prompts drawn (without replacement within the batch) by the
+        seeded generator."""
         n, size = len(self.train_dataset), self.config.batch_size
         if n == 0:
             return []
         index = torch.randperm(n, generator=self.generator)[:size] if size <= n else torch.randint(
             n, (size,), generator=self.generator)
-        return [self.train_dataset[i] for i in index.tolist()]
+        return self.dist.shard([self.train_dataset[i] for i in index.tolist()])
 
     def train(
         self, steps: Optional[int] = None, on_step: Optional[Callable[[dict, int], None]] = None
@@ -1071,6 +1108,7 @@ class CustomPPOTrainer:
             "nonfinite": {"nonfinite_total": self.nonfinite_total, "scored_total": self.scored_total},
             "rng": {
                 "generator": self.generator.get_state(),
+                "shuffle_generator": self.shuffle_generator.get_state(),
                 "torch": torch.get_rng_state(),
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
             },
@@ -1090,6 +1128,7 @@ class CustomPPOTrainer:
         self.nonfinite_total = int(state["nonfinite"]["nonfinite_total"])
         self.scored_total = int(state["nonfinite"]["scored_total"])
         self.generator.set_state(state["rng"]["generator"])
+        self.shuffle_generator.set_state(state["rng"]["shuffle_generator"])
         torch.set_rng_state(state["rng"]["torch"])
         if state["rng"].get("cuda") is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["rng"]["cuda"])

@@ -1,0 +1,97 @@
+"""Data parallelism for the trainer, spelled out: every process holds a full student, takes its
+share of each batch, and the gradients are averaged before every optimizer step.
+
+Launched with `accelerate launch --num_processes N [--cpu] -m stages.train_ppo`, accelerate
+sets up the process group (gloo on CPU, nccl on CUDA); this module only needs its
+`torch.distributed` collectives. A single process (plain `python -m ...`, or the library used
+directly) gets `SingleProcess`, whose collectives are the identity, so the trainer reads the
+same either way and a one-process run computes exactly what it always did.
+
+Why gradients are averaged by hand instead of wrapping the student in DistributedDataParallel:
+the student also generates (HF `generate` on the bare module), computes the old policy and
+distils in several differently-shaped passes per optimizer step; one explicit all-reduce
+before each optimizer step is the whole of the synchronisation and is easy to check.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+from torch import nn
+
+
+class SingleProcess:
+    """One process: every collective is the identity."""
+
+    num_processes = 1
+    process_index = 0
+    is_main_process = True
+
+    def shard(self, items: list) -> list:
+        return items
+
+    def sum(self, value: torch.Tensor) -> torch.Tensor:
+        return value
+
+    def min(self, value: torch.Tensor) -> torch.Tensor:
+        return value
+
+    def gather(self, value: torch.Tensor) -> torch.Tensor:
+        return value
+
+    def average_gradients(self, parameters: Iterable[nn.Parameter]) -> None:
+        pass
+
+    def broadcast_parameters(self, modules: Iterable[nn.Module]) -> None:
+        pass
+
+
+class DataParallel(SingleProcess):
+    """N processes in an initialised torch.distributed group (as `accelerate launch` makes)."""
+
+    def __init__(self, num_processes: int, process_index: int) -> None:
+        self.num_processes, self.process_index = num_processes, process_index
+        self.is_main_process = process_index == 0
+
+    @classmethod
+    def from_accelerator(cls, accelerator) -> SingleProcess:
+        if accelerator is None or accelerator.num_processes == 1:
+            return SingleProcess()
+        return cls(accelerator.num_processes, accelerator.process_index)
+
+    def shard(self, items: list) -> list:
+        """This process's rows of a batch that every process drew identically."""
+        return items[self.process_index :: self.num_processes]
+
+    def _all_reduce(self, value: torch.Tensor, op) -> torch.Tensor:
+        out = value.detach().clone()
+        torch.distributed.all_reduce(out, op=op)
+        return out
+
+    def sum(self, value: torch.Tensor) -> torch.Tensor:
+        return self._all_reduce(value, torch.distributed.ReduceOp.SUM)
+
+    def min(self, value: torch.Tensor) -> torch.Tensor:
+        return self._all_reduce(value, torch.distributed.ReduceOp.MIN)
+
+    def gather(self, value: torch.Tensor) -> torch.Tensor:
+        """Concatenate every process's tensor (same shape on all) along dim 0."""
+        parts = [torch.empty_like(value) for _ in range(self.num_processes)]
+        torch.distributed.all_gather(parts, value.detach().contiguous())
+        return torch.cat(parts)
+
+    def average_gradients(self, parameters: Iterable[nn.Parameter]) -> None:
+        # A parameter without a gradient on this process (e.g. no rows here) contributes zero,
+        # so every process joins every all-reduce and none can hang waiting for another.
+        for p in parameters:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            torch.distributed.all_reduce(p.grad, op=torch.distributed.ReduceOp.SUM)
+            p.grad.div_(self.num_processes)
+
+    def broadcast_parameters(self, modules: Iterable[nn.Module]) -> None:
+        """Start every process from process 0's weights."""
+        for module in modules:
+            for tensor in module.state_dict().values():
+                torch.distributed.broadcast(tensor, src=0)
