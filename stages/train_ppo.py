@@ -18,8 +18,8 @@ a run is never silently continued under changed settings. A finished checkpoint 
 the end state of an earlier run: it is ignored and training starts afresh (so that
 `dvc exp run -S ...` works with the persisted checkpoint directory).
 
-Several processes: `accelerate launch --num_processes 2 [--cpu] -m stages.train_ppo` trains one
-student data-parallel (each process takes its share of every batch, see
+Several processes: `accelerate launch --multi_gpu --num_processes 2 -m stages.train_ppo` (on CPU
+too, where it uses gloo; `--cpu` would start one process only) trains one student data-parallel (each process takes its share of every batch, see
 tnd/trainers/distributed.py); process 0 alone writes the outputs and logs to MLflow.
 """
 
@@ -30,6 +30,8 @@ import hashlib
 import io
 import json
 import math
+import os
+import sys
 from pathlib import Path
 from typing import Any, Optional
 
@@ -183,7 +185,20 @@ def summarise(rows: list[dict], batch_size: int) -> dict:
 # --- the stage -------------------------------------------------------------------------------
 
 
+def warn_if_single_process_launch() -> None:
+    """`accelerate launch --cpu --num_processes N` starts one process (accelerate issue #2741):
+    it sets MASTER_ADDR but no WORLD_SIZE. Say so rather than train alone in silence."""
+    if os.environ.get("ACCELERATE_USE_CPU", "").lower() == "true" and "MASTER_ADDR" in os.environ \
+            and "WORLD_SIZE" not in os.environ:
+        print(
+            "warning: accelerate launch --cpu starts a single process; for N processes on CPU use "
+            "`accelerate launch --multi_gpu --num_processes N -m stages.train_ppo` (gloo without CUDA)",
+            file=sys.stderr, flush=True,
+        )
+
+
 def train_ppo(params: Params, run: Tracker) -> None:
+    warn_if_single_process_launch()
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     device, main = accelerator.device, accelerator.is_main_process
     tokenizer = load_tokenizer(TOKENIZER)

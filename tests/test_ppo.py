@@ -123,7 +123,7 @@ class TokenReward(nn.Module):
         return SimpleNamespace(logits=score[:, None])
 
 
-def make_trainer(tokenizer, prompts, reward=None, seed=0, with_demos=True, **overrides):
+def make_trainer(tokenizer, prompts, reward=None, seed=0, with_demos=True, accelerator=None, **overrides):
     teacher = build_causal_lm(ArchParams(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64), tokenizer, 1)
     student = build_causal_lm(TINY, tokenizer, 2)
     if reward is None:
@@ -135,7 +135,9 @@ def make_trainer(tokenizer, prompts, reward=None, seed=0, with_demos=True, **ove
     settings.update(overrides)
     config = CustomPPOConfig(**settings)
     demos = FakeCache(teacher, tokenizer, prompts) if with_demos else None
-    return CustomPPOTrainer(teacher, student, reward, config, prompts, demonstrations=demos, tokenizer=tokenizer)
+    return CustomPPOTrainer(
+        teacher, student, reward, config, prompts, demonstrations=demos, tokenizer=tokenizer, accelerator=accelerator
+    )
 
 
 def finite(stats, keys):

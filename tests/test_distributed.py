@@ -1,0 +1,90 @@
+"""Data-parallel training: two processes (gloo on CPU) share every batch and keep one student."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import socket
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import mlflow
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from tests.test_ppo import SENTENCES, make_trainer
+from tests.test_train_ppo import PPO, ready, upstream  # noqa: F401 (fixtures)
+from tnd.data.tokenizer import train_bpe
+
+pytestmark = pytest.mark.slow
+
+
+def _worker(rank: int, init_file: str, out_dir: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        torch.manual_seed(0)
+        tokenizer = train_bpe(SENTENCES, vocab_size=300, min_frequency=1)
+        prompts = [[tokenizer.bos_token_id, *tokenizer(text, add_special_tokens=False)["input_ids"][:2]]
+                   for text in SENTENCES[:8]]
+        accelerator = SimpleNamespace(num_processes=2, process_index=rank)
+        trainer = make_trainer(tokenizer, prompts, accelerator=accelerator)
+        seen = []
+        for _ in range(2):
+            batch = trainer.next_prompts()
+            seen.append(batch)
+            stats = trainer.step(batch)
+        weights = torch.cat([p.detach().flatten() for p in trainer.trainable_parameters()])
+        torch.save({"weights": weights, "seen": seen, "stats": stats}, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_processes_take_disjoint_shards_and_keep_one_student(tmp_path):
+    mp.spawn(_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
+    for batch0, batch1 in zip(r0["seen"], r1["seen"]):
+        assert len(batch0) == len(batch1) == 4  # batch_size 8 split in two
+    assert r0["seen"] != r1["seen"]  # different data on each process ...
+    assert torch.equal(r0["weights"], r1["weights"])  # ... yet one student: gradients are averaged
+    # global statistics are the same on both processes
+    for key in ("env/reward_mean", "objective/kl", "objective/kl_coef", "nonfinite_rewards"):
+        assert r0["stats"][key] == r1["stats"][key], key
+
+
+def test_mini_batch_not_divisible_by_processes_is_a_clear_error(tmp_path):
+    tokenizer = train_bpe(SENTENCES, vocab_size=300, min_frequency=1)
+    prompts = [[tokenizer.bos_token_id, 5]]
+    with pytest.raises(ValueError, match="divisible by the number of processes"):
+        make_trainer(tokenizer, prompts, mini_batch_size=3, batch_size=9,
+                     accelerator=SimpleNamespace(num_processes=2, process_index=0))
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_train_ppo_under_accelerate_launch_with_two_processes(ready):
+    """The stage launched as the README says: one student, outputs and one MLflow run from process 0."""
+    ready.write(**PPO, tracking={"enabled": True, "experiment": "ddp"})
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+              "--main_process_port", str(free_port()), "-m", "stages.train_ppo"]
+    result = subprocess.run(launch, capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+
+    train = json.loads((ready.path / "metrics/train.json").read_text())
+    assert train["steps"] == PPO["ppo"]["steps"] and train["first"]["reward"] is not None
+    with open(ready.path / "plots/train.csv", newline="") as handle:
+        assert [row["step"] for row in csv.DictReader(handle)] == ["1", "2", "3", "4"]
+    assert (ready.path / "models/student/model.safetensors").is_file()
+    mlflow.set_tracking_uri(f"sqlite:///{ready.path}/mlflow.db")
+    runs = mlflow.search_runs(experiment_names=["ddp"], output_format="list")
+    assert [r.data.tags["stage"] for r in runs] == ["train_ppo"]  # process 1 logged nothing
