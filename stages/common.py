@@ -17,6 +17,7 @@ from tnd.errors import TndError
 from tnd.tracking import Tracker
 
 EXIT_BAD_INPUT = 2
+EXIT_ENVIRONMENT = 3
 
 
 def run_stage(name: str, body: Callable[[Params, Tracker], None], argv: list[str] | None = None) -> None:
@@ -35,6 +36,14 @@ def run_stage(name: str, body: Callable[[Params, Tracker], None], argv: list[str
     except TndError as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         raise SystemExit(EXIT_BAD_INPUT) from None
+    except OSError as exc:  # disk full, permissions, read-only filesystem: the machine, not a bug
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(
+            f"error: {name}: {where}{exc.strerror or exc}; outputs already written are intact (writes are "
+            "atomic); fix the cause and rerun the stage (`dvc repro` resumes train_ppo from its last checkpoint)",
+            file=sys.stderr, flush=True,
+        )
+        raise SystemExit(EXIT_ENVIRONMENT) from None
     print(f"{name}: done in {time.perf_counter() - started:.1f}s", file=sys.stderr, flush=True)
 
 

@@ -216,3 +216,54 @@ def test_the_paper_preset_runs(ready):
     assert len(rows) == 1
     assert float(rows[0]["objective/kl_coef"]) == 0.0 and math.isfinite(float(rows[0]["loss/lm"]))
     assert rows[0]["loss/distill"] == ""  # demonstrations go through PPO, not the KL loss
+
+
+@pytest.mark.slow
+def test_disk_full_while_checkpointing_keeps_the_last_checkpoint_and_resumes(ready, monkeypatch, capsys):
+    from stages import train_ppo
+
+    run_stage()
+    uninterrupted = outputs(ready.path)
+    clear_outputs(ready.path)
+
+    real_write, calls = train_ppo.atomic_write_bytes, []
+
+    def second_write_hits_a_full_disk(path, data):
+        calls.append(path)
+        with monkeypatch.context() as patch:
+            if len(calls) == 2:  # the step-4 checkpoint; the step-2 one is on disk
+                patch.setattr(os, "fsync", lambda fd: (_ for _ in ()).throw(OSError(28, "No space left on device")))
+            real_write(path, data)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(train_ppo, "atomic_write_bytes", second_write_hits_a_full_disk)
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as exc:
+            run_stage()
+    assert exc.value.code == 3
+    err = capsys.readouterr().err
+    message = err[err.index("error: "):]
+    assert message.count("\n") == 1 and "No space left on device" in message, message
+    assert [p.name for p in (ready.path / "checkpoints/ppo").iterdir()] == ["state.pt"]  # no temp file left
+    assert train_ppo.read_checkpoint(ready.path / "checkpoints/ppo/state.pt")["meta"]["step"] == 2
+
+    run_stage()  # space freed: resumes from step 2 and ends as if nothing happened
+    assert outputs(ready.path) == uninterrupted
+
+
+@pytest.mark.slow
+def test_prompts_plus_samples_longer_than_the_context_are_refused(ready, capsys):
+    ready.write(**merge(PPO, {"ppo": {"max_new_tokens": 100}}))
+    err = refused(capsys)
+    assert "max_position_embeddings (64)" in err and "lower ppo.max_new_tokens" in err
+
+
+@pytest.mark.slow
+def test_a_student_with_a_smaller_vocabulary_is_refused(ready, capsys):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=100, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=32, max_position_embeddings=64)
+    LlamaForCausalLM(config).save_pretrained(ready.path / "small_student")
+    ready.write(**merge(PPO, {"student": {"source": str(ready.path / "small_student")}}))
+    assert "student: model vocabulary (100) is smaller than the tokenizer's" in refused(capsys)
