@@ -7,6 +7,7 @@ import argparse
 import os
 import sys
 import time
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -75,3 +76,13 @@ INITIAL_STUDENT = "models/initial_student"
 CHECKPOINTS = "checkpoints/ppo"
 PLOTS = "plots"
 EVAL = "eval"
+
+
+def snapshot_path(step: int) -> Path:
+    """The student's weights at PPO step `step` (train_ppo keeps them for evaluate's word curve)."""
+    return Path(CHECKPOINTS) / "students" / f"step-{step:06d}.pt"
+
+
+def snapshot_steps() -> list[int]:
+    """Steps of the kept student snapshots, sorted."""
+    return sorted(int(p.stem.removeprefix("step-")) for p in (Path(CHECKPOINTS) / "students").glob("step-*.pt"))

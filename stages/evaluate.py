@@ -18,12 +18,15 @@ plots/eval_models.csv (one row per model), plots/eval_word_surprisal.csv (one ro
 word: word, category, count, one column per model) and eval/ (samples.jsonl, one row
 per prompt, and the PNG figures also logged to MLflow).
 
-Word surprisal along training needs per-step student snapshots; train_ppo keeps only the
-latest resumable state (checkpoints/ppo/state.pt), so there is no such curve.
+Word acquisition over training: plots/eval_word_curve.csv holds, per PPO step with a student
+snapshot (checkpoints/ppo/students/, kept by train_ppo at each checkpoint; step 0 is the
+initial student), the mean word surprisal, its mean per word category and every word's own
+(columns `word:<word>`); eval/word_curve.png draws the mean and a few frequent words.
 """
 
 from __future__ import annotations
 
+import copy
 import csv
 import io
 import math
@@ -57,6 +60,7 @@ from tnd.trainers.reward import load_reward_model, reward_stats, score_token_ids
 
 from stages.common import (
     EVAL, INITIAL_STUDENT, METRICS, PLOTS, PREPARED, REWARD, STUDENT, TEACHER, TOKENIZER, run_stage,
+    snapshot_path, snapshot_steps,
 )
 
 MODELS = {"student": STUDENT, "initial_student": INITIAL_STUDENT, "teacher": TEACHER}
@@ -104,6 +108,40 @@ def _check_lengths(models: dict, prompts: list[list[int]], params: Params) -> No
                 f"eval.max_length = {params.eval.max_length} is more than the {role}'s max_position_embeddings "
                 f"({limit}); lower eval.max_length"
             )
+
+
+def _mean(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+def word_curve(student, per_word_initial: dict, sequences, occurrences, params: Params) -> list[dict]:
+    """Word surprisal of the student along PPO: step 0 (the initial student), every kept snapshot and
+    the final student, one row per step: step, mean, mean per category, then each word."""
+    steps = snapshot_steps()
+    points = [(0, per_word_initial)]
+    model = copy.deepcopy(student)
+    for step in steps:
+        try:
+            state = torch.load(snapshot_path(step), map_location="cpu", weights_only=True)
+            model.load_state_dict(state)
+        except Exception as exc:
+            raise TndError(
+                f"{snapshot_path(step)}: not a snapshot of this student ({' '.join(str(exc).split())[:120]}); "
+                "rerun `dvc repro -f train_ppo`"
+            ) from None
+        logprobs = sequence_logprobs(model, sequences, model.config.pad_token_id, params.eval.batch_size)
+        points.append((step, word_surprisals(logprobs, occurrences)))
+    if params.ppo.steps not in steps:  # snapshots off: at least the end points
+        logprobs = sequence_logprobs(student, sequences, student.config.pad_token_id, params.eval.batch_size)
+        points.append((params.ppo.steps, word_surprisals(logprobs, occurrences)))
+    rows = []
+    for step, per_word in points:
+        row = {"step": step, "mean": mean_word_surprisal(per_word)}
+        for category in WORD_CATEGORIES:
+            row[category] = _mean([v["surprisal"] for w, v in per_word.items() if word_category(w) == category])
+        row.update({f"word:{w}": v["surprisal"] for w, v in per_word.items()})
+        rows.append(row)
+    return rows
 
 
 def evaluate(params: Params, run: Tracker) -> None:
@@ -180,6 +218,8 @@ def evaluate(params: Params, run: Tracker) -> None:
         for i in range(len(prompts))
     ]
 
+    curve = word_curve(models["student"], per_word["initial_student"], sequences, occurrences, params)
+
     plots = Path(PLOTS)
     atomic_write_json(Path(METRICS) / "eval.json", metrics)
     model_table = [[name, *(metrics[name][k] for k in KEYS)] for name in MODELS]
@@ -187,10 +227,12 @@ def evaluate(params: Params, run: Tracker) -> None:
     word_columns = ["word", "category", "count", *MODELS]
     word_table = [[r[k] for k in word_columns] for r in word_rows]
     atomic_write_text(plots / "eval_word_surprisal.csv", _csv(word_columns, word_table))
+    curve_columns = list(curve[0])
+    atomic_write_text(plots / "eval_word_curve.csv", _csv(curve_columns, [[r.get(k) for k in curve_columns] for r in curve]))
     figures = []
     with atomic_dir(EVAL) as out:
         atomic_write_jsonl(out / "samples.jsonl", sample_table)
-        figures = _figures(out, metrics, word_rows, plots / "train.csv")
+        figures = _figures(out, metrics, word_rows, plots / "train.csv", curve)
     figures = [Path(EVAL) / f.name for f in figures]
 
     run.log_metrics({f"{name}/{k}": v for name, m in metrics.items() for k, v in m.items() if _is_number(v)})
@@ -211,12 +253,14 @@ def evaluate(params: Params, run: Tracker) -> None:
         )
 
 
-def _figures(out: Path, metrics: dict, word_rows: list[dict], train_csv: Path) -> list[Path]:
+def _figures(out: Path, metrics: dict, word_rows: list[dict], train_csv: Path, curve: list[dict]) -> list[Path]:
     from tnd import plots
 
     made = [plots.model_comparison(metrics, KEYS, out / "eval_models.png")]
     order = ["initial_student", "student", "teacher"]  # the scatter plots the others against the first
     made.append(plots.word_surprisal(word_rows, order, out / "eval_word_surprisal.png"))
+    frequent = [r["word"] for r in sorted(word_rows, key=lambda r: -r["count"])[:6]]
+    made.append(plots.word_curve(curve, frequent, out / "word_curve.png"))
     if train_csv.is_file():
         with open(train_csv, newline="", encoding="utf-8") as handle:
             made.append(plots.training_curves(list(csv.DictReader(handle)), out / "train_curves.png"))

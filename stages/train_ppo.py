@@ -11,6 +11,9 @@ and tokens/s), plots/train.csv (one row per step: `step` + every trainer stat) a
 ppo.save_every steps and after the last one, checkpoints/ppo/state.pt: one file holding the
 trainer state, the csv rows so far, the initial student (built-in students) and a meta
 block (params fingerprint, step, fingerprints of teacher, reward model, tokenizer, cache).
+With ppo.keep_student_snapshots, each checkpoint also leaves the student's weights at that
+step in checkpoints/ppo/students/step-NNNNNN.pt, from which evaluate draws the word-surprisal
+learning curve.
 
 Resuming: an unfinished checkpoint written with the same training params and inputs is
 resumed (bit-exactly on CPU); one written with other params or inputs is refused, so that
@@ -53,6 +56,7 @@ from tnd.trainers.reward import load_reward_model
 
 from stages.common import (
     CACHE, CHECKPOINTS, INITIAL_STUDENT, METRICS, PLOTS, PREPARED, REWARD, STUDENT, TEACHER, TOKENIZER, run_stage,
+    snapshot_path, snapshot_steps,
 )
 
 CHECKPOINT_FORMAT = 2
@@ -71,7 +75,7 @@ DELETE = f"delete it (rm -r {CHECKPOINTS}) to start over"
 def training_fingerprint(params: Params) -> str:
     dump = params.model_dump(mode="json")
     blob = {key: dump[key] for key in TRAINING_SECTIONS}
-    blob["ppo"] = {k: v for k, v in blob["ppo"].items() if k != "save_every"}
+    blob["ppo"] = {k: v for k, v in blob["ppo"].items() if k not in ("save_every", "keep_student_snapshots")}
     return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -138,6 +142,19 @@ def write_checkpoint(path: Path, trainer: CustomPPOTrainer, meta: dict, rows: li
     buffer = io.BytesIO()
     torch.save(state, buffer)
     atomic_write_bytes(path, buffer.getvalue())
+
+
+def write_snapshot(step: int, student: torch.nn.Module) -> None:
+    buffer = io.BytesIO()
+    torch.save({k: v.detach().cpu() for k, v in student.state_dict().items()}, buffer)
+    atomic_write_bytes(snapshot_path(step), buffer.getvalue())
+
+
+def drop_snapshots_after(step: int) -> None:
+    """Snapshots past the resume point (or all, step 0, for a fresh run) belong to no run any more."""
+    for later in snapshot_steps():
+        if later > step:
+            snapshot_path(later).unlink()
 
 
 # --- outputs ---------------------------------------------------------------------------------
@@ -263,6 +280,8 @@ def train_ppo(params: Params, run: Tracker) -> None:
         if main:
             print(f"train_ppo: resuming from {ckpt_path} at step {trainer.global_step} of {config.steps}")
     del ckpt
+    if main:
+        drop_snapshots_after(trainer.global_step)
 
     csv_path = Path(PLOTS) / "train.csv"
     progress = tqdm(total=config.steps, initial=trainer.global_step, desc="ppo", disable=not main)
@@ -273,6 +292,8 @@ def train_ppo(params: Params, run: Tracker) -> None:
         progress.update(1)
         progress.set_postfix(reward=f"{stats['env/reward_mean']:.3f}", kl=f"{stats['objective/kl']:.3f}")
         if main and (step % config.save_every == 0 or step == config.steps):
+            if params.ppo.keep_student_snapshots:  # before the checkpoint: a resume never lacks one
+                write_snapshot(step, trainer.student)
             write_checkpoint(ckpt_path, trainer, meta, rows, initial)
             write_csv(csv_path, rows)
 

@@ -24,6 +24,7 @@ from tnd.evaluation import (
     word_surprisal,
     word_surprisals,
 )
+from tnd.io import read_jsonl
 from tnd.models import build_causal_lm
 
 TINY_ARCH = ArchParams(hidden_size=16, num_layers=1, num_heads=2, intermediate_size=32)
@@ -142,10 +143,11 @@ def test_evaluate_stage_end_to_end(project):
     from stages import evaluate, prepare_data, train_teacher
     from tnd.config import load_params
     from tnd.data.tokenizer import load_tokenizer
+    from stages.train_ppo import write_snapshot
     from tnd.models import load_causal_lm, save_model
     from tnd.trainers.reward import build_reward_model
 
-    project.write(eval={"n_prompts": 6, "max_new_tokens": 8})
+    project.write(eval={"n_prompts": 6, "max_new_tokens": 8}, ppo={"steps": 10})
     prepare_data.main([])
     train_teacher.main([])
     p = project.path
@@ -155,6 +157,8 @@ def test_evaluate_stage_end_to_end(project):
     save_model(teacher, tokenizer, p / "models/initial_student")
     params = load_params(p / "params.yaml")
     save_model(build_reward_model(params.reward.arch, tokenizer, 0), tokenizer, p / "models/reward")
+    midway = build_causal_lm(params.teacher.arch, tokenizer, seed=7)  # a random student at step 5
+    write_snapshot(5, midway)
     (p / "plots").mkdir(exist_ok=True)
     (p / "plots/train.csv").write_text(
         "step,env/reward_mean,objective/kl,objective/kl_coef,loss/policy,loss/value,loss/distill\n"
@@ -194,11 +198,28 @@ def test_evaluate_stage_end_to_end(project):
         assert set(row["student"]) == {"continuation", "reward", "grammatical"}
         assert isinstance(row["teacher"]["grammatical"], bool)
         assert row["student"] == row["teacher"]
-    for png in ("eval_models.png", "eval_word_surprisal.png", "train_curves.png"):
+    curve = _read_csv(p / "plots/eval_word_curve.csv")
+    assert [int(r["step"]) for r in curve] == [0, 5, 10]  # initial student, the snapshot, the final student
+    assert list(curve[0])[:6] == ["step", "mean", "noun", "verb", "adjective", "name"]
+    assert float(curve[0]["mean"]) == pytest.approx(metrics["initial_student"]["word_surprisal"])
+    assert float(curve[2]["mean"]) == pytest.approx(metrics["student"]["word_surprisal"])
+    texts = [row["text"] for row in read_jsonl(p / "data/prepared/eval.jsonl")]
+    content = [w for c in evaluate.WORD_CATEGORIES for w in nursery.WORDS_BY_CATEGORY[c]]
+    by_hand = word_surprisal(midway, tokenizer, texts, content, params.eval.max_length)
+    assert float(curve[1]["mean"]) == pytest.approx(mean_word_surprisal(by_hand))
+    assert float(curve[0][f"word:{words[0]['word']}"]) == pytest.approx(float(words[0]["initial_student"]))
+    for png in ("eval_models.png", "eval_word_surprisal.png", "train_curves.png", "word_curve.png"):
         assert (p / "eval" / png).read_bytes()[:4] == b"\x89PNG", png
 
     # Reruns agree exactly.
     outputs = {name: (p / name).read_bytes() for name in (
-        "metrics/eval.json", "plots/eval_models.csv", "plots/eval_word_surprisal.csv", "eval/samples.jsonl")}
+        "metrics/eval.json", "plots/eval_models.csv", "plots/eval_word_surprisal.csv", "plots/eval_word_curve.csv",
+        "eval/samples.jsonl")}
     evaluate.main([])
     assert {name: (p / name).read_bytes() for name in outputs} == outputs
+
+    # A snapshot of another architecture is refused with one line naming it.
+    write_snapshot(7, build_causal_lm(TINY_ARCH, tokenizer, seed=7))
+    with pytest.raises(SystemExit) as exc:
+        evaluate.main([])
+    assert exc.value.code == 2

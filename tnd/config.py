@@ -179,6 +179,7 @@ class PPOParams(Section):
     top_k: NonNegativeInt = 0
     top_p: typing.Annotated[float, Field(gt=0, le=1)] = 1.0
     save_every: PositiveInt = 25
+    keep_student_snapshots: bool = True  # student weights at every checkpoint, for evaluate's word curve
     max_nonfinite_reward_fraction: Probability = 0.5
 
     @model_validator(mode="after")

@@ -128,3 +128,24 @@ def word_surprisal(rows: Sequence[Mapping], models: Sequence[str], path: str | P
         scatter.legend(fontsize=7)
     fig.tight_layout()
     return _save(fig, path)
+
+
+def word_curve(rows: Sequence[Mapping], words: Sequence[str], path: str | Path) -> Path | None:
+    """Surprisal (bits) vs PPO step: the mean over words (thick) and each of `words`.
+
+    rows: {"step", "mean", "word:<word>": bits, ...} as in plots/eval_word_curve.csv.
+    """
+    if len(rows) < 2:
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 3.8))
+    steps = [_number(row["step"]) for row in rows]
+    ax.plot(steps, [_number(row["mean"]) for row in rows], color="black", linewidth=2.5, label="mean")
+    for word in words:
+        ax.plot(steps, [_number(row.get(f"word:{word}")) for row in rows], linewidth=1, marker=".", label=word)
+    ax.set_xlabel("PPO step")
+    ax.set_ylabel("surprisal (bits)")
+    ax.set_title("word acquisition: surprisal of the student over training")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return _save(fig, path)

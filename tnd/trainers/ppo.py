@@ -182,6 +182,7 @@ class CustomPPOConfig:
     top_k: int = 0
     top_p: float = 1.0
     save_every: int = 25  # used by the stage, not the trainer
+    keep_student_snapshots: bool = True  # used by the stage, not the trainer
     max_nonfinite_reward_fraction: float = 0.5
     seed: int = 1234
     # tnd
