@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import os
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -89,3 +90,17 @@ def dvc_project(tmp_path, monkeypatch):
     for env in ("GIT_AUTHOR_EMAIL", "GIT_COMMITTER_EMAIL"):
         monkeypatch.setenv(env, "tnd-test@example.invalid")
     return tmp_path
+
+
+def dvc(*args: str) -> str:
+    """Run dvc in the current directory; fail the test with its output if it fails."""
+    result = subprocess.run(["dvc", *args], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result.stdout
+
+
+def init_git_dvc() -> None:
+    """Make the current directory a git + DVC repo (analytics off)."""
+    subprocess.run(["git", "init", "-q"], check=True)
+    dvc("init", "-q")
+    dvc("config", "core.analytics", "false")

@@ -10,7 +10,7 @@ import time
 import pytest
 import yaml
 
-from tests.conftest import tiny_params
+from tests.conftest import dvc, init_git_dvc, tiny_params
 from tests.test_train_ppo import PPO, outputs
 
 pytestmark = pytest.mark.slow
@@ -18,17 +18,9 @@ pytestmark = pytest.mark.slow
 KILL_PPO = {**PPO, "ppo": {**PPO["ppo"], "steps": 10, "save_every": 2}}
 
 
-def dvc(*args: str) -> str:
-    result = subprocess.run(["dvc", *args], capture_output=True, text=True)
-    assert result.returncode == 0, result.stdout + result.stderr
-    return result.stdout
-
-
 def test_kill_9_during_train_ppo_then_dvc_repro_gives_the_uninterrupted_result(dvc_project):
     (dvc_project / "params.yaml").write_text(yaml.safe_dump(tiny_params(**KILL_PPO), sort_keys=False))
-    subprocess.run(["git", "init", "-q"], check=True)
-    dvc("init", "-q")
-    dvc("config", "core.analytics", "false")
+    init_git_dvc()
     dvc("repro", "train_ppo")
     uninterrupted = outputs(dvc_project)
 

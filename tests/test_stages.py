@@ -1,7 +1,6 @@
 """The foundation stages on tiny params, in-process and under `dvc repro`."""
 
 import json
-import subprocess
 
 import mlflow
 import pytest
@@ -10,6 +9,7 @@ import yaml
 from tnd.data import nursery
 from tnd.io import read_jsonl
 from stages import prepare_data, train_teacher
+from tests.conftest import dvc, init_git_dvc
 
 pytestmark = pytest.mark.slow
 
@@ -82,16 +82,8 @@ def test_stage_run_is_recorded_in_mlflow(project):
     assert runs[0].data.metrics["n_train"] == 400
 
 
-def dvc(*args: str) -> str:
-    result = subprocess.run(["dvc", *args], capture_output=True, text=True)
-    assert result.returncode == 0, result.stdout + result.stderr
-    return result.stdout
-
-
 def test_dvc_repro_is_incremental(dvc_project):
-    subprocess.run(["git", "init", "-q"], check=True)
-    dvc("init", "-q")
-    dvc("config", "core.analytics", "false")
+    init_git_dvc()
     targets = ["prepare_data", "train_teacher"]
     first = dvc("repro", *targets)
     assert "Running stage 'train_teacher'" in first
