@@ -52,6 +52,17 @@ def tiny_params(**overrides) -> dict:
     return merge(merge(repo_params(), TINY), overrides)
 
 
+@pytest.fixture(autouse=True)
+def no_mlflow_uri_from_elsewhere():
+    """mlflow.set_tracking_uri also sets MLFLOW_TRACKING_URI: keep one test's store (or the
+    user's) out of the next test's stages."""
+    saved = os.environ.pop("MLFLOW_TRACKING_URI", None)
+    yield
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    if saved is not None:
+        os.environ["MLFLOW_TRACKING_URI"] = saved
+
+
 @pytest.fixture
 def project(tmp_path, monkeypatch):
     """A scratch project dir (cwd) holding tiny params.yaml; `project.write(**overrides)` rewrites it."""
