@@ -109,7 +109,7 @@ class StudentParams(Section):
 
 
 class RewardTrainParams(Section):
-    steps: NonNegativeInt = 1500
+    steps: NonNegativeInt = 3000
     batch_size: PositiveInt = 64
     learning_rate: PositiveFloat = 1e-3
     weight_decay: NonNegativeFloat = 0.01
@@ -131,9 +131,9 @@ class RewardParams(Section):
 
 
 class CacheParams(Section):
-    n_prompts: PositiveInt = 1000
+    n_prompts: PositiveInt = 8000  # demonstrations; prompts are reused (resampled) past data.n_prompts
     max_new_tokens: PositiveInt = 24
-    top_k: PositiveInt = 32
+    top_k: PositiveInt = 128  # per token; the rest of the vocabulary is one tail bucket (see README)
     temperature: PositiveFloat = 1.0  # the teacher's softmax temperature for stored log-probs
     sample_temperature: PositiveFloat = 1.0
     sample_top_k: NonNegativeInt = 0  # 0 = no top-k filtering
