@@ -857,7 +857,9 @@ class CustomPPOTrainer:
             values, rollout.values[index], rollout.returns[index], response_mask, cfg.cliprange_value
         )
         mean_entropy = masked_mean(entropy, response_mask)
-        loss = pg_loss + cfg.vf_coef * vf_loss - cfg.ent_coef * mean_entropy
+        loss = pg_loss + cfg.vf_coef * vf_loss
+        if cfg.ent_coef:  # a zero-weighted term would still cost a backward pass through the entropy
+            loss = loss - cfg.ent_coef * mean_entropy
         stats = {
             "loss/policy": pg_loss.item(), "loss/value": vf_loss.item(), "policy/entropy": mean_entropy.item(),
             "policy/clipfrac": pg["clipfrac"].item(), "policy/approx_kl": pg["approx_kl"].item(),
