@@ -10,6 +10,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from tests.conftest import ROOT, merge, tiny_params
@@ -268,3 +269,19 @@ def test_a_student_with_a_smaller_vocabulary_is_refused(ready, capsys):
     LlamaForCausalLM(config).save_pretrained(ready.path / "small_student")
     ready.write(**merge(PPO, {"student": {"source": str(ready.path / "small_student")}}))
     assert "student: model vocabulary (100) is smaller than the tokenizer's" in refused(capsys)
+
+
+@pytest.mark.slow
+def test_an_unfinished_checkpoint_against_another_reward_model_is_refused(ready, monkeypatch, capsys):
+    from tnd.data.tokenizer import load_tokenizer
+    from tnd.models import save_model
+    from tnd.trainers.reward import load_reward_model
+
+    crash_after(monkeypatch, 3)
+    tokenizer = load_tokenizer(ready.path / "artifacts/tokenizer")
+    reward = load_reward_model(ready.path / "models/reward", tokenizer)
+    with torch.no_grad():
+        next(reward.parameters()).add_(0.01)  # e.g. the reward model was retrained meanwhile
+    save_model(reward, tokenizer, ready.path / "models/reward")
+    err = refused(capsys)
+    assert "was trained against a different reward" in err and "rm -r checkpoints/ppo" in err
