@@ -23,7 +23,7 @@ from tnd.cache import CacheWriter, cache_bytes, fingerprint_model, fingerprint_t
 from tnd.config import Params
 from tnd.data.tokenizer import load_tokenizer
 from tnd.errors import TndError
-from tnd.generation import sample_continuations
+from tnd.generation import right_pad, sample_continuations
 from tnd.io import atomic_dir, atomic_write_json, read_jsonl
 from tnd.models import load_causal_lm
 from tnd.tracking import Tracker
@@ -37,16 +37,6 @@ def load_prompts(n: int) -> list[list[int]]:
     if not rows:
         raise TndError(f"{path}: no prompts; rerun `dvc repro prepare_data`")
     return [list(rows[i % len(rows)]["prompt_ids"]) for i in range(n)]
-
-
-def right_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(seq) for seq in sequences)
-    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for row, seq in enumerate(sequences):
-        ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
-        mask[row, : len(seq)] = 1
-    return ids, mask
 
 
 def cache_teacher_logits(params: Params, run: Tracker) -> None:

@@ -15,6 +15,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase, get_cosine_sc
 
 from tnd.config import LMTrainParams
 from tnd.data.tokenizer import encode
+from tnd.generation import right_pad
 
 IGNORE_INDEX = -100
 
@@ -27,12 +28,7 @@ def encode_for_lm(tokenizer: PreTrainedTokenizerBase, texts: list[str], max_leng
 
 def collate(sequences: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-padded batch; pad positions get no loss."""
-    width = max(len(seq) for seq in sequences)
-    input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros_like(input_ids)
-    for row, seq in enumerate(sequences):
-        input_ids[row, : len(seq)] = torch.tensor(seq)
-        attention_mask[row, : len(seq)] = 1
+    input_ids, attention_mask = right_pad(sequences, pad_id)
     labels = input_ids.masked_fill(attention_mask == 0, IGNORE_INDEX)
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 

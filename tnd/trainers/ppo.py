@@ -90,7 +90,7 @@ from transformers import (
 )
 
 from tnd.errors import TndError
-from tnd.generation import left_pad
+from tnd.generation import left_pad, right_pad
 from tnd.trainers.distributed import DataParallel
 from tnd.trainers.value_head import ValueHead, hidden_size_of
 
@@ -715,12 +715,7 @@ class CustomPPOTrainer:
         sampled), right-padded; the classifier reads the last non-pad token."""
         device = next(self.reward_model.parameters()).device
         encoded = [s if (self.bos_id is None or (s and s[0] == self.bos_id)) else [self.bos_id] + s for s in sequences]
-        width = max(len(s) for s in encoded)
-        ids = torch.full((len(encoded), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for row, seq in enumerate(encoded):
-            ids[row, : len(seq)] = torch.tensor(seq)
-            mask[row, : len(seq)] = 1
+        ids, mask = right_pad(encoded, self.pad_id)
         logits = self.reward_model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
         return logits.reshape(len(encoded), -1)[:, 0].float().to(self.device)
 
@@ -761,15 +756,10 @@ class CustomPPOTrainer:
     def _pack(self, prompts: list[list[int]], responses: list[list[int]]):
         """Prompts left-padded, responses right-padded after them: ids, attention mask, P, response mask."""
         prompt_ids, prompt_mask = left_pad(prompts, self.pad_id)
-        width = max(len(r) for r in responses)
-        response_ids = torch.full((len(responses), width), self.pad_id, dtype=torch.long)
-        response_mask = torch.zeros((len(responses), width), dtype=torch.bool)
-        for row, resp in enumerate(responses):
-            response_ids[row, : len(resp)] = torch.tensor(resp, dtype=torch.long)
-            response_mask[row, : len(resp)] = True
+        response_ids, response_mask = right_pad(responses, self.pad_id)
         ids = torch.cat([prompt_ids, response_ids], 1).to(self.device)
-        mask = torch.cat([prompt_mask, response_mask.long()], 1).to(self.device)
-        return ids, mask, prompt_ids.shape[1], response_mask.to(self.device)
+        mask = torch.cat([prompt_mask, response_mask], 1).to(self.device)
+        return ids, mask, prompt_ids.shape[1], response_mask.bool().to(self.device)
 
     def _response_slice(self, tensor: torch.Tensor, prompt_width: int) -> torch.Tensor:
         """Positions P-1 .. T-2: the outputs that predict the response tokens."""
