@@ -55,12 +55,14 @@ def test_two_processes_take_disjoint_shards_and_keep_one_student(tmp_path):
         assert r0["stats"][key] == r1["stats"][key], key
 
 
-def test_mini_batch_not_divisible_by_processes_is_a_clear_error(tmp_path):
+def test_batches_too_small_to_share_are_a_clear_error(tmp_path):
     tokenizer = train_bpe(SENTENCES, vocab_size=300, min_frequency=1)
     prompts = [[tokenizer.bos_token_id, 5]]
+    two = SimpleNamespace(num_processes=2, process_index=0)
     with pytest.raises(ValueError, match="divisible by the number of processes"):
-        make_trainer(tokenizer, prompts, mini_batch_size=3, batch_size=9,
-                     accelerator=SimpleNamespace(num_processes=2, process_index=0))
+        make_trainer(tokenizer, prompts, mini_batch_size=3, batch_size=9, accelerator=two)
+    with pytest.raises(ValueError, match="demo_batch_size"):
+        make_trainer(tokenizer, prompts, demo_batch_size=1, accelerator=two)
 
 
 def free_port() -> int:

@@ -596,6 +596,10 @@ class CustomPPOTrainer:
                 f"ppo.mini_batch_size ({cfg.mini_batch_size}) must be divisible by the number of processes ({n}): "
                 "each process takes an equal share of every mini-batch"
             )
+        if cfg.uses_demos and cfg.demo_batch_size < n:
+            raise PPOConfigError(
+                f"tnd.demo_batch_size ({cfg.demo_batch_size}) must be at least the number of processes ({n})"
+            )
         if cfg.distill_online and cfg.uses_trials:
             vt = self.teacher.get_output_embeddings().out_features
             vs = self.student.get_output_embeddings().out_features
