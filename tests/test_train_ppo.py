@@ -6,6 +6,7 @@ import csv
 import json
 import math
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -285,3 +286,14 @@ def test_an_unfinished_checkpoint_against_another_reward_model_is_refused(ready,
     save_model(reward, tokenizer, ready.path / "models/reward")
     err = refused(capsys)
     assert "was trained against a different reward" in err and "rm -r checkpoints/ppo" in err
+
+
+@pytest.mark.slow
+def test_the_readme_library_example_runs(ready, capsys):
+    run_stage()  # the example loads models/initial_student, which train_ppo writes
+    capsys.readouterr()
+    readme = (ROOT / "README.md").read_text()
+    code = re.search(r"### As a library\n\n```python\n(.*?)```", readme, re.S).group(1)
+    exec(compile(code.replace("steps=10", "steps=2"), "README.md", "exec"), {})
+    printed = capsys.readouterr().out.split()
+    assert printed[0::2] == ["1", "2"] and all(math.isfinite(float(r)) for r in printed[1::2])
