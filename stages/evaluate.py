@@ -114,13 +114,14 @@ def _mean(values: list[float]) -> float | None:
     return sum(values) / len(values) if values else None
 
 
-def word_curve(student, per_word_initial: dict, sequences, occurrences, params: Params) -> list[dict]:
-    """Word surprisal of the student along PPO: step 0 (the initial student), every kept snapshot and
-    the final student, one row per step: step, mean, mean per category, then each word."""
-    steps = snapshot_steps()
+def word_curve(student, per_word_initial: dict, per_word_final: dict, sequences, occurrences,
+               params: Params) -> list[dict]:
+    """Word surprisal of the student along PPO: step 0 (the initial student), every kept snapshot
+    before the last step, and the final student (whose surprisals evaluate has already computed),
+    one row per step: step, mean, mean per category, then each word."""
     points = [(0, per_word_initial)]
     model = copy.deepcopy(student)
-    for step in steps:
+    for step in [s for s in snapshot_steps() if 0 < s < params.ppo.steps]:
         try:
             state = torch.load(snapshot_path(step), map_location="cpu", weights_only=True)
             model.load_state_dict(state)
@@ -131,9 +132,7 @@ def word_curve(student, per_word_initial: dict, sequences, occurrences, params: 
             ) from None
         logprobs = sequence_logprobs(model, sequences, model.config.pad_token_id, params.eval.batch_size)
         points.append((step, word_surprisals(logprobs, occurrences)))
-    if params.ppo.steps not in steps:  # snapshots off: at least the end points
-        logprobs = sequence_logprobs(student, sequences, student.config.pad_token_id, params.eval.batch_size)
-        points.append((params.ppo.steps, word_surprisals(logprobs, occurrences)))
+    points.append((params.ppo.steps, per_word_final))
     rows = []
     for step, per_word in points:
         row = {"step": step, "mean": mean_word_surprisal(per_word)}
@@ -218,7 +217,9 @@ def evaluate(params: Params, run: Tracker) -> None:
         for i in range(len(prompts))
     ]
 
-    curve = word_curve(models["student"], per_word["initial_student"], sequences, occurrences, params)
+    curve = word_curve(
+        models["student"], per_word["initial_student"], per_word["student"], sequences, occurrences, params
+    )
 
     plots = Path(PLOTS)
     atomic_write_json(Path(METRICS) / "eval.json", metrics)

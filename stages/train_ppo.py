@@ -135,19 +135,21 @@ def check_checkpoint(path: Path, old: dict, new: dict) -> None:
             raise TndError(f"{where} was trained against a different {what} (it changed since); {DELETE}")
 
 
+def atomic_torch_save(path: Path, obj: Any) -> None:
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
 def write_checkpoint(path: Path, trainer: CustomPPOTrainer, meta: dict, rows: list, initial: Optional[dict]) -> None:
     state = {"meta": {**meta, "step": trainer.global_step}, "trainer": trainer.state_dict(), "rows": rows}
     if initial is not None:
         state["initial_student"] = initial
-    buffer = io.BytesIO()
-    torch.save(state, buffer)
-    atomic_write_bytes(path, buffer.getvalue())
+    atomic_torch_save(path, state)
 
 
 def write_snapshot(step: int, student: torch.nn.Module) -> None:
-    buffer = io.BytesIO()
-    torch.save({k: v.detach().cpu() for k, v in student.state_dict().items()}, buffer)
-    atomic_write_bytes(snapshot_path(step), buffer.getvalue())
+    atomic_torch_save(snapshot_path(step), {k: v.detach().cpu() for k, v in student.state_dict().items()})
 
 
 def drop_snapshots_after(step: int) -> None:
@@ -236,7 +238,7 @@ def train_ppo(params: Params, run: Tracker) -> None:
 
     ckpt_path = Path(CHECKPOINTS) / "state.pt"
     if main:
-        for stale in ckpt_path.parent.glob(f".{ckpt_path.name}.*.tmp"):  # left by a kill during a write
+        for stale in Path(CHECKPOINTS).rglob(".*.tmp"):  # checkpoint or snapshot temp left by a kill mid-write
             stale.unlink()
     ckpt = read_checkpoint(ckpt_path)
     if ckpt is not None and ckpt["meta"]["step"] >= ckpt["meta"]["steps"]:

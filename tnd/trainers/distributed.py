@@ -1,7 +1,8 @@
 """Data parallelism for the trainer, spelled out: every process holds a full student, takes its
 share of each batch, and the gradients are averaged before every optimizer step.
 
-Launched with `accelerate launch --num_processes N [--cpu] -m stages.train_ppo`, accelerate
+Launched with `accelerate launch --multi_gpu --num_processes N -m stages.train_ppo` (or
+`torchrun --nproc_per_node N`; on CPU too, `--cpu` would start one process), accelerate
 sets up the process group (gloo on CPU, nccl on CUDA); this module only needs its
 `torch.distributed` collectives. A single process (plain `python -m ...`, or the library used
 directly) gets `SingleProcess`, whose collectives are the identity, so the trainer reads the
@@ -26,7 +27,6 @@ class SingleProcess:
 
     num_processes = 1
     process_index = 0
-    is_main_process = True
 
     def shard(self, items: list) -> list:
         return items
@@ -52,7 +52,6 @@ class DataParallel(SingleProcess):
 
     def __init__(self, num_processes: int, process_index: int) -> None:
         self.num_processes, self.process_index = num_processes, process_index
-        self.is_main_process = process_index == 0
 
     @classmethod
     def from_accelerator(cls, accelerator) -> SingleProcess:
