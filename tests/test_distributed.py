@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 import json
 import os
-import socket
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -16,6 +15,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from tests.conftest import free_port
 from tests.test_ppo import SENTENCES, make_trainer
 from tests.test_train_ppo import PPO, ready, upstream  # noqa: F401 (fixtures)
 from tnd.data.tokenizer import train_bpe
@@ -63,12 +63,6 @@ def test_batches_too_small_to_share_are_a_clear_error(tmp_path):
         make_trainer(tokenizer, prompts, mini_batch_size=3, batch_size=9, accelerator=two)
     with pytest.raises(ValueError, match="demo_batch_size"):
         make_trainer(tokenizer, prompts, demo_batch_size=1, accelerator=two)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def test_train_ppo_under_accelerate_launch_with_two_processes(ready):

@@ -9,7 +9,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -25,10 +24,9 @@ import sqlalchemy.exc
 import yaml
 from mlflow.exceptions import MlflowException
 
+from tests.conftest import ROOT, free_port, init_git_dvc
 from tnd import tracking
 from tnd.config import parse_params
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def params_for(uri: str, **overrides):
@@ -185,12 +183,6 @@ def test_two_stage_processes_log_everything_to_one_sqlite_store(tmp_path):
 # --- a real MLflow tracking server, read back over its REST API --------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 # Loopback only, and never through a proxy that the environment might name.
 _LOCAL = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
@@ -341,10 +333,8 @@ DVCIGNORE = ROOT / ".dvcignore"
 def test_outputs_pushed_to_a_dvc_remote_pull_into_a_clone_up_to_date(dvc_project, tmp_path_factory, monkeypatch):
     monkeypatch.delenv("PYTHONDONTWRITEBYTECODE", raising=False)  # stages write __pycache__ as usual
     remote = tmp_path_factory.mktemp("dvc-remote")
-    run_ok("git", "init", "-q")
-    run_ok("dvc", "init", "-q")
+    init_git_dvc()
     shutil.copy(DVCIGNORE, dvc_project / ".dvcignore")  # the project's, not dvc init's empty one
-    run_ok("dvc", "config", "core.analytics", "false")
     run_ok("dvc", "repro", *STAGES)
     run_ok("dvc", "remote", "add", "-d", "local", str(remote))
     run_ok("git", "add", "-A")
@@ -375,9 +365,7 @@ def test_queued_experiments_run_two_at_once_and_log_to_the_project_store(dvc_pro
     params = yaml.safe_load((dvc_project / "params.yaml").read_text())
     params["tracking"] = {"enabled": True}  # the default store: mlflow.db at the project root
     (dvc_project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    run_ok("git", "init", "-q")
-    run_ok("dvc", "init", "-q")
-    run_ok("dvc", "config", "core.analytics", "false")
+    init_git_dvc()
     run_ok("git", "add", "-A")
     run_ok("git", "commit", "-q", "-m", "pipeline on tiny params")
     for seed in (1, 2):
