@@ -86,6 +86,9 @@ def parse_args(argv=None):
     p.add_argument("--no-trl", action="store_true", help="skip the TRL side")
     p.add_argument("--steps", type=int, default=None, help="measured steps per side (default 10; smoke 1)")
     p.add_argument("--warmup", type=int, default=None, help="warm-up steps per side, not measured (default 2; smoke 1)")
+    p.add_argument("--student", choices=["warm", "random"], default="warm",
+                   help="warm: the student after the pipeline's LM warm-up (student.train), as train_ppo starts "
+                        "from; random: randomly initialised (it never samples eos: every response is max length)")
     p.add_argument("--threads", type=int, default=2, help="torch threads on both sides")
     p.add_argument("--params", default=str(ROOT / "params.yaml"))
     p.add_argument("--out", default=None, help="JSON path (default: benchmarks/results/ppo_step-cpu.json; smoke: none)")
@@ -376,22 +379,28 @@ def build_workdir(workdir: Path, args) -> dict:
     from tnd.data.tokenizer import encode, train_bpe
     from tnd.models import build_causal_lm
     from tnd.trainers import CustomPPOConfig
+    from tnd.trainers.lm import pretrain_lm
     from tnd.trainers.reward import build_reward_model
 
     params = load_params(args.params)
     n_texts, vocab = params.data.n_train, params.tokenizer.vocab_size
     archs = {"student": params.student.arch, "teacher": params.teacher.arch, "reward": params.reward.arch}
     overrides = {"mode": "trials_only", "kernel_backend": "torch"}
+    warmup = params.student.train
     if args.smoke:
         n_texts, vocab = 400, 400
         archs = {k: a.model_copy(update=SMOKE_ARCH) for k, a in archs.items()}
         overrides.update(batch_size=8, mini_batch_size=4, ppo_epochs=1, max_new_tokens=4)
+        warmup = warmup.model_copy(update={"steps": 5})
     config = CustomPPOConfig.from_params(params, **overrides)
 
     texts = generate_sentences(n_texts, params.seed)
     tokenizer = train_bpe(texts, vocab, params.tokenizer.min_frequency)
     tokenizer.save_pretrained(workdir / "tokenizer")
-    build_causal_lm(archs["student"], tokenizer, params.seed).save_pretrained(workdir / "student")
+    student = build_causal_lm(archs["student"], tokenizer, params.seed)
+    if args.student == "warm":  # as train_ppo: the built-in student after its LM warm-up on the train texts
+        pretrain_lm(student, tokenizer, texts, warmup, params.seed, desc="student warm-up")
+    student.save_pretrained(workdir / "student")
     build_causal_lm(archs["teacher"], tokenizer, params.seed + 1).save_pretrained(workdir / "teacher")
     build_reward_model(archs["reward"], tokenizer, params.seed + 2).save_pretrained(workdir / "reward")
 
@@ -406,6 +415,8 @@ def build_workdir(workdir: Path, args) -> dict:
         "special_tokens": {"pad_token": tokenizer.pad_token, "bos_token": tokenizer.bos_token,
                            "eos_token": tokenizer.eos_token},
         "models": {name: arch.model_dump() for name, arch in archs.items()}, "vocab_size": len(tokenizer),
+        "student": {"warm": f"warm-started: {warmup.steps} LM steps (student.train), as train_ppo starts from",
+                    "random": "randomly initialised"}[args.student],
     }
     (workdir / "settings.json").write_text(json.dumps(settings))
     return settings
@@ -621,7 +632,8 @@ def main() -> None:
         workdir = Path(tmp)
         settings = build_workdir(workdir, args)
         ppo = settings["ppo"]
-        print(f"batch {ppo['batch_size']}, mini-batch {ppo['mini_batch_size']}, {ppo['ppo_epochs']} epochs, "
+        print(f"{settings['student']} student; "
+              f"batch {ppo['batch_size']}, mini-batch {ppo['mini_batch_size']}, {ppo['ppo_epochs']} epochs, "
               f"{ppo['max_new_tokens']} new tokens, vocab {settings['vocab_size']}, {args.threads} threads, "
               f"{args.warmup} warm-up + {args.steps} measured steps per side"
               + ("  [SMOKE]" if args.smoke else ""), flush=True)
@@ -687,8 +699,8 @@ def main() -> None:
             },
             "shapes": {k: ppo[k] for k in ("batch_size", "mini_batch_size", "ppo_epochs", "max_new_tokens",
                                            "temperature", "top_k", "top_p", "gradient_accumulation_steps")},
-            "models": settings["models"], "vocab_size": settings["vocab_size"],
-            "ours": {"mode": ppo["mode"], "kernel_backend": ppo["kernel_backend"], "kl_reference": ppo["kl_reference"]},
+            "models": settings["models"], "vocab_size": settings["vocab_size"], "student": settings["student"],
+            "ours": {k: ppo[k] for k in ("mode", "kernel_backend", "kl_reference", "padding_free")},
             "sides": {"ours": "CustomPPOTrainer, project venv", "trl": "trl PPOTrainer, .venv-trl",
                       "ours-tf4": "CustomPPOTrainer run inside .venv-trl (transformers 4.46.3), --ours-tf4 only"},
             "trl_requirements": TRL_REQUIREMENTS, "trl_error": trl_error, "same_weights_check": check,
@@ -696,7 +708,8 @@ def main() -> None:
         "ratios": ratios,
         "results": sides,
     }
-    out = Path(args.out) if args.out else (None if args.smoke else RESULTS / "ppo_step-cpu.json")
+    default_out = RESULTS / ("ppo_step-cpu.json" if args.student == "warm" else "ppo_step-cpu-random-student.json")
+    out = Path(args.out) if args.out else (None if args.smoke else default_out)
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(record, indent=1) + "\n")

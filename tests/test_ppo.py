@@ -392,8 +392,10 @@ def _padded_rollout(trainer, tokenizer):
     return trainer.make_rollout(prompts, responses, torch.tensor([1.0, -1.0]), torch.zeros(2, dtype=torch.bool))
 
 
-def test_pad_positions_do_not_affect_the_loss(tokenizer, prompts):
-    trainer = make_trainer(tokenizer, prompts, mode="trials_only", with_demos=False, distill_online=True)
+@pytest.mark.parametrize("padding_free", [True, False])
+def test_pad_positions_do_not_affect_the_loss(tokenizer, prompts, padding_free):
+    trainer = make_trainer(tokenizer, prompts, mode="trials_only", with_demos=False, distill_online=True,
+                           padding_free=padding_free)
     rollout = _padded_rollout(trainer, tokenizer)
     assert (rollout.attention_mask == 0).sum() == 5  # 2 left pads (row 1) + 3 right pads after eos (row 0)
     index = torch.arange(2)
@@ -407,15 +409,16 @@ def test_pad_positions_do_not_affect_the_loss(tokenizer, prompts):
     loss2, stats2 = trainer.ppo_loss(other, index)
     torch.testing.assert_close(loss2, loss)
     # and the old-policy pass gives the same log-probs, values and reference log-probs
-    old = trainer._old_policy(rollout.input_ids, rollout.attention_mask, rollout.prompt_width, rollout.response_mask, 2)
-    old2 = trainer._old_policy(other.input_ids, other.attention_mask, other.prompt_width, other.response_mask, 2)
+    old = trainer._old_policy(rollout.input_ids, rollout.attention_mask, rollout.prompt_width, rollout.response_mask)
+    old2 = trainer._old_policy(other.input_ids, other.attention_mask, other.prompt_width, other.response_mask)
     for key in ("logprobs", "values", "ref_logprobs", "entropy"):
         torch.testing.assert_close(old2[key], old[key])
     assert stats["policy/ratio_mean"] == pytest.approx(1.0)  # no dropout: the first pass is on-policy
 
 
-def test_pad_positions_do_not_affect_the_distill_loss(tokenizer, prompts):
-    trainer = make_trainer(tokenizer, prompts)
+@pytest.mark.parametrize("padding_free", [True, False])
+def test_pad_positions_do_not_affect_the_distill_loss(tokenizer, prompts, padding_free):
+    trainer = make_trainer(tokenizer, prompts, padding_free=padding_free)
     demo = trainer._demo_batch([0, 3, 5])
     assert (demo["attention_mask"] == 0).any()
     loss = trainer.demo_distill_loss(demo)

@@ -174,6 +174,7 @@ class PPOParams(Section):
     scheduler_kwargs: dict[str, Any] = {}
     warmup_steps: NonNegativeInt = 0
     optimize_cuda_cache: bool = False
+    padding_free: bool = True  # forward passes on the real tokens only (tnd/trainers/packing.py)
     max_new_tokens: PositiveInt = 24
     temperature: PositiveFloat = 1.0
     top_k: NonNegativeInt = 0

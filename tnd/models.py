@@ -69,12 +69,6 @@ def check_vocab(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, role
         )
 
 
-def get_logits(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Next-token logits [B, T, V] with positions that skip left padding."""
-    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-    return model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).logits
-
-
 def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, path: str | Path) -> None:
     """save_pretrained into `path` atomically, with the tokenizer beside the weights."""
     with atomic_dir(path) as tmp:

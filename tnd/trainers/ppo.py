@@ -72,6 +72,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import inspect
 import math
 import time
 import warnings
@@ -92,6 +93,7 @@ from transformers import (
 from tnd.errors import TndError
 from tnd.generation import left_pad, right_pad
 from tnd.trainers.distributed import DataParallel
+from tnd.trainers.packing import chunks, forward_at, positions, supports_packing
 from tnd.trainers.value_head import ValueHead, hidden_size_of
 
 MODES = ("trials_and_demos", "trials_only", "demos_only")
@@ -177,6 +179,7 @@ class CustomPPOConfig:
     scheduler_kwargs: dict = field(default_factory=dict)
     warmup_steps: int = 0
     optimize_cuda_cache: bool = False
+    padding_free: bool = True
     max_new_tokens: int = 24
     temperature: float = 1.0
     top_k: int = 0
@@ -512,6 +515,11 @@ class Rollout:
         return self.input_ids.shape[0]
 
 
+def _scatter(flat: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """[M] values of the True positions of `mask` (row-major) -> a tensor of mask's shape, zero elsewhere."""
+    return torch.zeros(mask.shape, dtype=flat.dtype, device=flat.device).masked_scatter(mask, flat)
+
+
 def _nan() -> float:
     return float("nan")
 
@@ -562,6 +570,7 @@ class CustomPPOTrainer:
         # may differ between processes (dropped non-finite scores), so it is per process.
         self.generator = torch.Generator().manual_seed(config.seed)
         self.shuffle_generator = torch.Generator().manual_seed(config.seed + 1 + self.dist.process_index)
+        self._packed: dict[int, bool] = {}  # id(model) -> runs padding-free (see _forward_at)
         self.global_step = 0
         self.nonfinite_total = 0
         self.scored_total = 0
@@ -630,10 +639,16 @@ class CustomPPOTrainer:
                 f"ppo.optimizer_name = {cfg.optimizer_name!r} is not a torch.optim optimizer; {hint}"
                 f"valid names include {', '.join(n for n in ('AdamW', 'Adam', 'SGD', 'RMSprop', 'Adagrad') if n in valid)}"
             )
+        optimizer_cls = getattr(torch.optim, cfg.optimizer_name)
+        params = self.trainable_parameters()
+        kwargs = dict(cfg.optimizer_kwargs)
+        # One fused kernel per step instead of a loop over the tensors: on CPU AdamW's step is 3-4x faster
+        # (0.28 against 1.0 ms on the default student), a tenth of a PPO update. optimizer_kwargs win.
+        if ("fused" in inspect.signature(optimizer_cls).parameters and not {"fused", "foreach"} & set(kwargs)
+                and all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)):
+            kwargs["fused"] = True
         try:
-            return getattr(torch.optim, cfg.optimizer_name)(
-                self.trainable_parameters(), lr=cfg.learning_rate, **cfg.optimizer_kwargs
-            )
+            return optimizer_cls(params, lr=cfg.learning_rate, **kwargs)
         except (TypeError, ValueError) as exc:
             raise PPOConfigError(
                 f"ppo.optimizer_kwargs = {cfg.optimizer_kwargs!r} do not fit {cfg.optimizer_name} ({exc})"
@@ -668,16 +683,12 @@ class CustomPPOTrainer:
 
     # --- model wrappers -------------------------------------------------------------------
 
-    @staticmethod
-    def _position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
-        return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-
     @torch.no_grad()
     def get_teacher_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Teacher next-token logits [B, T, V] (left or right padding), no grad."""
         device = next(self.teacher.parameters()).device
         ids, mask = input_ids.to(device), attention_mask.to(device)
-        out = self.teacher(input_ids=ids, attention_mask=mask, position_ids=self._position_ids(mask))
+        out = self.teacher(input_ids=ids, attention_mask=mask, position_ids=positions(mask))
         return out.logits.to(self.device)
 
     def get_student_logits(
@@ -687,31 +698,45 @@ class CustomPPOTrainer:
         out = self.student(
             input_ids=input_ids,
             attention_mask=attention_mask,
-            position_ids=self._position_ids(attention_mask),
+            position_ids=positions(attention_mask),
             output_hidden_states=return_values,
         )
         if not return_values:
             return out.logits
         return out.logits, self.value_head(out.hidden_states[-1])
 
-    @torch.no_grad()
-    def _reference_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        if self.reference is None:
-            return self.get_teacher_logits(input_ids, attention_mask)
-        mask = attention_mask
-        return self.reference(input_ids=input_ids, attention_mask=mask, position_ids=self._position_ids(mask)).logits
+    def _forward_at(
+        self, model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, at: torch.Tensor,
+        hidden: bool = False,
+    ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """`model`'s logits [M, V] (and last hidden states [M, H]) at the positions `at` [B, T], row-major
+        (tnd/trainers/packing.py); padding-free when `_runs_packed(model)`."""
+        device = next(model.parameters()).device
+        logits, states = forward_at(
+            model, input_ids.to(device), attention_mask.to(device), at.to(device), self._runs_packed(model), hidden
+        )
+        return logits.to(self.device), (None if states is None else states.to(self.device))
 
-    def _token_logprobs(self, logits: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor):
-        """(logp, entropy) [B, R] of `tokens` under softmax(logits / temperature) on the masked positions
-        (computed on those rows only, through the fused kernel); zero elsewhere."""
+    def _runs_packed(self, model: nn.Module) -> bool:
+        """config.padding_free and the model passes the packing check (run once per model)."""
+        key = id(model)
+        if key not in self._packed:
+            self._packed[key] = self.config.padding_free and supports_packing(model)
+            if self.config.padding_free and not self._packed[key]:
+                warnings.warn(
+                    f"{type(model).__name__} does not keep packed sequences apart; it runs on padded batches "
+                    "(set ppo.padding_free: false to silence this)",
+                    stacklevel=3,
+                )
+        return self._packed[key]
+
+    def _logprobs(self, logits: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logp, entropy) [M] of `tokens` [M] under softmax(logits / temperature), through the fused kernel."""
         import tnd_kernels
 
-        rows = mask.bool()
-        logp, ent = tnd_kernels.token_logprobs_entropy(
-            logits[rows], tokens[rows], temperature=self.config.temperature, backend=self.config.kernel_backend
+        return tnd_kernels.token_logprobs_entropy(
+            logits, tokens, temperature=self.config.temperature, backend=self.config.kernel_backend
         )
-        zeros = torch.zeros(tokens.shape, dtype=logp.dtype, device=logp.device)
-        return zeros.masked_scatter(rows, logp), zeros.masked_scatter(rows, ent)
 
     @torch.no_grad()
     def compute_scores(self, sequences: list[list[int]]) -> torch.Tensor:
@@ -765,32 +790,41 @@ class CustomPPOTrainer:
         mask = torch.cat([prompt_mask, response_mask], 1).to(self.device)
         return ids, mask, prompt_ids.shape[1], response_mask.bool().to(self.device)
 
-    def _response_slice(self, tensor: torch.Tensor, prompt_width: int) -> torch.Tensor:
-        """Positions P-1 .. T-2: the outputs that predict the response tokens."""
-        return tensor[:, prompt_width - 1 : -1]
+    @staticmethod
+    def _predictors(response_mask: torch.Tensor, prompt_width: int) -> torch.Tensor:
+        """[B, P + R] bool: the positions P-1 .. P+R-2 whose outputs predict the response tokens."""
+        at = torch.zeros(response_mask.shape[0], prompt_width + response_mask.shape[1], dtype=torch.bool,
+                         device=response_mask.device)
+        at[:, prompt_width - 1 : -1] = response_mask
+        return at
 
     @torch.no_grad()
-    def _old_policy(self, ids, mask, prompt_width, response_mask, chunk: int):
-        """logp_old, values, entropy, ref logp (and teacher logits when online distillation is on)."""
+    def _old_policy(self, ids, mask, prompt_width, response_mask):
+        """logp_old, values, entropy, ref logp [B, R] (and teacher logits [B, R, V] for online distillation),
+        in chunks no larger than a padded mini-batch."""
         out = {k: [] for k in ("logprobs", "values", "entropy", "ref_logprobs", "teacher_logits")}
+        at = self._predictors(response_mask, prompt_width)
         tokens = ids[:, prompt_width:]
-        for start in range(0, ids.shape[0], chunk):
-            sl = slice(start, start + chunk)
-            logits, values = self.get_student_logits(ids[sl], mask[sl], return_values=True)
-            logits = self._response_slice(logits, prompt_width)
-            logp, ent = self._token_logprobs(logits, tokens[sl], response_mask[sl])
-            ref_logits = self._response_slice(self._reference_logits(ids[sl], mask[sl]), prompt_width)
-            ref_logp, _ = self._token_logprobs(ref_logits, tokens[sl], response_mask[sl])
-            out["logprobs"].append(logp)
-            out["entropy"].append(ent)
-            out["values"].append(self._response_slice(values, prompt_width).float() * response_mask[sl])
-            out["ref_logprobs"].append(ref_logp)
+        reference = self.teacher if self.reference is None else self.reference
+        models = [self.student, reference] + ([self.teacher] if self.config.distill_online else [])
+        packed = all(self._runs_packed(model) for model in models)
+        for sl in chunks(mask, self.config.mini_batch_size, packed):
+            rmask = response_mask[sl]
+            targets = tokens[sl][rmask]
+            logits, hidden = self._forward_at(self.student, ids[sl], mask[sl], at[sl], hidden=True)
+            logp, ent = self._logprobs(logits, targets)
+            ref_logits, _ = self._forward_at(reference, ids[sl], mask[sl], at[sl])
+            ref_logp, _ = self._logprobs(ref_logits, targets)
+            out["logprobs"].append(_scatter(logp, rmask))
+            out["entropy"].append(_scatter(ent, rmask))
+            out["values"].append(_scatter(self.value_head(hidden).float(), rmask))
+            out["ref_logprobs"].append(_scatter(ref_logp, rmask))
             if self.config.distill_online:
-                if self.reference is None:
-                    teacher_logits = ref_logits
-                else:
-                    teacher_logits = self._response_slice(self.get_teacher_logits(ids[sl], mask[sl]), prompt_width)
-                out["teacher_logits"].append(teacher_logits)
+                teacher_logits = ref_logits if self.reference is None else self._forward_at(
+                    self.teacher, ids[sl], mask[sl], at[sl])[0]
+                padded = teacher_logits.new_zeros(*rmask.shape, teacher_logits.shape[-1])
+                padded[rmask] = teacher_logits
+                out["teacher_logits"].append(padded)
         return {k: (torch.cat(v) if v else None) for k, v in out.items()}
 
     def _demo_rows(self, indices: list[int]) -> tuple[list[list[int]], list[list[int]]]:
@@ -819,7 +853,7 @@ class CustomPPOTrainer:
         """Old-policy quantities, per-token rewards, GAE advantages and returns for a scored batch."""
         cfg = self.config
         ids, mask, prompt_width, response_mask = self._pack(prompts, responses)
-        old = self._old_policy(ids, mask, prompt_width, response_mask, chunk=cfg.mini_batch_size)
+        old = self._old_policy(ids, mask, prompt_width, response_mask)
         scores = raw_scores.to(self.device).float()
         rewards, kl = per_token_rewards(scores, old["logprobs"], old["ref_logprobs"], response_mask, self.kl_ctl.value)
         advantages, returns = compute_gae(rewards, old["values"], response_mask, cfg.gamma, cfg.lam)
@@ -840,10 +874,11 @@ class CustomPPOTrainer:
         cfg = self.config
         ids, mask = rollout.input_ids[index], rollout.attention_mask[index]
         response_mask = rollout.response_mask[index]
-        logits, values = self.get_student_logits(ids, mask, return_values=True)
-        logits = self._response_slice(logits, rollout.prompt_width)
-        values = self._response_slice(values, rollout.prompt_width).float()
-        logp, entropy = self._token_logprobs(logits, ids[:, rollout.prompt_width :], response_mask)
+        at = self._predictors(response_mask, rollout.prompt_width)
+        logits, hidden = self._forward_at(self.student, ids, mask, at, hidden=True)  # [M, V], [M, H]
+        logp, entropy = self._logprobs(logits, ids[:, rollout.prompt_width :][response_mask])
+        logp, entropy = _scatter(logp, response_mask), _scatter(entropy, response_mask)
+        values = _scatter(self.value_head(hidden).float(), response_mask)
         pg_loss, pg = clipped_policy_loss(
             logp, rollout.logprobs[index], rollout.advantages[index], response_mask, cfg.cliprange
         )
@@ -861,8 +896,8 @@ class CustomPPOTrainer:
             "val/clipfrac": vf["clipfrac"].item(),
         }
         if cfg.distill_online and rollout.teacher_logits is not None:
-            trial_tokens = response_mask & ~rollout.is_demo[index, None]
-            online = self.online_distill_loss(logits, rollout.teacher_logits[index], trial_tokens)
+            trial_tokens = (response_mask & ~rollout.is_demo[index, None])[response_mask]
+            online = self.online_distill_loss(logits, rollout.teacher_logits[index][response_mask], trial_tokens)
             loss = loss + cfg.distill_online_coef * online
             stats["loss/online_distill"] = online.item()
         return loss, stats
@@ -882,21 +917,21 @@ class CustomPPOTrainer:
         import tnd_kernels
 
         cfg = self.config
-        logits = self.get_student_logits(demo["input_ids"], demo["attention_mask"])
         rows = demo["target_mask"].bool()
+        logits, _ = self._forward_at(self.student, demo["input_ids"], demo["attention_mask"], rows)
         return tnd_kernels.topk_distill_loss(
-            logits[rows], demo["topk_logprobs"][rows], demo["topk_indices"][rows].long(), demo["tail_logmass"][rows],
+            logits, demo["topk_logprobs"][rows], demo["topk_indices"][rows].long(), demo["tail_logmass"][rows],
             loss=cfg.distill_loss, beta=cfg.distill_beta, temperature=cfg.distill_temperature,
             reduction="batchmean", backend=cfg.kernel_backend,
         )
 
     def demo_lm_loss(self, demo: dict[str, torch.Tensor]) -> torch.Tensor:
         """Cross-entropy of the demonstration continuation tokens (plain LM step)."""
-        logits = self.get_student_logits(demo["input_ids"], demo["attention_mask"])
         rows = demo["target_mask"].bool().clone()
         rows[:, -1] = False  # no next token to predict after the last column
+        logits, _ = self._forward_at(self.student, demo["input_ids"], demo["attention_mask"], rows)
         targets = demo["input_ids"][:, 1:][rows[:, :-1]]
-        return F.cross_entropy(logits[rows].float(), targets)
+        return F.cross_entropy(logits.float(), targets)
 
     def _demo_batch(self, indices: list[int]) -> dict[str, torch.Tensor]:
         batch = self.demonstrations.batch(indices, self.pad_id)

@@ -1,0 +1,130 @@
+"""Padding-free forward passes: a model's outputs at chosen positions of a padded batch, computed
+without the padding.
+
+A PPO batch is mostly padding once the student has learnt to stop at eos: prompts are
+left-padded and responses right-padded to the longest in the batch (with the warm-started
+default student, 9 real tokens per row against a width of 19). `forward_at` lays the real
+tokens of consecutive rows back to back into rows no wider than the batch, with position ids
+that restart at 0 for every sequence and no attention mask. transformers then builds a
+block-diagonal causal mask from the position ids (`masking_utils.find_packed_sequence_indices`),
+so each sequence attends to itself only, and the outputs equal the padded batch's up to float
+rounding. No packed row is wider than the padded batch, so attention never costs more than
+with padding, and everything else runs on the real tokens (plus the tail of each packed row).
+
+A model whose attention ignores packed position ids would silently mix sequences, so the
+trainer asks `supports_packing` once per model (two sequences packed into one row against the
+same two run apart) and runs a model that fails on the padded batch instead.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+
+def positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids that skip left padding: 0 at each row's first real token."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def layout(lengths: list[int], width: int) -> tuple[list[int], list[int], list[int]]:
+    """Sequences of `lengths` laid back to back, in order, into packed rows of `width` tokens (a
+    sequence that does not fit in what is left of the current row starts the next one): the packed
+    row of each sequence, its offset in that row, and the tokens used in each packed row."""
+    row_of, offset_of, used = [], [], [0]
+    for n in lengths:
+        if used[-1] and used[-1] + n > width:
+            used.append(0)
+        row_of.append(len(used) - 1)
+        offset_of.append(used[-1])
+        used[-1] += n
+    return row_of, offset_of, used
+
+
+def pack(attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Where each real token of a [B, T] batch (contiguous in its row) goes in the packed [R, T] grid.
+
+    Returns (dest [B, T]: flat index into the grid, meaningful where attention_mask is 1;
+    packed_positions [R, T]; R). A packed row's unused tail gets positions 0, 1, ... of its own,
+    so it forms one more (ignored) sequence that no real token can see.
+    """
+    keep = attention_mask.bool()
+    width = keep.shape[1]
+    row_of, offset_of, used = layout(keep.sum(1).tolist(), width)
+    device = attention_mask.device
+    start = keep.long().argmax(1)  # first real column of each row
+    column = torch.tensor(offset_of, device=device)[:, None] + torch.arange(width, device=device) - start[:, None]
+    dest = torch.tensor(row_of, device=device)[:, None] * width + column
+    # tails: positions count from the end of the last sequence in the packed row
+    packed_positions = (torch.arange(width, device=device) - torch.tensor(used, device=device)[:, None]).clamp(min=0)
+    packed_positions = packed_positions.flatten().index_put((dest[keep],), positions(attention_mask)[keep])
+    return dest, packed_positions.view(len(used), width), len(used)
+
+
+def chunks(attention_mask: torch.Tensor, max_rows: int, packed: bool) -> list[slice]:
+    """The batch cut into consecutive slices that each run in at most `max_rows` rows of its width
+    (packed: as many sequences as `layout` fits there; padded: `max_rows` sequences), so a chunk's
+    activations never outgrow those of `max_rows` padded rows."""
+    size = attention_mask.shape[0]
+    if not packed:
+        return [slice(i, min(i + max_rows, size)) for i in range(0, size, max_rows)]
+    row_of, _, _ = layout(attention_mask.bool().sum(1).tolist(), attention_mask.shape[1])
+    bounds = [i for i in range(1, size) if row_of[i] // max_rows != row_of[i - 1] // max_rows]
+    return [slice(a, b) for a, b in zip([0] + bounds, bounds + [size])]
+
+
+def forward_at(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    at: torch.Tensor,
+    packed: bool,
+    hidden: bool = False,
+) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """`model`'s logits [M, V] (and last hidden states [M, H] when `hidden`) at the M positions where
+    `at` [B, T] is True, in row-major order. `at` must lie on real tokens (attention_mask 1).
+
+    packed: the real tokens run packed (see the module docstring); otherwise the padded batch runs
+    as it is. Either way the rows' outputs are the same up to float rounding.
+    """
+    if packed:
+        keep = attention_mask.bool()
+        if bool((at & ~keep).any()):
+            raise ValueError("forward_at: `at` marks a padding position")
+        dest, packed_positions, n_rows = pack(attention_mask)
+        ids = input_ids.new_zeros(n_rows * input_ids.shape[1]).index_put((dest[keep],), input_ids[keep])
+        out = model(
+            input_ids=ids.view(n_rows, -1), position_ids=packed_positions, use_cache=False, output_hidden_states=hidden
+        )
+        where = dest[at]
+        logits = out.logits.flatten(0, 1)[where]
+        states = out.hidden_states[-1].flatten(0, 1)[where] if hidden else None
+    else:
+        out = model(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=positions(attention_mask),
+            use_cache=False, output_hidden_states=hidden,
+        )
+        logits = out.logits[at]
+        states = out.hidden_states[-1][at] if hidden else None
+    return logits, states
+
+
+@torch.no_grad()
+def supports_packing(model: nn.Module) -> bool:
+    """Whether `model` keeps packed sequences apart: two sequences in one packed row (and a padding
+    tail) give the logits they give when run apart. A model that raises on the packed call fails too."""
+    vocab = model.get_input_embeddings().num_embeddings
+    device = next(model.parameters()).device
+    ids = (torch.arange(1, 13, device=device).view(2, 6) * 7919) % vocab
+    mask = torch.tensor([[1, 1, 1, 0, 0, 0], [1, 1, 0, 0, 0, 0]], device=device)  # packs as 3 + 2 + a tail of 1
+    at = mask.bool()
+    try:
+        packed, _ = forward_at(model, ids, mask, at, packed=True)
+    except Exception:  # noqa: BLE001 - any failure means: run this model padded
+        return False
+    apart = torch.cat([forward_at(model, ids[i : i + 1], mask[i : i + 1], at[i : i + 1], packed=False)[0] for i in range(2)])
+    # mixed sequences differ by a large fraction of the logits' scale; rounding (even bf16's) does not
+    scale = apart.float().abs().max().clamp_min(1e-6)
+    return bool((packed.float() - apart.float()).abs().max() / scale < 1e-2)
