@@ -3,7 +3,9 @@
 Both sides train the same models on the same batches, each in its own process with the same
 number of torch threads:
 
-  models      the default student (params `student.arch`), the teacher as KL reference (params
+  models      the default student (params `student.arch`) after the pipeline's LM warm-up
+              (`student.train`, as train_ppo starts from it; `--student random`: randomly
+              initialised, which never samples eos), the teacher as KL reference (params
               `teacher.arch`) and a reward model (params `reward.arch`), randomly initialised, and
               a byte-level BPE trained on `data.n_train` nursery sentences; saved with
               save_pretrained into a temporary directory that both sides load
@@ -11,6 +13,12 @@ number of torch threads:
               batches on both sides; `ppo.mini_batch_size`, `ppo.ppo_epochs`, `ppo.max_new_tokens`,
               sampling at `ppo.temperature` with no top-k / top-p; the other PPO settings (lr, KL
               controller, GAE, clip ranges, vf_coef, max_grad_norm, AdamW) from params.yaml
+  responses   each side samples its responses (timed as generation), then both update on the
+              same responses, sampled once from the initial student before the run: the two
+              students drift apart over the steps (TRL initialises its value head differently),
+              and with a warm-started student their samples' lengths would drift too, so the
+              update would not do the same work on both sides. The sides' own samples decide
+              the generation figures only.
   ours        CustomPPOTrainer, tnd.mode = trials_only (TRL has no demonstrations), kernel backend
               "torch"; one call of `step()`, split into its three phases by timing `_sample`
               (generation) and `compute_scores` (reward model) from inside the step
@@ -33,7 +41,10 @@ per-step ratios ours / TRL of neighbouring steps. Phases, timed per step:
               phases above; TRL: its step())
 
 Token counts (real tokens, padding excluded; the same function for both sides, `throughput`):
-  generation tokens/s = sum of response lengths (up to and including eos) / generation seconds
+  generation tokens/s = sum of the lengths of the side's own samples (up to and including eos) /
+                        generation seconds (with a warm-started student the sides' lengths differ:
+                        decoding runs until the longest sample ends, so compare generation on
+                        `--student random`, where every sample is max_new_tokens long)
   update tokens/s     = ppo_epochs x sum of (prompt + response lengths) / update seconds
 
 Peak memory: the process's peak resident set size (RSS) during each phase, from the kernel's
@@ -192,11 +203,12 @@ def serve(make_side, workdir: Path) -> None:
         print(json.dumps(step(int(words[1]))), file=out, flush=True)
 
 
-def step_record(batch, responses, times: dict, peaks: dict, epochs_run, breakdown: dict) -> dict:
-    """One step's measurements; `breakdown` splits the update (seconds, each side's own parts)."""
+def step_record(batch, generated, responses, times: dict, peaks: dict, epochs_run, breakdown: dict) -> dict:
+    """One step's measurements: `generated` the side's samples, `responses` what it updated on;
+    `breakdown` splits the update (seconds, each side's own parts)."""
     return {**times, "total_s": sum(times.values()), "peak_rss": peaks, "prompt_lengths": [len(p) for p in batch],
-            "response_lengths": [len(r) for r in responses], "ppo_epochs_run": epochs_run,
-            "update_breakdown": breakdown}
+            "generated_lengths": [len(g) for g in generated], "response_lengths": [len(r) for r in responses],
+            "ppo_epochs_run": epochs_run, "update_breakdown": breakdown}
 
 
 # --- our side (project venv) ---------------------------------------------------------------------
@@ -238,9 +250,9 @@ def make_ours(workdir: Path, settings: dict, portable: bool = False):
     def timed_sample(prompts):
         mem.start()
         t = time.perf_counter()
-        responses = sample(prompts)
-        rec.update(generation_s=time.perf_counter() - t, generation_peak=mem.peak(), responses=responses)
-        return responses
+        generated = sample(prompts)
+        rec.update(generation_s=time.perf_counter() - t, generation_peak=mem.peak(), generated=generated)
+        return rec["responses"]  # the batch's shared responses (see the module docstring)
 
     def timed_scores(sequences):
         mem.start()
@@ -266,6 +278,7 @@ def make_ours(workdir: Path, settings: dict, portable: bool = False):
 
     def step(i: int) -> dict:
         rec.clear()
+        rec["responses"] = settings["responses"][i]
         t = time.perf_counter()
         stats = trainer.step(batches[i])
         total = time.perf_counter() - t
@@ -274,7 +287,7 @@ def make_ours(workdir: Path, settings: dict, portable: bool = False):
         peaks = {"generation": rec["generation_peak"], "scoring": rec["scoring_peak"], "update": mem.peak()}
         breakdown = {"rollout_s": rec["rollout_s"], "optimize_s": rec["optimize_s"]}
         breakdown["rest_s"] = times["update_s"] - sum(breakdown.values())
-        return step_record(batches[i], rec["responses"], times, peaks, stats["ppo/epochs"], breakdown)
+        return step_record(batches[i], rec["generated"], rec["responses"], times, peaks, stats["ppo/epochs"], breakdown)
 
     return hello(check, mem), step
 
@@ -347,8 +360,9 @@ def make_trl(workdir: Path, settings: dict):
         times, peaks = {}, {}
         mem.start()
         t = time.perf_counter()
-        responses = trainer.generate(queries, batch_size=len(queries), return_prompt=False, **generation_kwargs)
+        generated = trainer.generate(queries, batch_size=len(queries), return_prompt=False, **generation_kwargs)
         times["generation_s"], peaks["generation"] = time.perf_counter() - t, mem.peak()
+        responses = [torch.tensor(r) for r in settings["responses"][i]]  # shared (see the module docstring)
         mem.start()
         t = time.perf_counter()
         scores = score_sequences(reward, [p + r.tolist() for p, r in zip(batch, responses)],
@@ -360,7 +374,7 @@ def make_trl(workdir: Path, settings: dict):
         times["update_s"], peaks["update"] = time.perf_counter() - t, mem.peak()
         # TRL's own timing of the parts of step() (time.time())
         breakdown = {f"{key.split('/')[-1]}_s": float(stats[key]) for key in stats if key.startswith("time/ppo/")}
-        return step_record(batch, responses, times, peaks, cfg["ppo_epochs"], breakdown)
+        return step_record(batch, generated, responses, times, peaks, cfg["ppo_epochs"], breakdown)
 
     return hello(check, mem), step
 
@@ -377,6 +391,7 @@ def build_workdir(workdir: Path, args) -> dict:
     from tnd.config import load_params
     from tnd.data.nursery import generate_sentences
     from tnd.data.tokenizer import encode, train_bpe
+    from tnd.generation import sample_continuations
     from tnd.models import build_causal_lm
     from tnd.trainers import CustomPPOConfig
     from tnd.trainers.lm import pretrain_lm
@@ -410,8 +425,13 @@ def build_workdir(workdir: Path, args) -> dict:
     rng = random.Random(params.seed)
     batches = [[[tokenizer.bos_token_id] + rng.choice(usable) for _ in range(config.batch_size)]
                for _ in range(args.warmup + args.steps)]
+    prompts = [p for b in batches for p in b]
+    responses = sample_continuations(student, tokenizer, prompts, config.max_new_tokens, params.seed,
+                                     config.temperature, config.top_k, config.top_p, batch_size=config.batch_size)
+    size = config.batch_size
     settings = {
         "ppo": dataclasses.asdict(config), "threads": args.threads, "batches": batches,
+        "responses": [responses[i : i + size] for i in range(0, len(responses), size)],
         "special_tokens": {"pad_token": tokenizer.pad_token, "bos_token": tokenizer.bos_token,
                            "eos_token": tokenizer.eos_token},
         "models": {name: arch.model_dump() for name, arch in archs.items()}, "vocab_size": len(tokenizer),
@@ -525,7 +545,7 @@ def run_sides(pythons: dict[str, str], workdir: Path, args) -> tuple[dict, dict,
 
 def rates(step: dict, ppo_epochs: int) -> dict:
     """The token counts, defined once for both sides (see the module docstring)."""
-    generated = sum(step["response_lengths"])
+    generated = sum(step["generated_lengths"])
     update_tokens = ppo_epochs * sum(p + r for p, r in zip(step["prompt_lengths"], step["response_lengths"]))
     return {"generation_tok_s": generated / step["generation_s"], "update_tok_s": update_tokens / step["update_s"],
             "generated_tokens": generated, "update_tokens": update_tokens}
@@ -543,6 +563,7 @@ def throughput(measured: list[dict], ppo_epochs: int) -> dict:
         "update_s": med("update_s", measured), "step_s": med("total_s", measured),
         "generated_tokens": med("generated_tokens"), "update_tokens": med("update_tokens"),
         "mean_response_length": statistics.mean(r for s in measured for r in s["response_lengths"]),
+        "mean_generated_length": statistics.mean(g for s in measured for g in s["generated_lengths"]),
         "measured_steps": len(rows),
         "update_breakdown_median_s": {k: statistics.median(s["update_breakdown"][k] for s in measured)
                                       for k in measured[0]["update_breakdown"]},
@@ -691,7 +712,9 @@ def main() -> None:
             "statistic": "median over the measured steps; best_*: the fastest step; *_paired: median over "
                          "step pairs of ours / trl",
             "definitions": {
-                "generation_tok_s": "sum of response lengths (up to and including eos) / generation seconds",
+                "generation_tok_s": "sum of the side's own sample lengths (up to and including eos) / generation "
+                                    "seconds",
+                "responses": "both sides update on the same responses, sampled once from the initial student",
                 "update_tok_s": "ppo_epochs * sum of (prompt + response lengths) / update seconds",
                 "update": "ours: step() minus _sample and compute_scores; TRL: PPOTrainer.step()",
                 "peak_rss": "max over measured steps of the phase's peak RSS (VmHWM); above_base: minus the "

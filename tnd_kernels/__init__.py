@@ -9,7 +9,8 @@ before this package is imported):
 * `topk_distill_loss(student_logits, teacher_topk_logprobs, teacher_topk_indices,
   teacher_tail_logmass, ...)` - the same against a cached top-k teacher, over k+1 buckets.
 * `token_logprobs_entropy(logits, tokens, temperature=..., backend=...)` - per-token
-  log-prob and entropy, differentiable in both.
+  log-prob and entropy, differentiable in both (its torch backend: the reference's values with
+  a closed-form backward).
 
 `tnd_kernels.reference` holds the exact torch implementations (the specification). The
 package imports without triton; then only the torch backend is available.

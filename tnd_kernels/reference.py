@@ -2,7 +2,9 @@
 
 Everything here is plain differentiable torch (autograd gives the gradients), computed in
 float32 (float64 stays float64), and written so that zero-probability terms contribute exactly
-0 instead of `0 * inf = NaN`. These functions are what `backend="torch"` runs.
+0 instead of `0 * inf = NaN`. These functions are what `backend="torch"` runs, except for
+`token_logprobs_entropy`, whose torch backend computes these values with a closed-form backward
+(token_logprobs.py).
 
 Conventions shared by all ops
 -----------------------------
