@@ -120,6 +120,7 @@ class TokenLogprobsEntropyFunction(torch.autograd.Function):
         )
         ctx.save_for_backward(x, tok, row_max, log_z, ent)
         ctx.temperature, ctx.inplace = temperature, inplace
+        ctx.set_materialize_grads(False)  # an output without a gradient arrives as None: its term is skipped
         return logp, ent
 
     @staticmethod
@@ -155,28 +156,29 @@ class TokenLogprobsEntropyTorch(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, tokens, temperature):
-        log_q = torch.log_softmax(logits.to(_compute_dtype(logits.dtype)) * (1.0 / temperature), dim=-1)
+        z = logits.to(_compute_dtype(logits.dtype)) * (1.0 / temperature)
+        log_q, q = torch.log_softmax(z, dim=-1), torch.softmax(z, dim=-1)
         logp = log_q.gather(1, tokens.long()[:, None]).squeeze(1)
-        q = log_q.exp()
-        ent = -torch.where(q > 0, q * log_q, 0.0).sum(-1)
-        ctx.save_for_backward(log_q, tokens, ent)
+        ent = -(q * log_q).nan_to_num_(0.0).sum(-1)  # q = 0 where log q = -inf: that term is 0
+        ctx.save_for_backward(log_q, q, tokens, ent)
         ctx.temperature, ctx.logits_dtype = temperature, logits.dtype
-        ctx.mark_non_differentiable(tokens)
+        ctx.set_materialize_grads(False)  # as above
         return logp, ent
 
     @staticmethod
     def backward(ctx, grad_logp, grad_ent):
-        log_q, tokens, ent = ctx.saved_tensors
-        if not ctx.needs_input_grad[0]:
+        log_q, q, tokens, ent = ctx.saved_tensors
+        if not ctx.needs_input_grad[0] or (grad_logp is None and grad_ent is None):
             return None, None, None
-        q = log_q.exp()
-        grad = torch.zeros_like(log_q)
+        inv_t = 1.0 / ctx.temperature
+        grad = None
         if grad_logp is not None:  # d logp / dz = onehot(token) - q
-            grad -= grad_logp[:, None] * q
-            grad.scatter_add_(1, tokens.long()[:, None], grad_logp[:, None].to(grad.dtype))
+            g = grad_logp[:, None].to(q.dtype) * inv_t
+            grad = (q * -g).scatter_add_(1, tokens.long()[:, None], g)
         if grad_ent is not None:  # d H / dz = -q (log q + H)
-            grad -= grad_ent[:, None] * torch.where(q > 0, q * (log_q + ent[:, None]), 0.0)
-        return (grad * (1.0 / ctx.temperature)).to(ctx.logits_dtype), None, None
+            term = (q * (log_q + ent[:, None])).nan_to_num_(0.0).mul_(grad_ent[:, None].to(q.dtype) * -inv_t)
+            grad = term if grad is None else grad.add_(term)
+        return grad.to(ctx.logits_dtype), None, None
 
 
 def check_token_args(logits, tokens, temperature, backend):
