@@ -77,8 +77,6 @@ from pathlib import Path
 from typing import Optional
 
 ROOT = Path(__file__).resolve().parents[1]
-# benchmarks/kernels.py would shadow the `kernels` package that transformers tries to import
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 RESULTS = ROOT / "benchmarks" / "results"
 TRL_VENV = ROOT / ".venv-trl"
 # torch pinned so pip takes the local CPU build (an unpinned torch is a multi-GB CUDA download);

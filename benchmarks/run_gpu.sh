@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # On a CUDA machine, from anywhere: run the kernel tests compiled on the GPU, then the whole
-# benchmark sweep (-> benchmarks/results/<gpu-name>.json). Extra arguments go to kernels.py,
+# benchmark sweep (-> benchmarks/results/<gpu-name>.json). Extra arguments go to kernel_ops.py,
 # e.g. `benchmarks/run_gpu.sh --ops distill` for a slice (slices merge into the same JSON).
 # Needs python3 with torch + triton + pytest; Liger-Kernel is optional: a wheel dropped in
 # .whl/ is installed (offline, no deps) into /tmp/site for the comparison.
@@ -16,4 +16,4 @@ unset TRITON_INTERPRET  # compiled kernels, not the interpreter
 "$PY" -c "import torch, triton; assert torch.cuda.is_available(), 'no CUDA device'; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())"
 # --confcutdir: only tests/kernels/conftest.py (the project-wide conftest needs the full app deps)
 "$PY" -m pytest tests/kernels -q -m kernels --confcutdir=tests/kernels -p no:cacheprovider
-"$PY" benchmarks/kernels.py "$@"
+"$PY" benchmarks/kernel_ops.py "$@"

@@ -60,6 +60,11 @@ processes keep one student. What steers training is global -- the score statisti
 fed to the controller, the early-stopping KL, the non-finite count and the skip decision --
 while the other stats are process 0's. Advantages are whitened per process, as in TRL.
 
+Forward passes in the rollout and the update run padding-free (`padding_free`, on by default):
+the real tokens of consecutive sequences share rows, kept apart by position ids, so the model
+never computes on padding (tnd/trainers/packing.py; a model that cannot keep them apart runs
+on the padded batch).
+
 Stats: every step returns the same keys (`STAT_KEYS`); a quantity that was not computed in
 that step (no PPO update in demos_only, a skipped step, no demonstrations) is NaN.
 Dropout is switched off in the student for the whole run (the student stays in eval mode, as
@@ -782,7 +787,7 @@ class CustomPPOTrainer:
             responses.append(row[: row.index(self.eos_id) + 1] if self.eos_id in row else row)
         return responses
 
-    def _pack(self, prompts: list[list[int]], responses: list[list[int]]):
+    def _padded_batch(self, prompts: list[list[int]], responses: list[list[int]]):
         """Prompts left-padded, responses right-padded after them: ids, attention mask, P, response mask."""
         prompt_ids, prompt_mask = left_pad(prompts, self.pad_id)
         response_ids, response_mask = right_pad(responses, self.pad_id)
@@ -852,7 +857,7 @@ class CustomPPOTrainer:
     ) -> Rollout:
         """Old-policy quantities, per-token rewards, GAE advantages and returns for a scored batch."""
         cfg = self.config
-        ids, mask, prompt_width, response_mask = self._pack(prompts, responses)
+        ids, mask, prompt_width, response_mask = self._padded_batch(prompts, responses)
         old = self._old_policy(ids, mask, prompt_width, response_mask)
         scores = raw_scores.to(self.device).float()
         rewards, kl = per_token_rewards(scores, old["logprobs"], old["ref_logprobs"], response_mask, self.kl_ctl.value)

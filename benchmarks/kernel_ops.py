@@ -31,9 +31,9 @@ The same model is applied to every implementation (so it is a normalised speed),
 as a fraction of a plain device-to-device copy (dst.copy_(src) of 2 GiB: 2 x 2 GiB moved)
 measured in the same run.
 
-  python benchmarks/kernels.py                     # full GPU sweep -> benchmarks/results/<gpu-name>.json
-  python benchmarks/kernels.py --ops distill --n 4096 --v 32000    # a slice (merged into the JSON)
-  python benchmarks/kernels.py --smoke             # CPU: tiny sizes, interpreter + torch; labelled smoke
+  python benchmarks/kernel_ops.py                     # full GPU sweep -> benchmarks/results/<gpu-name>.json
+  python benchmarks/kernel_ops.py --ops distill --n 4096 --v 32000    # a slice (merged into the JSON)
+  python benchmarks/kernel_ops.py --smoke             # CPU: tiny sizes, interpreter + torch; labelled smoke
 """
 
 from __future__ import annotations
@@ -328,7 +328,7 @@ def main() -> None:
     meta = {
         "smoke": bool(ARGS.smoke),
         "note": ("SMOKE RUN on CPU (Triton interpreter / torch eager, tiny sizes): proves the script runs; "
-                 "the numbers are NOT performance measurements") if ARGS.smoke else "measured by benchmarks/kernels.py",
+                 "the numbers are NOT performance measurements") if ARGS.smoke else "measured by benchmarks/kernel_ops.py",
         "device": gpu_name(),
         "torch": torch.__version__,
         "triton": _triton_version(),

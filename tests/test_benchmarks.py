@@ -1,0 +1,24 @@
+"""The benchmark scripts run (smoke sizes): a broken benchmark is found here, not on a GPU day."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from tests.conftest import ROOT
+
+
+def test_ppo_step_benchmark_smoke(tmp_path):
+    out = tmp_path / "ppo_step.json"
+    proc = subprocess.run(
+        [sys.executable, "benchmarks/ppo_step.py", "--smoke", "--no-trl", "--out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    record = json.loads(out.read_text())
+    ours = record["results"]["ours"]["throughput"]
+    assert ours["update_tok_s"] > 0 and ours["generation_tok_s"] > 0
+    assert record["meta"]["ours"]["padding_free"] is True
+    assert record["meta"]["student"].startswith("warm-started")
+    assert "trl" not in record["results"]
