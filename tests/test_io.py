@@ -49,3 +49,17 @@ def test_outputs_get_normal_permissions(tmp_path):
         (out / "x").write_text("")
     assert (tmp_path / "f.json").stat().st_mode & 0o777 == io.FILE_MODE
     assert (tmp_path / "d").stat().st_mode & 0o777 == io.DIR_MODE
+
+
+def test_the_next_write_sweeps_what_a_killed_writer_left(tmp_path):
+    # what kill -9 leaves: a temp file beside a file, a temp tree and a moved-aside old tree beside a directory
+    (tmp_path / ".train.json.a1b2c3d4.tmp").write_text("half")
+    (tmp_path / ".student.k9_x8y7z.tmp").mkdir()
+    (tmp_path / ".student.old-4242").mkdir()
+    keep = [".train.json.a1b2c3d4.tmp.bak", ".student.notes", ".students.a1b2c3d4.tmp", "train.json.a1b2c3d4.tmp"]
+    for name in keep:
+        (tmp_path / name).write_text("not ours")
+    io.atomic_write_json(tmp_path / "train.json", {"ok": 1})
+    with io.atomic_dir(tmp_path / "student") as tmp:
+        (tmp / "w.bin").write_bytes(b"1")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(keep + ["student", "train.json"])

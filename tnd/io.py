@@ -2,7 +2,9 @@
 
 Every output of every stage goes through here. The trick is the usual one: write
 next to the target under a temporary name, fsync, then `os.replace`, which is atomic
-on POSIX within one filesystem.
+on POSIX within one filesystem. A writer killed mid-write (kill -9, power loss) leaves its
+temporary beside the target; the next write of the same target sweeps it (each path has one
+writer, as each DVC output has one stage).
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -22,9 +25,24 @@ FILE_MODE = 0o666 & ~_UMASK
 DIR_MODE = 0o777 & ~_UMASK
 
 
+def sweep_stale(path: Path) -> None:
+    """Remove the temporaries that killed writers of `path` left beside it: `.NAME.XXXXXXXX.tmp`
+    (tempfile's names) and `.NAME.old-PID` (atomic_dir's), and nothing else."""
+    stale = re.compile(rf"\.{re.escape(path.name)}\.([a-z0-9_]{{8}}\.tmp|old-\d+)")
+    with contextlib.suppress(FileNotFoundError):
+        for entry in path.parent.iterdir():
+            if stale.fullmatch(entry.name):
+                if entry.is_dir() and not entry.is_symlink():
+                    shutil.rmtree(entry, ignore_errors=True)
+                else:
+                    with contextlib.suppress(FileNotFoundError):
+                        entry.unlink()
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    sweep_stale(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         os.fchmod(fd, FILE_MODE)
@@ -66,6 +84,7 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    sweep_stale(path)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
     os.chmod(tmp, DIR_MODE)
     try:
