@@ -55,6 +55,38 @@ def test_two_processes_take_disjoint_shards_and_keep_one_student(tmp_path):
         assert r0["stats"][key] == r1["stats"][key], key
 
 
+def _resume_worker(rank: int, init_file: str, out_dir: str) -> None:
+    """3 steps straight, and 2 steps + process 0's state_dict (what the checkpoint holds) + 1 step."""
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        tokenizer = train_bpe(SENTENCES, vocab_size=300, min_frequency=1)
+        prompts = [[tokenizer.bos_token_id, *tokenizer(text, add_special_tokens=False)["input_ids"][:2]]
+                   for text in SENTENCES[:8]]
+        accelerator = SimpleNamespace(num_processes=2, process_index=rank)
+        straight = make_trainer(tokenizer, prompts, accelerator=accelerator)
+        straight.train(3)
+        first = make_trainer(tokenizer, prompts, accelerator=accelerator)
+        first.train(2)
+        checkpoint = os.path.join(out_dir, "state.pt")
+        if rank == 0:
+            torch.save(first.state_dict(), checkpoint)
+        dist.barrier()
+        resumed = make_trainer(tokenizer, prompts, accelerator=accelerator)
+        resumed.load_state_dict(torch.load(checkpoint, weights_only=False))
+        resumed.train(1)
+        flat = lambda t: torch.cat([p.detach().flatten() for p in t.trainable_parameters()])  # noqa: E731
+        torch.save({"straight": flat(straight), "resumed": flat(resumed)}, os.path.join(out_dir, f"resume{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_process_resume_is_bit_exact(tmp_path):
+    mp.spawn(_resume_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    for rank in (0, 1):
+        out = torch.load(tmp_path / f"resume{rank}.pt", weights_only=False)
+        assert torch.equal(out["resumed"], out["straight"]), rank
+
+
 def test_batches_too_small_to_share_are_a_clear_error(tmp_path):
     tokenizer = train_bpe(SENTENCES, vocab_size=300, min_frequency=1)
     prompts = [[tokenizer.bos_token_id, 5]]

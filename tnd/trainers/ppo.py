@@ -570,11 +570,10 @@ class CustomPPOTrainer:
             self.reference = copy.deepcopy(student).eval().requires_grad_(False)
 
         self.dist.broadcast_parameters([self.student, self.value_head])
-        # Two streams: `generator` draws prompts and demonstrations and is the same on every process
-        # (each then takes its shard); `shuffle_generator` orders the local mini-batches, whose sizes
-        # may differ between processes (dropped non-finite scores), so it is per process.
+        # `generator` draws prompts and demonstrations and is the same on every process (each then
+        # takes its shard). Sampling and the mini-batch order are seeded per step and process
+        # (`_step_seed`), so they need no state and a resumed run, on any process, repeats them.
         self.generator = torch.Generator().manual_seed(config.seed)
-        self.shuffle_generator = torch.Generator().manual_seed(config.seed + 1 + self.dist.process_index)
         self._packed: dict[int, bool] = {}  # id(model) -> runs padding-free (see _forward_at)
         self.global_step = 0
         self.nonfinite_total = 0
@@ -764,8 +763,7 @@ class CustomPPOTrainer:
         ids, mask = left_pad(prompts, self.pad_id)
         cpu_state = torch.random.get_rng_state()
         cuda_state = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
-        step = self.global_step * self.dist.num_processes + self.dist.process_index
-        torch.manual_seed((cfg.seed * 1_000_003 + step) % (2**63))
+        torch.manual_seed(self._step_seed(stream=0))
         try:
             out = self.student.generate(
                 input_ids=ids.to(self.device),
@@ -786,6 +784,11 @@ class CustomPPOTrainer:
         for row in out[:, ids.shape[1] :].tolist():
             responses.append(row[: row.index(self.eos_id) + 1] if self.eos_id in row else row)
         return responses
+
+    def _step_seed(self, stream: int) -> int:
+        """A seed for this step, this process and one random stream (0: sampling, 1: mini-batch order)."""
+        step = self.global_step * self.dist.num_processes + self.dist.process_index
+        return ((self.config.seed + stream) * 1_000_003 + step) % (2**63)
 
     def _padded_batch(self, prompts: list[list[int]], responses: list[list[int]]):
         """Prompts left-padded, responses right-padded after them: ids, attention mask, P, response mask."""
@@ -1041,16 +1044,17 @@ class CustomPPOTrainer:
         cfg = self.config
         n_mb, accum = cfg.num_mini_batches, cfg.gradient_accumulation_steps
         params = self.trainable_parameters()
+        shuffle = torch.Generator().manual_seed(self._step_seed(stream=1))
         logs: dict[str, list[float]] = {}
         epochs_done = 0
         stop = False
         for _epoch in range(cfg.ppo_epochs):
             ppo_slices = (
-                torch.tensor_split(torch.randperm(len(rollout), generator=self.shuffle_generator), n_mb)
+                torch.tensor_split(torch.randperm(len(rollout), generator=shuffle), n_mb)
                 if rollout is not None else None
             )
             demo_slices = (
-                torch.tensor_split(torch.randperm(demo["input_ids"].shape[0], generator=self.shuffle_generator), n_mb)
+                torch.tensor_split(torch.randperm(demo["input_ids"].shape[0], generator=shuffle), n_mb)
                 if demo is not None else None
             )
             for group in range(0, n_mb, accum):
@@ -1145,7 +1149,6 @@ class CustomPPOTrainer:
             "nonfinite": {"nonfinite_total": self.nonfinite_total, "scored_total": self.scored_total},
             "rng": {
                 "generator": self.generator.get_state(),
-                "shuffle_generator": self.shuffle_generator.get_state(),
                 "torch": torch.get_rng_state(),
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
             },
@@ -1165,7 +1168,6 @@ class CustomPPOTrainer:
         self.nonfinite_total = int(state["nonfinite"]["nonfinite_total"])
         self.scored_total = int(state["nonfinite"]["scored_total"])
         self.generator.set_state(state["rng"]["generator"])
-        self.shuffle_generator.set_state(state["rng"]["shuffle_generator"])
         torch.set_rng_state(state["rng"]["torch"])
         if state["rng"].get("cuda") is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["rng"]["cuda"])
