@@ -2,9 +2,10 @@
 without the padding.
 
 A PPO batch is mostly padding once the student has learnt to stop at eos: prompts are
-left-padded and responses right-padded to the longest in the batch (with the warm-started
-default student, 9 real tokens per row against a width of 19). `forward_at` lays the real
-tokens of consecutive rows back to back into rows no wider than the batch, with position ids
+left-padded and responses right-padded to the longest in the batch (benchmarks/ppo_step.py's
+mini-batches from the warm-started default student: 9 real tokens per row, 17 columns).
+`forward_at` lays the real tokens of consecutive rows back to back into rows no wider than the
+batch, with position ids
 that restart at 0 for every sequence and no attention mask. transformers then builds a
 block-diagonal causal mask from the position ids (`masking_utils.find_packed_sequence_indices`),
 so each sequence attends to itself only, and the outputs equal the padded batch's up to float
