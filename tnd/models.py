@@ -8,6 +8,7 @@ tokenizer's.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from transformers import (
@@ -18,9 +19,11 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from tnd.config import ArchParams
 from tnd.errors import TndError
 from tnd.io import atomic_dir
+
+if TYPE_CHECKING:  # annotations only: the trainer runs without pydantic (the GPU image)
+    from tnd.config import ArchParams
 
 
 def llama_config(arch: ArchParams, tokenizer: PreTrainedTokenizerBase, **extra) -> LlamaConfig:

@@ -7,15 +7,17 @@ generator, gradient clipping; the loop reads top to bottom.
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, get_cosine_schedule_with_warmup
 
-from tnd.config import LMTrainParams
 from tnd.data.tokenizer import encode
 from tnd.generation import right_pad
+
+if TYPE_CHECKING:  # annotations only: the trainer runs without pydantic (the GPU image)
+    from tnd.config import LMTrainParams
 
 IGNORE_INDEX = -100
 

@@ -18,7 +18,7 @@ import json
 import math
 import random
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Callable, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -31,10 +31,12 @@ from transformers import (
     get_cosine_schedule_with_warmup,
 )
 
-from tnd.config import ArchParams, RewardParams
 from tnd.errors import TndError
 from tnd.models import check_vocab, llama_config
 from tnd.trainers.lm import collate, encode_for_lm
+
+if TYPE_CHECKING:  # annotations only: the trainer runs without pydantic (the GPU image)
+    from tnd.config import ArchParams, RewardParams
 
 QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
 

@@ -1,0 +1,37 @@
+"""What imports without what: the library without dvc and mlflow, the trainer without pydantic too
+(the GPU image has neither), the kernels with torch alone (tests/kernels/test_api.py)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import ROOT
+
+# The blocked packages look uninstalled: not found by import, nor by importlib.util.find_spec
+# (which transformers and accelerate use to probe for optional packages).
+BLOCK = r"""
+import importlib, importlib.machinery
+BLOCKED = {blocked!r}
+path_find_spec = importlib.machinery.PathFinder.find_spec
+def find_spec(name, path=None, target=None):
+    return None if name.split(".")[0] in BLOCKED else path_find_spec(name, path, target)
+importlib.machinery.PathFinder.find_spec = staticmethod(find_spec)
+for module in {modules!r}:
+    importlib.import_module(module)
+"""
+
+LIBRARY = ["tnd.config", "tnd.data.nursery", "tnd.data.tokenizer", "tnd.models", "tnd.cache", "tnd.generation",
+           "tnd.evaluation", "tnd.trainers", "tnd.trainers.reward", "tnd.trainers.lm", "tnd_kernels"]
+TRAINER = ["tnd.trainers", "tnd.trainers.reward", "tnd.trainers.lm", "tnd.models", "tnd.cache", "tnd.generation",
+           "tnd.data.nursery", "tnd.data.tokenizer", "tnd_kernels"]
+
+
+@pytest.mark.parametrize("blocked,modules", [({"dvc", "mlflow"}, LIBRARY), ({"dvc", "mlflow", "pydantic"}, TRAINER)],
+                         ids=["library-without-dvc-mlflow", "trainer-without-pydantic"])
+def test_imports_without(blocked, modules):
+    code = BLOCK.format(blocked=sorted(blocked), modules=modules)
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
