@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# On a CUDA machine, from anywhere: run the kernel tests compiled on the GPU, then the whole
-# benchmark sweep (-> benchmarks/results/<gpu-name>.json). Extra arguments go to kernel_ops.py,
+# On a CUDA machine, from anywhere: run the kernel tests compiled on the GPU, the whole kernel
+# benchmark sweep (-> benchmarks/results/<gpu-name>.json), then the trainer on both backends. Extra arguments go to kernel_ops.py,
 # e.g. `benchmarks/run_gpu.sh --ops distill` for a slice (slices merge into the same JSON).
 # Needs python3 with torch + triton + pytest; Liger-Kernel is optional: a wheel dropped in
 # .whl/ is installed (offline, no deps) into /tmp/site for the comparison.
@@ -17,3 +17,5 @@ unset TRITON_INTERPRET  # compiled kernels, not the interpreter
 # --confcutdir: only tests/kernels/conftest.py (the project-wide conftest needs the full app deps)
 "$PY" -m pytest tests/kernels -q -m kernels --confcutdir=tests/kernels -p no:cacheprovider
 "$PY" benchmarks/kernel_ops.py "$@"
+# a few trainer steps with the Triton kernels and with the torch backend (-> results/trainer-backends-<gpu>.json)
+"$PY" benchmarks/trainer_backends.py

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -22,3 +23,17 @@ def test_ppo_step_benchmark_smoke(tmp_path):
     assert record["meta"]["ours"]["padding_free"] is True
     assert record["meta"]["student"].startswith("warm-started")
     assert "trl" not in record["results"]
+
+
+def test_trainer_backends_benchmark_smoke(tmp_path):
+    """Triton (interpreted) and torch backends through the whole trainer: the script runs and both agree."""
+    out = tmp_path / "backends.json"
+    proc = subprocess.run(
+        [sys.executable, "benchmarks/trainer_backends.py", "--smoke", "--device", "cpu", "--out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=600, env={**os.environ, "TRITON_INTERPRET": "1"},
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    record = json.loads(out.read_text())
+    assert set(record["results"]) == {"triton", "torch"}
+    first = record["per_step"][0]
+    assert first["loss/total"]["rel_diff"] < 1e-3 and first["loss/distill"]["rel_diff"] < 1e-3

@@ -8,9 +8,11 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+import yaml
 from torch import nn
 
-from tnd.config import ArchParams, Params
+from tests.conftest import ROOT
+from tnd.config import ArchParams, Params, load_params
 from tnd.data.tokenizer import train_bpe
 from tnd.errors import TndError
 from tnd.generation import sample_continuations
@@ -252,6 +254,9 @@ def test_config_from_params_maps_sections():
     assert (cfg.reward_mean, cfg.reward_std) == (0.5, 2.0)
     with pytest.raises(PPOConfigError, match="no field"):
         CustomPPOConfig.from_params(params, not_a_field=1)
+    # params.yaml read as a plain dict (no pydantic) maps the same way
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    assert CustomPPOConfig.from_params(raw) == CustomPPOConfig.from_params(load_params(ROOT / "params.yaml"))
 
 
 @pytest.mark.parametrize(

@@ -219,12 +219,14 @@ class CustomPPOConfig:
 
     @classmethod
     def from_params(cls, params: Any, **overrides: Any) -> "CustomPPOConfig":
-        """Build from a `tnd.config.Params`; keyword overrides (e.g. reward_mean=...) win."""
-        values: dict[str, Any] = dict(params.ppo.model_dump())
-        values["seed"] = params.seed
-        values.update(params.tnd.model_dump())
-        values.update({f"distill_{key}": value for key, value in params.distill.model_dump().items()})
-        values["kernel_backend"] = params.kernels.backend
+        """Build from a `tnd.config.Params`, or from params.yaml read as a plain dict (where pydantic is
+        missing: the GPU image); keyword overrides (e.g. reward_mean=...) win."""
+        raw = params if isinstance(params, dict) else params.model_dump()
+        values: dict[str, Any] = dict(raw["ppo"])
+        values["seed"] = raw["seed"]
+        values.update(raw["tnd"])
+        values.update({f"distill_{key}": value for key, value in raw["distill"].items()})
+        values["kernel_backend"] = raw["kernels"]["backend"]
         values.update(overrides)
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - names)
