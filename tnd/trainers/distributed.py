@@ -48,25 +48,29 @@ class SingleProcess:
 
 
 class DataParallel(SingleProcess):
-    """N processes in an initialised torch.distributed group (as `accelerate launch` makes)."""
+    """N processes in an initialised torch.distributed group (as `accelerate launch` makes).
 
-    def __init__(self, num_processes: int, process_index: int) -> None:
+    Collectives run on `device`, the accelerator's: NCCL (the CUDA backend) takes CUDA tensors
+    only, so a statistic kept on the CPU travels there and back."""
+
+    def __init__(self, num_processes: int, process_index: int, device: torch.device | str = "cpu") -> None:
         self.num_processes, self.process_index = num_processes, process_index
+        self.device = torch.device(device)
 
     @classmethod
     def from_accelerator(cls, accelerator) -> SingleProcess:
         if accelerator is None or accelerator.num_processes == 1:
             return SingleProcess()
-        return cls(accelerator.num_processes, accelerator.process_index)
+        return cls(accelerator.num_processes, accelerator.process_index, getattr(accelerator, "device", "cpu"))
 
     def shard(self, items: list) -> list:
         """This process's rows of a batch that every process drew identically."""
         return items[self.process_index :: self.num_processes]
 
     def _all_reduce(self, value: torch.Tensor, op) -> torch.Tensor:
-        out = value.detach().clone()
+        out = value.detach().to(self.device, copy=True)
         torch.distributed.all_reduce(out, op=op)
-        return out
+        return out.to(value.device)
 
     def sum(self, value: torch.Tensor) -> torch.Tensor:
         return self._all_reduce(value, torch.distributed.ReduceOp.SUM)
@@ -76,9 +80,10 @@ class DataParallel(SingleProcess):
 
     def gather(self, value: torch.Tensor) -> torch.Tensor:
         """Concatenate every process's tensor (same shape on all) along dim 0."""
-        parts = [torch.empty_like(value) for _ in range(self.num_processes)]
-        torch.distributed.all_gather(parts, value.detach().contiguous())
-        return torch.cat(parts)
+        local = value.detach().to(self.device).contiguous()
+        parts = [torch.empty_like(local) for _ in range(self.num_processes)]
+        torch.distributed.all_gather(parts, local)
+        return torch.cat(parts).to(value.device)
 
     def average_gradients(self, parameters: Iterable[nn.Parameter]) -> None:
         # A parameter without a gradient on this process (e.g. no rows here) contributes zero,

@@ -878,7 +878,7 @@ class CustomPPOTrainer:
 
     # --- losses on a mini-batch -------------------------------------------------------------
 
-    def ppo_loss(self, rollout: Rollout, index: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+    def ppo_loss(self, rollout: Rollout, index: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Clipped policy loss + vf_coef * clipped value loss - ent_coef * entropy (+ online distillation)
         on the rows `index` of the rollout."""
         cfg = self.config
@@ -899,17 +899,16 @@ class CustomPPOTrainer:
         loss = pg_loss + cfg.vf_coef * vf_loss
         if cfg.ent_coef:  # a zero-weighted term would still cost a backward pass through the entropy
             loss = loss - cfg.ent_coef * mean_entropy
-        stats = {
-            "loss/policy": pg_loss.item(), "loss/value": vf_loss.item(), "policy/entropy": mean_entropy.item(),
-            "policy/clipfrac": pg["clipfrac"].item(), "policy/approx_kl": pg["approx_kl"].item(),
-            "policy/policykl": pg["policykl"].item(), "policy/ratio_mean": pg["ratio_mean"].item(),
-            "val/clipfrac": vf["clipfrac"].item(),
+        stats = {  # 0-d tensors: read once per step (a .item() here would be a GPU sync per mini-batch)
+            "loss/policy": pg_loss.detach(), "loss/value": vf_loss.detach(), "policy/entropy": mean_entropy.detach(),
+            "policy/clipfrac": pg["clipfrac"], "policy/approx_kl": pg["approx_kl"], "policy/policykl": pg["policykl"],
+            "policy/ratio_mean": pg["ratio_mean"], "val/clipfrac": vf["clipfrac"],
         }
         if cfg.distill_online and rollout.teacher_logits is not None:
             trial_tokens = (response_mask & ~rollout.is_demo[index, None])[response_mask]
             online = self.online_distill_loss(logits, rollout.teacher_logits[index][response_mask], trial_tokens)
             loss = loss + cfg.distill_online_coef * online
-            stats["loss/online_distill"] = online.item()
+            stats["loss/online_distill"] = online.detach()
         return loss, stats
 
     def online_distill_loss(self, student_logits, teacher_logits, mask) -> torch.Tensor:
@@ -1047,7 +1046,7 @@ class CustomPPOTrainer:
         n_mb, accum = cfg.num_mini_batches, cfg.gradient_accumulation_steps
         params = self.trainable_parameters()
         shuffle = torch.Generator().manual_seed(self._step_seed(stream=1))
-        logs: dict[str, list[float]] = {}
+        logs: dict[str, list[torch.Tensor]] = {}
         epochs_done = 0
         stop = False
         for _epoch in range(cfg.ppo_epochs):
@@ -1071,28 +1070,33 @@ class CustomPPOTrainer:
                     if demo_slices is not None and len(demo_slices[j]):
                         rows = demo_slices[j].to(self.device)
                         distill = self.demo_distill_loss({k: v[rows] for k, v in demo.items()})
-                        parts["loss/distill"] = distill.item()
+                        parts["loss/distill"] = distill.detach()
                         term = cfg.distill_coef * distill
                         loss = term if loss is None else loss + term
                     if loss is None:
                         continue
-                    parts["loss/total"] = loss.item()
+                    parts["loss/total"] = loss.detach()
                     (loss / accum).backward()
                     for key, value in parts.items():
                         logs.setdefault(key, []).append(value)
                 self.dist.average_gradients(params)
                 grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-                logs.setdefault("ppo/grad_norm", []).append(float(grad_norm))
+                logs.setdefault("ppo/grad_norm", []).append(grad_norm.detach())
                 self.optimizer.step()
-                kl_sum, kl_count = self.dist.sum(torch.tensor([sum(step_kl), len(step_kl)], dtype=torch.float64)).tolist()
-                if kl_count and self.early_stopping.should_stop(kl_sum / kl_count):
-                    stop = True
-                    break
+                if self.early_stopping.enabled:  # the one sync (and collective) per optimizer step, when it can stop
+                    local = torch.stack([torch.stack(step_kl).double().sum(), torch.tensor(float(len(step_kl)),
+                                         dtype=torch.float64, device=self.device)]) if step_kl else torch.zeros(
+                                         2, dtype=torch.float64, device=self.device)
+                    kl_sum, kl_count = self.dist.sum(local).tolist()
+                    if kl_count and self.early_stopping.should_stop(kl_sum / kl_count):
+                        stop = True
+                        break
             epochs_done += 1
             if stop:
                 break
         self.optimizer.zero_grad(set_to_none=True)
-        out = {key: _mean(values) for key, values in logs.items()}
+        means = torch.stack([torch.stack(values).double().mean() for values in logs.values()]).tolist() if logs else []
+        out = dict(zip(logs, means))
         out["ppo/epochs"] = float(epochs_done)
         return out
 
