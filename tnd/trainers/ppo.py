@@ -1083,11 +1083,9 @@ class CustomPPOTrainer:
                 grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
                 logs.setdefault("ppo/grad_norm", []).append(grad_norm.detach())
                 self.optimizer.step()
-                if self.early_stopping.enabled:  # the one sync (and collective) per optimizer step, when it can stop
-                    local = torch.stack([torch.stack(step_kl).double().sum(), torch.tensor(float(len(step_kl)),
-                                         dtype=torch.float64, device=self.device)]) if step_kl else torch.zeros(
-                                         2, dtype=torch.float64, device=self.device)
-                    kl_sum, kl_count = self.dist.sum(local).tolist()
+                if self.early_stopping.enabled:  # a sync (and a collective) per optimizer step, only when it can stop
+                    local = float(torch.stack(step_kl).double().sum()) if step_kl else 0.0
+                    kl_sum, kl_count = self.dist.sum(torch.tensor([local, len(step_kl)], dtype=torch.float64)).tolist()
                     if kl_count and self.early_stopping.should_stop(kl_sum / kl_count):
                         stop = True
                         break
