@@ -31,7 +31,8 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
         prompts = [[tokenizer.bos_token_id, *tokenizer(text, add_special_tokens=False)["input_ids"][:2]]
                    for text in SENTENCES[:8]]
         accelerator = SimpleNamespace(num_processes=2, process_index=rank)
-        trainer = make_trainer(tokenizer, prompts, accelerator=accelerator)
+        # early stopping on: its KL is summed over the processes after every optimizer step
+        trainer = make_trainer(tokenizer, prompts, accelerator=accelerator, early_stopping=True)
         seen = []
         for _ in range(2):
             batch = trainer.next_prompts()
