@@ -130,6 +130,14 @@ class OnceBackward:
 
 
 @triton.jit
+def zero_row(g_row, n_cols, BLOCK: tl.constexpr):
+    """Write a row of exact zeros at g_row: the gradient of a masked row."""
+    for start in range(0, n_cols, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        tl.store(g_row + offs, tl.zeros([BLOCK], dtype=g_row.dtype.element_ty), mask=offs < n_cols)
+
+
+@triton.jit
 def _scale_rows_kernel(
     grad_ptr,
     grad_row_stride,

@@ -24,7 +24,7 @@ import math
 import torch
 
 from . import _common as C
-from ._common import tl, triton
+from ._common import tl, triton, zero_row
 from .reference import distill_loss_ref
 
 @triton.jit
@@ -60,9 +60,7 @@ def _distill_kernel(
         if tl.load(mask_ptr + row) == 0:  # masked row: loss 0, gradient exactly 0
             tl.store(loss_ptr + row, 0.0)
             if WRITE_GRAD:
-                for start in range(0, n_cols, BLOCK):
-                    offs = start + tl.arange(0, BLOCK)
-                    tl.store(g_row + offs, tl.zeros([BLOCK], dtype=g_ptr.dtype.element_ty), mask=offs < n_cols)
+                zero_row(g_row, n_cols, BLOCK)
             return
 
     # ---- pass 1: online normalisers of both rows; for the KLs also the loss itself ----------

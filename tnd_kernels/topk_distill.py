@@ -42,7 +42,7 @@ from __future__ import annotations
 import torch
 
 from . import _common as C
-from ._common import tl, triton
+from ._common import tl, triton, zero_row
 from .distill import finish, jsd_logs, loss_id, mask_and_count
 from .reference import topk_distill_loss_ref
 
@@ -92,9 +92,7 @@ def _topk_distill_kernel(
         if tl.load(mask_ptr + row) == 0:  # masked row: loss 0, gradient exactly 0
             tl.store(loss_ptr + row, 0.0)
             if WRITE_GRAD:
-                for start in range(0, n_cols, BLOCK):
-                    offs = start + tl.arange(0, BLOCK)
-                    tl.store(g_row + offs, tl.zeros([BLOCK], dtype=g_ptr.dtype.element_ty), mask=offs < n_cols)
+                zero_row(g_row, n_cols, BLOCK)
             return
 
     # ---- pass 1 over V: student online log-sum-exp --------------------------------------------
