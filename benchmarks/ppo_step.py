@@ -383,12 +383,12 @@ def make_trl(workdir: Path, settings: dict):
 def build_workdir(workdir: Path, args) -> dict:
     """Tokenizer, models, prompt batches and PPO settings, written for both sides to load."""
     import dataclasses
-    import random
 
     sys.path.insert(0, str(ROOT))
     from tnd.config import load_params
     from tnd.data.nursery import generate_sentences
-    from tnd.data.tokenizer import encode, train_bpe
+    from tnd.data.prompts import make_prompts
+    from tnd.data.tokenizer import train_bpe
     from tnd.generation import sample_continuations
     from tnd.models import build_causal_lm
     from tnd.trainers import CustomPPOConfig
@@ -417,18 +417,14 @@ def build_workdir(workdir: Path, args) -> dict:
     build_causal_lm(archs["teacher"], tokenizer, params.seed + 1).save_pretrained(workdir / "teacher")
     build_reward_model(archs["reward"], tokenizer, params.seed + 2).save_pretrained(workdir / "reward")
 
-    # prompts as prepare_data makes them: bos + the first data.prompt_tokens tokens of a text
-    k = params.data.prompt_tokens
-    usable = [ids[:k] for ids in (encode(tokenizer, t) for t in texts) if len(ids) > k]
-    rng = random.Random(params.seed)
-    batches = [[[tokenizer.bos_token_id] + rng.choice(usable) for _ in range(config.batch_size)]
-               for _ in range(args.warmup + args.steps)]
-    prompts = [p for b in batches for p in b]
-    responses = sample_continuations(student, tokenizer, prompts, config.max_new_tokens, params.seed,
-                                     config.temperature, config.top_k, config.top_p, batch_size=config.batch_size)
     size = config.batch_size
+    prompts = [row["prompt_ids"] for row in make_prompts(
+        tokenizer, texts, size * (args.warmup + args.steps), params.data.prompt_tokens, params.seed)]
+    responses = sample_continuations(student, tokenizer, prompts, config.max_new_tokens, params.seed,
+                                     config.temperature, config.top_k, config.top_p, batch_size=size)
     settings = {
-        "ppo": dataclasses.asdict(config), "threads": args.threads, "batches": batches,
+        "ppo": dataclasses.asdict(config), "threads": args.threads,
+        "batches": [prompts[i : i + size] for i in range(0, len(prompts), size)],
         "responses": [responses[i : i + size] for i in range(0, len(responses), size)],
         "special_tokens": {"pad_token": tokenizer.pad_token, "bos_token": tokenizer.bos_token,
                            "eos_token": tokenizer.eos_token},

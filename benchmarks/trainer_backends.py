@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import random
 import sys
 import tempfile
 import time
@@ -39,10 +38,11 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tnd.cache import CacheWriter, TeacherCache, teacher_topk  # noqa: E402
+from tnd.cache import CacheWriter, TeacherCache  # noqa: E402
 from tnd.data.nursery import generate_sentences  # noqa: E402
-from tnd.data.tokenizer import encode, train_bpe  # noqa: E402
-from tnd.generation import right_pad, sample_continuations  # noqa: E402
+from tnd.data.prompts import make_prompts  # noqa: E402
+from tnd.data.tokenizer import train_bpe  # noqa: E402
+from tnd.generation import sample_continuations  # noqa: E402
 from tnd.models import build_causal_lm  # noqa: E402
 from tnd.trainers import CustomPPOConfig, CustomPPOTrainer  # noqa: E402
 from tnd.trainers.lm import pretrain_lm  # noqa: E402
@@ -76,38 +76,27 @@ def build(raw: dict, args, device: torch.device):
     n_texts = 400 if args.smoke else raw["data"]["n_train"]
     texts = generate_sentences(n_texts, seed)
     tokenizer = train_bpe(texts, 400 if args.smoke else raw["tokenizer"]["vocab_size"], raw["tokenizer"]["min_frequency"])
-    lm_steps = SimpleNamespace(**raw["student"]["train"])
     teacher = build_causal_lm(arch(raw["teacher"]["arch"], args.smoke), tokenizer, seed + 1)
     student = build_causal_lm(arch(raw["student"]["arch"], args.smoke), tokenizer, seed)
     reward = build_reward_model(arch(raw["reward"]["arch"], args.smoke), tokenizer, seed + 2)
     teacher_train = SimpleNamespace(**{**raw["teacher"]["train"], "steps": 5 if args.smoke else args.teacher_steps})
-    student_train = SimpleNamespace(**{**vars(lm_steps), "steps": 5 if args.smoke else lm_steps.steps})
+    student_train = SimpleNamespace(**{**raw["student"]["train"], **({"steps": 5} if args.smoke else {})})
     teacher.to(device), student.to(device), reward.to(device)
     pretrain_lm(teacher, tokenizer, texts, teacher_train, seed, desc="teacher")
     pretrain_lm(student, tokenizer, texts, student_train, seed, desc="student warm-up")
 
-    k = raw["data"]["prompt_tokens"]
-    usable = [ids[:k] for ids in (encode(tokenizer, t) for t in texts) if len(ids) > k]
-    rng = random.Random(seed)
-    prompts = [[tokenizer.bos_token_id] + rng.choice(usable) for _ in range(max(args.demos, 64))]
+    prompts = [row["prompt_ids"] for row in make_prompts(
+        tokenizer, texts, max(args.demos, 64), raw["data"]["prompt_tokens"], seed)]
 
     cache_dir = Path(tempfile.mkdtemp(prefix="trainer-backends-"))
-    n_demos = 16 if args.smoke else args.demos
     cache_cfg = raw["cache"]
-    demo_prompts = prompts[:n_demos]
+    demo_prompts = prompts[: 16 if args.smoke else args.demos]
     continuations = sample_continuations(teacher, tokenizer, demo_prompts, cache_cfg["max_new_tokens"], seed,
                                          batch_size=cache_cfg["batch_size"], desc="demonstrations")
     vocab = len(tokenizer)
     with CacheWriter(cache_dir, vocab_size=vocab, k=min(cache_cfg["top_k"], vocab), temperature=cache_cfg["temperature"],
-                     dtype=cache_cfg["dtype"]) as writer, torch.no_grad():
-        sequences = [p + c for p, c in zip(demo_prompts, continuations)]
-        for start in range(0, len(sequences), cache_cfg["batch_size"]):
-            chunk = sequences[start : start + cache_cfg["batch_size"]]
-            ids, mask = right_pad(chunk, tokenizer.pad_token_id)
-            logits = teacher(input_ids=ids.to(device), attention_mask=mask.to(device)).logits[..., :vocab]
-            for row, seq in enumerate(chunk):
-                rows = logits[row, k : len(seq) - 1]  # prompt = bos + k tokens: position k predicts the first
-                writer.add_topk(seq, k + 1, *teacher_topk(rows, writer.k, writer.temperature))
+                     dtype=cache_cfg["dtype"]) as writer:
+        writer.add_demonstrations(teacher, demo_prompts, continuations, tokenizer.pad_token_id, cache_cfg["batch_size"])
     return tokenizer, teacher, student, reward, TeacherCache(cache_dir), prompts
 
 

@@ -16,14 +16,11 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-import torch
-from tqdm.auto import tqdm
-
-from tnd.cache import CacheWriter, cache_bytes, fingerprint_model, fingerprint_tokenizer, teacher_topk
+from tnd.cache import CacheWriter, cache_bytes, fingerprint_model, fingerprint_tokenizer
 from tnd.config import Params
 from tnd.data.tokenizer import load_tokenizer
 from tnd.errors import TndError
-from tnd.generation import right_pad, sample_continuations
+from tnd.generation import sample_continuations
 from tnd.io import atomic_dir, atomic_write_json, read_jsonl
 from tnd.models import load_causal_lm
 from tnd.tracking import Tracker
@@ -74,7 +71,6 @@ def cache_teacher_logits(params: Params, run: Tracker) -> None:
     sample_seconds = time.perf_counter() - started
 
     started = time.perf_counter()
-    device = next(teacher.parameters()).device
     with atomic_dir(CACHE) as out:
         writer = CacheWriter(
             out,
@@ -86,15 +82,7 @@ def cache_teacher_logits(params: Params, run: Tracker) -> None:
             tokenizer_fingerprint=fingerprint_tokenizer(tokenizer),
             shard_tokens=cfg.shard_tokens,
         )
-        with torch.no_grad():
-            for start in tqdm(range(0, len(prompts), cfg.batch_size), desc="teacher logits", leave=False):
-                batch_prompts = prompts[start : start + cfg.batch_size]
-                sequences = [p + c for p, c in zip(batch_prompts, continuations[start : start + cfg.batch_size])]
-                ids, mask = right_pad(sequences, tokenizer.pad_token_id)
-                logits = teacher(input_ids=ids.to(device), attention_mask=mask.to(device)).logits[..., :vocab]
-                for row, (prompt, seq) in enumerate(zip(batch_prompts, sequences)):
-                    rows = logits[row, len(prompt) - 1 : len(seq) - 1]
-                    writer.add_topk(seq, len(prompt), *teacher_topk(rows, cfg.top_k, cfg.temperature))
+        writer.add_demonstrations(teacher, prompts, continuations, tokenizer.pad_token_id, cfg.batch_size)
         index = writer.close()
     write_seconds = time.perf_counter() - started
 

@@ -6,11 +6,11 @@ data/prepared/stats.json and artifacts/tokenizer/.
 
 from __future__ import annotations
 
-import random
 from pathlib import Path
 
 from tnd.config import Params
 from tnd.data.pairs import make_pairs
+from tnd.data.prompts import make_prompts
 from tnd.data.sources import load_corpus
 from tnd.data.tokenizer import encode, load_tokenizer, train_bpe
 from tnd.errors import TndError
@@ -20,20 +20,6 @@ from tnd.tracking import Tracker
 from stages.common import PREPARED, TOKENIZER, run_stage
 
 ALL_CORRUPTIONS = ("agreement_swap", "adjacent_swap", "drop_word", "duplicate_word")
-
-
-def make_prompts(tokenizer, texts: list[str], n: int, prompt_tokens: int, seed: int) -> list[dict]:
-    """bos + the first `prompt_tokens` tokens of texts that have something left to continue.
-
-    The bos is part of the ids because every model here is trained on bos-prefixed text:
-    generation, the teacher cache and the reward model all take these ids as they are.
-    """
-    usable = [ids for ids in (encode(tokenizer, t) for t in texts) if len(ids) > prompt_tokens]
-    if not usable:
-        return []
-    rng = random.Random(seed)
-    chosen = [usable[rng.randrange(len(usable))][:prompt_tokens] for _ in range(n)]
-    return [{"prompt": tokenizer.decode(ids).strip(), "prompt_ids": [tokenizer.bos_token_id] + ids} for ids in chosen]
 
 
 def prepare(params: Params, run: Tracker) -> None:

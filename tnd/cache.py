@@ -46,8 +46,10 @@ from typing import Any, Iterable, Optional, Sequence
 import torch
 from safetensors import safe_open
 from safetensors.torch import save as safetensors_save
+from tqdm.auto import tqdm
 
 from tnd.errors import TndError
+from tnd.generation import right_pad
 from tnd.io import atomic_write_bytes, atomic_write_json
 
 FORMAT_VERSION = 1
@@ -213,6 +215,28 @@ class CacheWriter:
         self._n_targets += n_targets
         if self._n_targets >= self.shard_tokens:
             self._flush()
+
+    @torch.no_grad()
+    def add_demonstrations(
+        self,
+        teacher: torch.nn.Module,
+        prompts: Sequence[Sequence[int]],
+        continuations: Sequence[Sequence[int]],
+        pad_id: int,
+        batch_size: int,
+    ) -> None:
+        """Each prompt + its continuation, with the teacher's top-k at the continuation's positions,
+        from one forward pass per `batch_size` demonstrations. The teacher's logits beyond
+        `vocab_size` (padded embedding rows) are dropped."""
+        device = next(teacher.parameters()).device
+        for start in tqdm(range(0, len(prompts), batch_size), desc="teacher logits", leave=False):
+            batch_prompts = [list(p) for p in prompts[start : start + batch_size]]
+            sequences = [p + list(c) for p, c in zip(batch_prompts, continuations[start : start + batch_size])]
+            ids, mask = right_pad(sequences, pad_id)
+            logits = teacher(input_ids=ids.to(device), attention_mask=mask.to(device)).logits[..., : self.vocab_size]
+            for row, (prompt, seq) in enumerate(zip(batch_prompts, sequences)):
+                rows = logits[row, len(prompt) - 1 : len(seq) - 1]
+                self.add_topk(seq, len(prompt), *teacher_topk(rows, self.k, self.temperature))
 
     def _empty_rows(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return torch.zeros(0, self.k), torch.zeros(0, self.k, dtype=torch.long), torch.zeros(0)
