@@ -42,6 +42,7 @@ def sample_continuations(
     top_p: float = 1.0,
     batch_size: int = 64,
     desc: str = "sampling",
+    progress: bool = True,
 ) -> list[list[int]]:
     """Token ids of one sampled continuation per prompt, cut after the first eos (kept)."""
     model.eval()
@@ -50,7 +51,7 @@ def sample_continuations(
     # HF generate samples from the global RNG: seed it, and leave the caller's state as it was.
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
-        for start in tqdm(range(0, len(prompts), batch_size), desc=desc, leave=False):
+        for start in tqdm(range(0, len(prompts), batch_size), desc=desc, leave=False, disable=not progress):
             ids, mask = left_pad(prompts[start : start + batch_size], tokenizer.pad_token_id)
             out = model.generate(
                 input_ids=ids.to(model.device),

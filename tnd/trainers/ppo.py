@@ -96,7 +96,7 @@ from transformers import (
 )
 
 from tnd.errors import TndError
-from tnd.generation import left_pad, right_pad
+from tnd.generation import left_pad, right_pad, sample_continuations
 from tnd.trainers.distributed import DataParallel
 from tnd.trainers.packing import chunks, forward_at, positions, supports_packing
 from tnd.trainers.value_head import ValueHead, hidden_size_of
@@ -756,36 +756,14 @@ class CustomPPOTrainer:
 
     # --- rollout --------------------------------------------------------------------------
 
-    @torch.no_grad()
     def _sample(self, prompts: list[list[int]]) -> list[list[int]]:
-        """One continuation per prompt, cut after the first eos (kept); as `tnd.generation.sample_continuations`
-        (HF generate, global RNG seeded for the call and restored after), with the inputs on the student's
-        device. The seed is a function of (config.seed, global_step, process), so a resumed run samples the same."""
+        """One continuation per prompt, cut after the first eos (kept), the whole batch in one `generate`.
+        The seed is a function of (config.seed, global_step, process), so a resumed run samples the same."""
         cfg = self.config
-        ids, mask = left_pad(prompts, self.pad_id)
-        cpu_state = torch.random.get_rng_state()
-        cuda_state = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
-        torch.manual_seed(self._step_seed(stream=0))
-        try:
-            out = self.student.generate(
-                input_ids=ids.to(self.device),
-                attention_mask=mask.to(self.device),
-                do_sample=True,
-                temperature=cfg.temperature,
-                top_k=cfg.top_k or None,
-                top_p=cfg.top_p,
-                max_new_tokens=cfg.max_new_tokens,
-                pad_token_id=self.pad_id,
-                eos_token_id=self.eos_id,
-            )
-        finally:
-            torch.random.set_rng_state(cpu_state)
-            if cuda_state is not None:
-                torch.cuda.set_rng_state_all(cuda_state)
-        responses = []
-        for row in out[:, ids.shape[1] :].tolist():
-            responses.append(row[: row.index(self.eos_id) + 1] if self.eos_id in row else row)
-        return responses
+        return sample_continuations(
+            self.student, self.tokenizer, prompts, cfg.max_new_tokens, self._step_seed(stream=0),
+            temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, batch_size=len(prompts), progress=False,
+        )
 
     def _step_seed(self, stream: int) -> int:
         """A seed for this step, this process and one random stream (0: sampling, 1: mini-batch order)."""
