@@ -72,30 +72,54 @@ def test_forward_at_refuses_a_padding_position(model, tokenizer):
         forward_at(model, ids, mask, torch.ones_like(mask, dtype=torch.bool), packed=True)
 
 
-class IgnoresPositions(nn.Module):
-    """A causal LM that attends across the whole row (the packing boundaries in position_ids are lost)."""
+class Wrapped(nn.Module):
+    """A causal LM around a real one, with its body and head exposed as forward_at's packed path uses them."""
+
+    def __init__(self, inner: nn.Module, body: nn.Module) -> None:
+        super().__init__()
+        self.inner, self.base_model = inner, body
+
+    def get_input_embeddings(self):
+        return self.inner.get_input_embeddings()
+
+    def get_output_embeddings(self):
+        return self.inner.get_output_embeddings()
+
+    def forward(self, **kwargs):
+        return self.inner(**kwargs)
+
+
+class LosesPositions(nn.Module):
+    """A body that attends across the whole row: the packing boundaries in position_ids are lost."""
 
     def __init__(self, inner: nn.Module) -> None:
         super().__init__()
         self.inner = inner
 
-    def get_input_embeddings(self):
-        return self.inner.get_input_embeddings()
-
-    def forward(self, input_ids, position_ids=None, attention_mask=None, **kwargs):
-        mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
-        return self.inner(input_ids=input_ids, attention_mask=mask, **kwargs)
+    def forward(self, input_ids, position_ids=None, **kwargs):
+        return self.inner(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), **kwargs)
 
 
-class NoPositionIds(IgnoresPositions):
+class NoPositionIds(LosesPositions):
     def forward(self, input_ids, attention_mask, **kwargs):  # no position_ids argument at all
         return self.inner(input_ids=input_ids, attention_mask=attention_mask)
 
 
+class ScaledLogits(Wrapped):
+    """Logits that are more than head(body(x)), as with a logit scale or soft-cap."""
+
+    def forward(self, **kwargs):
+        out = self.inner(**kwargs)
+        out.logits = 2 * out.logits
+        return out
+
+
 def test_supports_packing(model):
     assert supports_packing(model)
-    assert not supports_packing(IgnoresPositions(model))
-    assert not supports_packing(NoPositionIds(model))
+    assert supports_packing(Wrapped(model, model.base_model))  # the stand-ins differ from this one only
+    assert not supports_packing(Wrapped(model, LosesPositions(model.base_model)))
+    assert not supports_packing(Wrapped(model, NoPositionIds(model.base_model)))
+    assert not supports_packing(ScaledLogits(model, model.base_model))
 
 
 def test_chunks_fit_max_rows():
@@ -119,7 +143,7 @@ def test_trainer_padding_free_matches_padded(tokenizer, prompts):
 def test_trainer_falls_back_to_padded_batches_with_a_warning(tokenizer, prompts, monkeypatch):
     monkeypatch.setattr(ppo_module, "supports_packing", lambda model: False)
     trainer = make_trainer(tokenizer, prompts)
-    with pytest.warns(UserWarning, match="does not keep packed sequences apart; it runs on padded batches"):
+    with pytest.warns(UserWarning, match=r"fails the padding-free check .*; it runs on padded batches"):
         stats = trainer.step(trainer.next_prompts())
     assert set(trainer._packed.values()) == {False}
     assert stats["loss/total"] == stats["loss/total"]  # finite: the padded path trained

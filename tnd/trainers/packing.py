@@ -12,9 +12,15 @@ so each sequence attends to itself only, and the outputs equal the padded batch'
 rounding. No packed row is wider than the padded batch, so attention never costs more than
 with padding, and everything else runs on the real tokens (plus the tail of each packed row).
 
-A model whose attention ignores packed position ids would silently mix sequences, so the
-trainer asks `supports_packing` once per model (two sequences packed into one row against the
-same two run apart) and runs a model that fails on the padded batch instead.
+The packed path also runs the output head (`get_output_embeddings`) on the requested positions
+only, after the body (`base_model`): a PPO mini-batch needs logits at the response tokens, about
+half of the real ones, and the [tokens, vocab] head is the largest matmul of a small model, in the
+forward and twice in the backward.
+
+A model whose attention ignores packed position ids would silently mix sequences, and one whose
+logits are more than head(body(x)) (a logit scale or soft-cap) would lose that, so the trainer
+asks `supports_packing` once per model (two sequences packed into one row against the same two
+run apart through the whole model) and runs a model that fails on the padded batch instead.
 """
 
 from __future__ import annotations
@@ -87,21 +93,23 @@ def forward_at(
     """`model`'s logits [M, V] (and last hidden states [M, H] when `hidden`) at the M positions where
     `at` [B, T] is True, in row-major order. `at` must lie on real tokens (attention_mask 1).
 
-    packed: the real tokens run packed (see the module docstring); otherwise the padded batch runs
-    as it is. Either way the rows' outputs are the same up to float rounding.
+    packed: the real tokens run packed, and the head at the M positions only (see the module
+    docstring); otherwise the padded batch runs through the whole model as it is. Either way the
+    outputs are the same up to float rounding for a model that passes `supports_packing`.
     """
     if packed:
         keep = attention_mask.bool()
         if bool((at & ~keep).any()):
             raise ValueError("forward_at: `at` marks a padding position")
+        body, head = model.base_model, model.get_output_embeddings()
+        if body is model or head is None:
+            raise ValueError(f"forward_at: {type(model).__name__} has no separate body and output head")
         dest, packed_positions, n_rows = pack(attention_mask)
         ids = input_ids.new_zeros(n_rows * input_ids.shape[1]).index_put((dest[keep],), input_ids[keep])
-        out = model(
-            input_ids=ids.view(n_rows, -1), position_ids=packed_positions, use_cache=False, output_hidden_states=hidden
-        )
-        where = dest[at]
-        logits = out.logits.flatten(0, 1)[where]
-        states = out.hidden_states[-1].flatten(0, 1)[where] if hidden else None
+        out = body(input_ids=ids.view(n_rows, -1), position_ids=packed_positions, use_cache=False)
+        states = out.last_hidden_state.flatten(0, 1)[dest[at]]
+        logits = head(states)
+        states = states if hidden else None
     else:
         out = model(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=positions(attention_mask),
@@ -114,8 +122,9 @@ def forward_at(
 
 @torch.no_grad()
 def supports_packing(model: nn.Module) -> bool:
-    """Whether `model` keeps packed sequences apart: two sequences in one packed row (and a padding
-    tail) give the logits they give when run apart. A model that raises on the packed call fails too."""
+    """Whether `model` runs padding-free correctly: two sequences in one packed row (and a padding
+    tail), through its body and then its head, give the logits the whole model gives them run apart.
+    A model that raises on the packed call fails too."""
     vocab = model.get_input_embeddings().num_embeddings
     device = next(model.parameters()).device
     ids = (torch.arange(1, 13, device=device).view(2, 6) * 7919) % vocab

@@ -730,8 +730,8 @@ class CustomPPOTrainer:
             self._packed[key] = self.config.padding_free and supports_packing(model)
             if self.config.padding_free and not self._packed[key]:
                 warnings.warn(
-                    f"{type(model).__name__} does not keep packed sequences apart; it runs on padded batches "
-                    "(set ppo.padding_free: false to silence this)",
+                    f"{type(model).__name__} fails the padding-free check (packed sequences mix, or its logits are "
+                    "more than output_head(base_model)); it runs on padded batches (ppo.padding_free: false silences this)",
                     stacklevel=3,
                 )
         return self._packed[key]
