@@ -192,9 +192,9 @@ def test_clipped_policy_loss_hand_example():
     old = torch.zeros(1, 4)
     adv = torch.tensor([[1.0, -1.0, 2.0, 3.0]])
     mask = torch.tensor([[1, 1, 1, 0]], dtype=torch.bool)
-    loss, info = clipped_policy_loss(logp, old, adv, mask, cliprange=0.2)
+    loss, info = clipped_policy_loss(logp[mask], old[mask], adv[mask], cliprange=0.2)
     # ratio 1.5, A=1 -> max(-1.5, -1.2) = -1.2 (clipped); ratio .5, A=-1 -> max(.5, .8) = .8 (clipped);
-    # ratio 1.1, A=2 -> -2.2 (inside the range); the masked 4th token is ignored
+    # ratio 1.1, A=2 -> -2.2 (inside the range); the 4th token is padding, left out by the caller
     torch.testing.assert_close(loss, torch.tensor((-1.2 + 0.8 - 2.2) / 3))
     torch.testing.assert_close(info["clipfrac"], torch.tensor(2 / 3))
     torch.testing.assert_close(info["ratio_mean"], torch.tensor((1.5 + 0.5 + 1.1) / 3))
@@ -207,7 +207,7 @@ def test_clipped_value_loss_hand_example():
     old = torch.tensor([[0.5, 0.0, 0.0]])
     returns = torch.tensor([[0.0, 1.0, 0.0]])
     mask = torch.tensor([[1, 1, 0]], dtype=torch.bool)
-    loss, info = clipped_value_loss(values, old, returns, mask, cliprange_value=0.2)
+    loss, info = clipped_value_loss(values[mask], old[mask], returns[mask], cliprange_value=0.2)
     # token 0: (1-0)^2 = 1 vs (0.7-0)^2 = .49 -> 1; token 1: (.5-1)^2 = .25 vs (.2-1)^2 = .64 -> .64
     torch.testing.assert_close(loss, torch.tensor(0.5 * (1.0 + 0.64) / 2))
     torch.testing.assert_close(info["clipfrac"], torch.tensor(0.5))

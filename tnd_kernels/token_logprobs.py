@@ -156,7 +156,9 @@ class TokenLogprobsEntropyTorch(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, tokens, temperature):
-        z = logits.to(_compute_dtype(logits.dtype)) * (1.0 / temperature)
+        z = logits.to(_compute_dtype(logits.dtype))
+        if temperature != 1.0:  # PPO samples at T = 1: an [N, V] multiply saved
+            z = z * (1.0 / temperature)
         log_q, q = torch.log_softmax(z, dim=-1), torch.softmax(z, dim=-1)
         logp = log_q.gather(1, tokens.long()[:, None]).squeeze(1)
         ent = -(q * log_q).nan_to_num_(0.0).sum(-1)  # q = 0 where log q = -inf: that term is 0

@@ -51,23 +51,24 @@ def layout(lengths: list[int], width: int) -> tuple[list[int], list[int], list[i
 
 
 def pack(attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Where each real token of a [B, T] batch (contiguous in its row) goes in the packed [R, T] grid.
+    """Where the real tokens of a [B, T] batch (contiguous in each row) go in the packed [R, T] grid.
 
-    Returns (dest [B, T]: flat index into the grid, meaningful where attention_mask is 1;
-    packed_positions [R, T]; R). A packed row's unused tail gets positions 0, 1, ... of its own,
-    so it forms one more (ignored) sequence that no real token can see.
+    Returns (dest [N]: the flat grid index of each of the N real tokens, in row-major order, i.e.
+    the order of `x[attention_mask.bool()]`; packed_positions [R, T]; R). A packed row's unused
+    tail gets positions 0, 1, ... of its own, so it forms one more (ignored) sequence that no real
+    token can see. Built in Python: a handful of small lists costs less than a dozen tensor ops.
     """
-    keep = attention_mask.bool()
-    width = keep.shape[1]
-    row_of, offset_of, used = layout(keep.sum(1).tolist(), width)
+    width = attention_mask.shape[1]
+    lengths = attention_mask.bool().sum(1).tolist()
+    row_of, offset_of, used = layout(lengths, width)
+    dest = [row * width + offset + j for row, offset, n in zip(row_of, offset_of, lengths) for j in range(n)]
+    grid: list[list[int]] = [[] for _ in used]
+    for row, n in zip(row_of, lengths):
+        grid[row].extend(range(n))
+    for row in grid:
+        row.extend(range(width - len(row)))  # the tail
     device = attention_mask.device
-    start = keep.long().argmax(1)  # first real column of each row
-    column = torch.tensor(offset_of, device=device)[:, None] + torch.arange(width, device=device) - start[:, None]
-    dest = torch.tensor(row_of, device=device)[:, None] * width + column
-    # tails: positions count from the end of the last sequence in the packed row
-    packed_positions = (torch.arange(width, device=device) - torch.tensor(used, device=device)[:, None]).clamp(min=0)
-    packed_positions = packed_positions.flatten().index_put((dest[keep],), positions(attention_mask)[keep])
-    return dest, packed_positions.view(len(used), width), len(used)
+    return torch.tensor(dest, device=device), torch.tensor(grid, device=device), len(used)
 
 
 def chunks(attention_mask: torch.Tensor, max_rows: int, packed: bool) -> list[slice]:
@@ -105,9 +106,9 @@ def forward_at(
         if body is model or head is None:
             raise ValueError(f"forward_at: {type(model).__name__} has no separate body and output head")
         dest, packed_positions, n_rows = pack(attention_mask)
-        ids = input_ids.new_zeros(n_rows * input_ids.shape[1]).index_put((dest[keep],), input_ids[keep])
+        ids = input_ids.new_zeros(n_rows * input_ids.shape[1]).index_put((dest,), input_ids[keep])
         out = body(input_ids=ids.view(n_rows, -1), position_ids=packed_positions, use_cache=False)
-        states = out.last_hidden_state.flatten(0, 1)[dest[at]]
+        states = out.last_hidden_state.flatten(0, 1)[dest[at[keep]]]
         logits = head(states)
         states = states if hidden else None
     else:

@@ -365,34 +365,35 @@ def per_token_rewards(
 
 
 def clipped_policy_loss(
-    logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, cliprange: float
+    logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, cliprange: float
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """PPO-clip: mean over valid tokens of max(-A ratio, -A clip(ratio, 1-eps, 1+eps))."""
+    """PPO-clip over the valid tokens given (e.g. a mini-batch's response tokens, flat [M]):
+    mean of max(-A ratio, -A clip(ratio, 1-eps, 1+eps))."""
     logratio = logprobs - old_logprobs
     ratio = torch.exp(logratio)
     pg_losses = -advantages * ratio
     pg_losses2 = -advantages * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)
-    loss = masked_mean(torch.max(pg_losses, pg_losses2), mask)
+    loss = torch.max(pg_losses, pg_losses2).mean()
     with torch.no_grad():
         info = {
-            "clipfrac": masked_mean((pg_losses2 > pg_losses).float(), mask),
-            "approx_kl": masked_mean((ratio - 1) - logratio, mask),  # k3
-            "policykl": masked_mean(-logratio, mask),  # k1
-            "ratio_mean": masked_mean(ratio, mask),
+            "clipfrac": (pg_losses2 > pg_losses).float().mean(),
+            "approx_kl": ((ratio - 1) - logratio).mean(),  # k3
+            "policykl": -logratio.mean(),  # k1
+            "ratio_mean": ratio.mean(),
         }
     return loss, info
 
 
 def clipped_value_loss(
-    values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor, cliprange_value: float
+    values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, cliprange_value: float
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """0.5 * mean over valid tokens of max((V - R)^2, (V_old + clip(V - V_old, +-eps_v) - R)^2)."""
+    """0.5 * mean over the valid tokens given of max((V - R)^2, (V_old + clip(V - V_old, +-eps_v) - R)^2)."""
     values_clipped = old_values + torch.clamp(values - old_values, -cliprange_value, cliprange_value)
     vf_losses1 = (values - returns) ** 2
     vf_losses2 = (values_clipped - returns) ** 2
-    loss = 0.5 * masked_mean(torch.max(vf_losses1, vf_losses2), mask)
+    loss = 0.5 * torch.max(vf_losses1, vf_losses2).mean()
     with torch.no_grad():
-        info = {"clipfrac": masked_mean((vf_losses2 > vf_losses1).float(), mask)}
+        info = {"clipfrac": (vf_losses2 > vf_losses1).float().mean()}
     return loss, info
 
 
@@ -730,8 +731,9 @@ class CustomPPOTrainer:
             self._packed[key] = self.config.padding_free and supports_packing(model)
             if self.config.padding_free and not self._packed[key]:
                 warnings.warn(
-                    f"{type(model).__name__} fails the padding-free check (packed sequences mix, or its logits are "
-                    "more than output_head(base_model)); it runs on padded batches (ppo.padding_free: false silences this)",
+                    f"{type(model).__name__} fails the padding-free check (packed sequences mix, or its logits "
+                    "are more than output_head(base_model)); it runs on padded batches "
+                    "(ppo.padding_free: false silences this)",
                     stacklevel=3,
                 )
         return self._packed[key]
@@ -863,17 +865,15 @@ class CustomPPOTrainer:
         ids, mask = rollout.input_ids[index], rollout.attention_mask[index]
         response_mask = rollout.response_mask[index]
         at = self._predictors(response_mask, rollout.prompt_width)
+        # everything below is over the M response tokens of the mini-batch, flat and row-major
         logits, hidden = self._forward_at(self.student, ids, mask, at, hidden=True)  # [M, V], [M, H]
         logp, entropy = self._logprobs(logits, ids[:, rollout.prompt_width :][response_mask])
-        logp, entropy = _scatter(logp, response_mask), _scatter(entropy, response_mask)
-        values = _scatter(self.value_head(hidden).float(), response_mask)
-        pg_loss, pg = clipped_policy_loss(
-            logp, rollout.logprobs[index], rollout.advantages[index], response_mask, cfg.cliprange
-        )
-        vf_loss, vf = clipped_value_loss(
-            values, rollout.values[index], rollout.returns[index], response_mask, cfg.cliprange_value
-        )
-        mean_entropy = masked_mean(entropy, response_mask)
+        values = self.value_head(hidden).float()
+        old = {name: getattr(rollout, name)[index][response_mask]
+               for name in ("logprobs", "advantages", "values", "returns")}
+        pg_loss, pg = clipped_policy_loss(logp, old["logprobs"], old["advantages"], cfg.cliprange)
+        vf_loss, vf = clipped_value_loss(values, old["values"], old["returns"], cfg.cliprange_value)
+        mean_entropy = entropy.mean()
         loss = pg_loss + cfg.vf_coef * vf_loss
         if cfg.ent_coef:  # a zero-weighted term would still cost a backward pass through the entropy
             loss = loss - cfg.ent_coef * mean_entropy
