@@ -27,9 +27,10 @@ def batch(spans: list[tuple[int, int]], width: int, vocab: int, seed: int = 0):
     return ids, mask
 
 
-def test_layout_fills_rows_in_order():
-    # width 6: 3 + 2 fit in row 0, 4 starts row 1, 2 joins it, 6 needs a row of its own, 1 starts the last
-    assert layout([3, 2, 4, 2, 6, 1], 6) == ([0, 0, 1, 1, 2, 3], [0, 3, 0, 4, 0, 0], [5, 6, 6, 1])
+def test_layout_is_first_fit():
+    # width 6: 3 + 2 fit in row 0, 4 starts row 1, 2 joins it, 6 needs a row of its own, and 1 goes
+    # back to the gap in row 0
+    assert layout([3, 2, 4, 2, 6, 1], 6) == ([0, 0, 1, 1, 2, 0], [0, 3, 0, 4, 0, 5], [6, 6, 6])
 
 
 def test_pack_places_real_tokens_and_restarts_positions():

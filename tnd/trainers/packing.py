@@ -4,8 +4,8 @@ without the padding.
 A PPO batch is mostly padding once the student has learnt to stop at eos: prompts are
 left-padded and responses right-padded to the longest in the batch (benchmarks/ppo_step.py's
 mini-batches from the warm-started default student: 9 real tokens per row, 17 columns).
-`forward_at` lays the real tokens of consecutive rows back to back into rows no wider than the
-batch, with position ids
+`forward_at` lays the real tokens of each row back to back into packed rows no wider than the
+batch (first fit: a short sequence fills a gap left in an earlier row), with position ids
 that restart at 0 for every sequence and no attention mask. transformers then builds a
 block-diagonal causal mask from the position ids (`masking_utils.find_packed_sequence_indices`),
 so each sequence attends to itself only, and the outputs equal the padded batch's up to float
@@ -36,17 +36,25 @@ def positions(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
+def _place(used: list[int], n: int, width: int) -> int:
+    """First fit: the first row of `used` (tokens taken per packed row) with room for n more tokens,
+    a new row when none has; the row's count grows by n. Returns the row."""
+    row = next((r for r, u in enumerate(used) if u + n <= width), len(used))
+    if row == len(used):
+        used.append(0)
+    used[row] += n
+    return row
+
+
 def layout(lengths: list[int], width: int) -> tuple[list[int], list[int], list[int]]:
-    """Sequences of `lengths` laid back to back, in order, into packed rows of `width` tokens (a
-    sequence that does not fit in what is left of the current row starts the next one): the packed
-    row of each sequence, its offset in that row, and the tokens used in each packed row."""
-    row_of, offset_of, used = [], [], [0]
+    """Sequences of `lengths` laid into packed rows of `width` tokens, first fit in order (a short
+    sequence may go back to an earlier row with room): the packed row of each sequence, its offset
+    in that row, and the tokens used in each packed row."""
+    row_of, offset_of, used = [], [], []
     for n in lengths:
-        if used[-1] and used[-1] + n > width:
-            used.append(0)
-        row_of.append(len(used) - 1)
-        offset_of.append(used[-1])
-        used[-1] += n
+        row = _place(used, n, width)
+        row_of.append(row)
+        offset_of.append(used[row] - n)
     return row_of, offset_of, used
 
 
@@ -62,11 +70,11 @@ def pack(attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]
     lengths = attention_mask.bool().sum(1).tolist()
     row_of, offset_of, used = layout(lengths, width)
     dest = [row * width + offset + j for row, offset, n in zip(row_of, offset_of, lengths) for j in range(n)]
-    grid: list[list[int]] = [[] for _ in used]
-    for row, n in zip(row_of, lengths):
-        grid[row].extend(range(n))
-    for row in grid:
-        row.extend(range(width - len(row)))  # the tail
+    grid = [[0] * width for _ in used]
+    for row, offset, n in zip(row_of, offset_of, lengths):
+        grid[row][offset : offset + n] = range(n)
+    for row, n in zip(grid, used):
+        row[n:] = range(width - n)  # the tail
     device = attention_mask.device
     return torch.tensor(dest, device=device), torch.tensor(grid, device=device), len(used)
 
@@ -78,8 +86,14 @@ def chunks(attention_mask: torch.Tensor, max_rows: int, packed: bool) -> list[sl
     size = attention_mask.shape[0]
     if not packed:
         return [slice(i, min(i + max_rows, size)) for i in range(0, size, max_rows)]
-    row_of, _, _ = layout(attention_mask.bool().sum(1).tolist(), attention_mask.shape[1])
-    bounds = [i for i in range(1, size) if row_of[i] // max_rows != row_of[i - 1] // max_rows]
+    width = attention_mask.shape[1]
+    bounds, used = [], []
+    for i, n in enumerate(attention_mask.bool().sum(1).tolist()):
+        _place(used, n, width)  # as `layout` places it, first fit being incremental
+        if len(used) > max_rows:  # sequence i starts the next chunk
+            bounds.append(i)
+            used = []
+            _place(used, n, width)
     return [slice(a, b) for a, b in zip([0] + bounds, bounds + [size])]
 
 
