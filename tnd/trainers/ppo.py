@@ -61,9 +61,10 @@ fed to the controller, the early-stopping KL, the non-finite count and the skip 
 while the other stats are process 0's. Advantages are whitened per process, as in TRL.
 
 Forward passes in the rollout and the update run padding-free (`padding_free`, on by default):
-the real tokens of consecutive sequences share rows, kept apart by position ids, so the model
-never computes on padding (tnd/trainers/packing.py; a model that cannot keep them apart runs
-on the padded batch).
+the real tokens of several sequences share a row, kept apart by position ids, so the model
+never computes on padding, and the output head runs only where the losses read it
+(tnd/trainers/packing.py; a model that fails the packing check runs on the padded batch).
+The losses are then taken over the mini-batch's response tokens, flat.
 
 Stats: every step returns the same keys (`STAT_KEYS`); a quantity that was not computed in
 that step (no PPO update in demos_only, a skipped step, no demonstrations) is NaN.
