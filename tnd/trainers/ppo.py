@@ -525,8 +525,10 @@ class Rollout:
 
 
 def _scatter(flat: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """[M] values of the True positions of `mask` (row-major) -> a tensor of mask's shape, zero elsewhere."""
-    return torch.zeros(mask.shape, dtype=flat.dtype, device=flat.device).masked_scatter(mask, flat)
+    """[M, ...] values of the True positions of `mask` (row-major) -> [*mask.shape, ...], zero elsewhere."""
+    out = flat.new_zeros(*mask.shape, *flat.shape[1:])
+    out[mask] = flat
+    return out
 
 
 def _nan() -> float:
@@ -813,9 +815,7 @@ class CustomPPOTrainer:
             if self.config.distill_online:
                 teacher_logits = ref_logits if self.reference is None else self._forward_at(
                     self.teacher, ids[sl], mask[sl], at[sl])[0]
-                padded = teacher_logits.new_zeros(*rmask.shape, teacher_logits.shape[-1])
-                padded[rmask] = teacher_logits
-                out["teacher_logits"].append(padded)
+                out["teacher_logits"].append(_scatter(teacher_logits, rmask))
         return {k: (torch.cat(v) if v else None) for k, v in out.items()}
 
     def _demo_rows(self, indices: list[int]) -> tuple[list[list[int]], list[list[int]]]:
