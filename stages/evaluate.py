@@ -171,9 +171,8 @@ def evaluate(params: Params, run: Tracker) -> None:
             model, tokenizer, prompts, cfg.max_new_tokens, cfg.seed, cfg.temperature,
             desc=f"sampling ({name})", batch_size=cfg.batch_size,
         )
-        rewards = score_token_ids(
-            reward_model, tokenizer, [r["prompt_ids"] + r["continuation_ids"] for r in rows],
-            batch_size=cfg.batch_size, max_length=None,
+        rewards = score_token_ids(  # as PPO scores its trials (compute_scores): bos in front, whole
+            reward_model, tokenizer, [r["prompt_ids"] + r["continuation_ids"] for r in rows], batch_size=cfg.batch_size
         )
         for row, reward in zip(rows, rewards.tolist()):
             row["reward"] = _finite(reward)

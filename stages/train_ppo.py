@@ -1,6 +1,7 @@
 """Stage train_ppo: TnD training of the student (tnd.trainers.CustomPPOTrainer) for ppo.steps.
 
-Reads the tokenizer, teacher, reward model, prompts, the teacher-logit cache (checked
+Reads the tokenizer, teacher, reward model, prompts, the training texts (the student's warm-up, and the
+interleaved LM steps when tnd.lm_data is corpus), the teacher-logit cache (checked
 against this teacher and tokenizer) and metrics/rewards.json (the demonstrations' reward
 statistics seed the score normaliser). The built-in student is built from student.arch and
 warmed up for student.train.steps LM steps (0 = from scratch); otherwise it is loaded by
@@ -50,7 +51,7 @@ from tnd.io import atomic_write_bytes, atomic_write_json, atomic_write_text, rea
 from tnd.models import build_causal_lm, load_causal_lm, save_model
 from tnd.tracking import Tracker
 from tnd.trainers import CustomPPOConfig, CustomPPOTrainer
-from tnd.trainers.lm import pretrain_lm
+from tnd.trainers.lm import encode_for_lm, pretrain_lm
 from tnd.trainers.ppo import STAT_KEYS
 from tnd.trainers.reward import load_reward_model
 
@@ -250,12 +251,12 @@ def train_ppo(params: Params, run: Tracker) -> None:
 
     # The student training starts from (on resume: the one the checkpointed run started from).
     initial = None
+    texts = [row["text"] for row in _read_rows(Path(PREPARED) / "train.jsonl")]
     if params.student.source == "builtin":
         student = build_causal_lm(params.student.arch, tokenizer, params.seed)
         if ckpt is not None:
             student.load_state_dict(ckpt["initial_student"])
         elif params.student.train.steps:
-            texts = [row["text"] for row in _read_rows(Path(PREPARED) / "train.jsonl")]
             pretrain_lm(student, tokenizer, texts, params.student.train, params.seed, desc="student warm-up")
         initial = {k: v.clone() for k, v in student.state_dict().items()}
     else:
@@ -274,6 +275,8 @@ def train_ppo(params: Params, run: Tracker) -> None:
     trainer = CustomPPOTrainer(
         teacher.to(device), student.to(device), reward_model.to(device), config, prompts,
         demonstrations=cache, tokenizer=tokenizer, accelerator=accelerator,
+        lm_dataset=encode_for_lm(tokenizer, texts, params.student.train.max_length)
+        if params.tnd.lm_data == "corpus" else None,
     )
     rows: list[dict] = []
     if ckpt is not None:

@@ -92,6 +92,8 @@ def dvc_project(tmp_path, monkeypatch):
         else:
             shutil.copy(src, tmp_path / name)
     shutil.copy(ROOT / ".gitignore", tmp_path / ".gitignore")
+    # dvc init keeps it: __pycache__/ stays out of the hashes of code-folder deps (tnd/trainers, tnd_kernels)
+    shutil.copy(ROOT / ".dvcignore", tmp_path / ".dvcignore")
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(tiny_params(), sort_keys=False))
     monkeypatch.chdir(tmp_path)
     # Stage commands call `python`: make it this interpreter, with the copied code first.

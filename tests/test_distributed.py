@@ -88,6 +88,38 @@ def test_two_process_resume_is_bit_exact(tmp_path):
         assert torch.equal(out["resumed"], out["straight"]), rank
 
 
+def _value_head_after_a_demos_only_step(accelerator=None) -> torch.Tensor:
+    tokenizer = train_bpe(SENTENCES, vocab_size=300, min_frequency=1)
+    prompts = [[tokenizer.bos_token_id, *tokenizer(text, add_special_tokens=False)["input_ids"][:2]]
+               for text in SENTENCES[:8]]
+    # demos_only with LM steps: nothing in the step reads the value head, so it has no gradient
+    trainer = make_trainer(tokenizer, prompts, accelerator=accelerator, mode="demos_only", lm_steps_per_ppo_step=1,
+                           optimizer_kwargs={"weight_decay": 0.1})
+    before = torch.cat([p.detach().flatten() for p in trainer.value_head.parameters()])
+    trainer.step(trainer.next_prompts())
+    after = torch.cat([p.detach().flatten() for p in trainer.value_head.parameters()])
+    return before, after
+
+
+def _unused_parameter_worker(rank: int, init_file: str, out_dir: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        before, after = _value_head_after_a_demos_only_step(SimpleNamespace(num_processes=2, process_index=rank))
+        torch.save({"before": before, "after": after}, os.path.join(out_dir, f"unused{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_parameter_without_gradient_stays_put_in_one_process_and_in_two(tmp_path):
+    """No gradient anywhere means no update (no weight decay, no momentum), as in a single process."""
+    before, after = _value_head_after_a_demos_only_step()
+    assert torch.equal(before, after)
+    mp.spawn(_unused_parameter_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    for rank in (0, 1):
+        out = torch.load(tmp_path / f"unused{rank}.pt", weights_only=False)
+        assert torch.equal(out["before"], out["after"]), rank
+
+
 def test_batches_too_small_to_share_are_a_clear_error(tmp_path):
     tokenizer = train_bpe(SENTENCES, vocab_size=300, min_frequency=1)
     prompts = [[tokenizer.bos_token_id, 5]]

@@ -1,7 +1,9 @@
 """The nursery grammar: generator, exact checker, vocabulary and corruptions."""
 
+import functools
 import os
 import random
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -24,6 +26,50 @@ def sentences() -> list[str]:
 
 def words_of(sentence: str) -> list[str]:
     return sentence[:-1].split(" ")
+
+
+def in_language(sentence: str) -> bool:
+    """An oracle for the checker: whether the grammar derives `sentence`. It shares the rule tables (the
+    language's definition) with is_grammatical but none of its code: its own surface split and a/an rule,
+    and a plain memoised recursion over spans (no first sets, no preterminal shortcut)."""
+    if not re.fullmatch(r"[a-z]+( [a-z]+)*[.?]", sentence):
+        return False
+    words = words_of(sentence)
+    for i, word in enumerate(words):
+        if word in ("a", "an"):
+            if i + 1 == len(words) or (words[i + 1][0] in "aeiou") != (word == "an"):
+                return False
+            words[i] = "a"
+    tokens = (*words, sentence[-1])
+
+    @functools.cache
+    def derives(symbol: str, i: int, j: int) -> bool:  # symbol =>* tokens[i:j]
+        if not symbol[0].isupper():
+            return j == i + 1 and tokens[i] == symbol
+        return any(sequence(rule.rhs, i, j) for rule in nursery.GRAMMAR[symbol])
+
+    def sequence(rhs: tuple[str, ...], i: int, j: int) -> bool:
+        if len(rhs) == 1:
+            return derives(rhs[0], i, j)
+        return any(derives(rhs[0], i, k) and sequence(rhs[1:], k, j) for k in range(i + 1, j - len(rhs) + 2))
+
+    return derives(nursery.START, 0, len(tokens))
+
+
+def made_by(kind: str, original: list[str], bad: list[str]) -> bool:
+    """Whether `bad` is `original` changed as `kind` says: one noun, verb, auxiliary or determiner for
+    another of its category, two adjacent words swapped, one word dropped, one word repeated."""
+    n = len(original)
+    if kind == "agreement_swap":
+        changed = [(a, b) for a, b in zip(original, bad) if a != b] if len(bad) == n else []
+        categories = ("noun", "verb", "auxiliary", "determiner")
+        return len(changed) == 1 and any(set(changed[0]) <= set(WORDS_BY_CATEGORY[c]) for c in categories)
+    if kind == "adjacent_swap":
+        swaps = ([*original[:i], original[i + 1], original[i], *original[i + 2:]] for i in range(n - 1))
+        return any(bad == swap != original for swap in swaps)
+    if kind == "drop_word":
+        return any(bad == [*original[:i], *original[i + 1:]] for i in range(n))
+    return any(bad == [*original[: i + 1], original[i], *original[i + 1:]] for i in range(n))
 
 
 # --- generator ----------------------------------------------------------------------------
@@ -108,6 +154,7 @@ def test_spelling_predicts_the_article():
 
 def test_checker_accepts_every_generated_sentence(sentences):
     assert [s for s in sentences if not is_grammatical(s)] == []
+    assert [s for s in sentences[:500] if not in_language(s)] == []  # the oracle is no stricter
 
 
 @pytest.mark.parametrize(
@@ -133,6 +180,7 @@ def test_checker_accepts_every_generated_sentence(sentences):
 )
 def test_checker_accepts_handwritten_sentences(sentence):
     assert is_grammatical(sentence)
+    assert in_language(sentence.strip())  # the oracle agrees with the hand label
 
 
 @pytest.mark.parametrize(
@@ -169,6 +217,7 @@ def test_checker_accepts_handwritten_sentences(sentence):
 )
 def test_checker_rejects_handwritten_sentences(sentence):
     assert not is_grammatical(sentence)
+    assert not in_language(sentence.strip())  # the oracle agrees with the hand label
 
 
 def test_checker_rejects_non_strings():
@@ -183,15 +232,38 @@ def test_corruption_kinds_are_exactly_the_four():
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_every_corruption_is_rejected_and_most_sentences_have_one(sentences, kind):
+def test_every_corruption_is_its_kind_and_ungrammatical_and_most_sentences_have_one(sentences, kind):
+    # corrupt() picks a variant the checker rejects, so the checker cannot judge it: the oracle does
+    # (on the first 500, for time), and made_by checks the change is the one named.
     rng = random.Random(0)
     corrupted = [corrupt(s, kind, rng) for s in sentences]
     made = [(s, c) for s, c in zip(sentences, corrupted) if c is not None]
     assert len(made) > 0.8 * len(sentences)
     for original, bad in made:
-        assert not is_grammatical(bad), (original, bad)
+        assert made_by(kind, words_of(original), words_of(bad)), (original, bad)
         assert bad[-1] == original[-1] and bad == bad.strip() and "  " not in bad and " ." not in bad
         assert set(words_of(bad)) <= set(VOCABULARY)
+    assert [pair for pair in made[:500] if in_language(pair[1])] == []
+
+
+@pytest.mark.parametrize(
+    "sentence,kind,expected",
+    [
+        # "the dog sees the cats." is grammatical: never a corruption
+        ("the dog sees the cat.", "agreement_swap", {"the dogs sees the cat.", "the dog see the cat."}),
+        ("the dogs ran.", "agreement_swap", set()),  # "the dog ran." is grammatical
+        # "the dog runs." is grammatical: never a corruption
+        ("the big dog runs.", "drop_word", {"big dog runs.", "the big runs.", "the big dog."}),
+        ("is the cat big?", "adjacent_swap", {"the is cat big?", "is cat the big?", "is the big cat?"}),
+        ("an owl sleeps.", "adjacent_swap", {"owl an sleeps.", "an sleeps owl."}),
+        ("the dog runs.", "duplicate_word", {"the the dog runs.", "the dog dog runs.", "the dog runs runs."}),
+    ],
+)
+def test_corrupt_makes_exactly_the_ungrammatical_variants(sentence, kind, expected):
+    # Hand-labelled: every variant of its kind that is ungrammatical, none that is grammatical.
+    made = {corrupt(sentence, kind, random.Random(seed)) for seed in range(60)}
+    assert made - {None} == expected
+    assert (None in made) == (not expected)
 
 
 def test_agreement_swap_finds_one_where_something_agrees(sentences):

@@ -146,7 +146,7 @@ def test_trainer_falls_back_to_padded_batches_with_a_warning(tokenizer, prompts,
     with pytest.warns(UserWarning, match=r"fails the padding-free check .*; it runs on padded batches"):
         stats = trainer.step(trainer.next_prompts())
     assert set(trainer._packed.values()) == {False}
-    assert stats["loss/total"] == stats["loss/total"]  # finite: the padded path trained
+    assert torch.isfinite(torch.tensor(stats["loss/total"]))  # the padded path trained (nan and inf fail)
 
 
 def test_padding_free_off_never_checks_models(tokenizer, prompts, monkeypatch):

@@ -45,7 +45,7 @@ def mutate(params: dict, rng: random.Random) -> dict:
     return mutated
 
 
-def test_200_mutated_params_never_escape_as_anything_but_one_line():
+def test_250_mutated_params_never_escape_as_anything_but_one_line():
     rng = random.Random(20251125)
     base = repo_params()
     outcomes = {"valid": 0, "error": 0}

@@ -3,6 +3,7 @@ every mode, padding invariance, non-finite rewards, determinism and resume, and 
 
 from __future__ import annotations
 
+import copy
 import math
 from types import SimpleNamespace
 
@@ -68,14 +69,14 @@ def prompts(tokenizer):
 class FakeCache:
     """TeacherCache stand-in: teacher samples with their top-k log-probs, right-padded by batch()."""
 
-    def __init__(self, teacher, tokenizer, prompts, k: int = 8, max_new_tokens: int = 6):
+    def __init__(self, teacher, tokenizer, prompts, k: int = 8, max_new_tokens: int = 6, temperature: float = 1.0):
         teacher.eval()
         conts = sample_continuations(teacher, tokenizer, prompts, max_new_tokens, seed=0)
-        self.rows = []
+        self.rows, self.temperature = [], temperature
         with torch.no_grad():
             for prompt, cont in zip(prompts, conts):
                 ids = torch.tensor([prompt + cont])
-                logp = torch.log_softmax(teacher(input_ids=ids).logits[0].float(), -1)
+                logp = torch.log_softmax(teacher(input_ids=ids).logits[0].float() / temperature, -1)
                 top, idx = logp.topk(k, dim=-1)
                 tail = torch.log1p(-top.exp().sum(-1).clamp(max=1 - 1e-6))
                 target = torch.zeros(ids.shape[1], dtype=torch.bool)
@@ -125,7 +126,8 @@ class TokenReward(nn.Module):
         return SimpleNamespace(logits=score[:, None])
 
 
-def make_trainer(tokenizer, prompts, reward=None, seed=0, with_demos=True, accelerator=None, **overrides):
+def make_trainer(tokenizer, prompts, reward=None, seed=0, with_demos=True, accelerator=None, lm_dataset=None,
+                 **overrides):
     teacher = build_causal_lm(ArchParams(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64), tokenizer, 1)
     student = build_causal_lm(TINY, tokenizer, 2)
     if reward is None:
@@ -138,7 +140,8 @@ def make_trainer(tokenizer, prompts, reward=None, seed=0, with_demos=True, accel
     config = CustomPPOConfig(**settings)
     demos = FakeCache(teacher, tokenizer, prompts) if with_demos else None
     return CustomPPOTrainer(
-        teacher, student, reward, config, prompts, demonstrations=demos, tokenizer=tokenizer, accelerator=accelerator
+        teacher, student, reward, config, prompts, demonstrations=demos, tokenizer=tokenizer, accelerator=accelerator,
+        lm_dataset=lm_dataset,
     )
 
 
@@ -234,11 +237,47 @@ def test_score_processing():
     proc = ScoreProcessor(False, True, None, RunningMoments(2.5, 1.0, count=4))
     out = proc(scores)
     batch_var = scores.var(unbiased=False).item()  # 1.25; same mean -> pooled var = (4*1 + 4*1.25) / 8
-    std = math.sqrt((4 * 1.0 + 4 * batch_var) / 8)
+    std = math.sqrt((4 * 1.0 + 4 * batch_var) / 8 * 8 / 7)  # Bessel-corrected over the 8, as TRL
     torch.testing.assert_close(out, (scores - 2.5) / std)
     # scaling divides by the running std without centring
     proc = ScoreProcessor(True, False, None, RunningMoments(2.5, 1.0, count=4))
     torch.testing.assert_close(proc(scores), scores / std)
+
+
+def trl_running_moments(batches, mean=0.0, std=1.0, count=1e-24):
+    """TRL's RunningMoments.update (trl/trainer/utils.py, v0.11), transcribed: (mean, std) after `batches`."""
+    var = std**2
+    for xs in batches:
+        xs = torch.tensor(xs, dtype=torch.float64)
+        xs_count = xs.numel()
+        xs_var, xs_mean = torch.var_mean(xs, unbiased=False)
+        delta = xs_mean - mean
+        tot_count = count + xs_count
+        new_sum = xs_var * xs_count
+        old_sum = var * count + delta**2 * count * xs_count / tot_count
+        tot_sum = old_sum + new_sum
+        mean += (delta * xs_count / tot_count).item()
+        new_var = tot_sum / tot_count
+        std = (new_var * tot_count / (tot_count - 1)).sqrt().item()
+        var = new_var.item()
+        count = tot_count
+    return mean, std
+
+
+@pytest.mark.parametrize("prior", [{}, {"mean": 2.0, "std": 3.0, "count": 10}])
+def test_running_moments_match_trl(prior):
+    batches = [[1.0, 2.0, 3.0], [4.0, -1.0], [0.5, 0.25, 7.0, 2.0]]
+    moments = RunningMoments(**prior)
+    for xs in batches:
+        moments.update(torch.tensor(xs))
+    mean, std = trl_running_moments(batches, **prior)
+    assert moments.mean == pytest.approx(mean, rel=1e-12) and moments.std == pytest.approx(std, rel=1e-12)
+    if not prior:  # no prior: the plain sample statistics of every score seen
+        seen = torch.tensor(sum(batches, []), dtype=torch.float64)
+        assert moments.std == pytest.approx(seen.std(unbiased=True).item(), rel=1e-9)
+    restored = RunningMoments()
+    restored.load_state_dict(moments.state_dict())
+    assert (restored.mean, restored.std) == (moments.mean, moments.std)
 
 
 # --- config --------------------------------------------------------------------------------
@@ -348,6 +387,123 @@ def test_step_runs_in_each_mode(tokenizer, prompts, overrides, expect):
         assert math.isnan(stats["loss/distill"])
 
 
+def test_trials_only_never_uses_demonstrations(tokenizer, prompts):
+    """trials_only with demos_as = ppo: no demonstration joins the batch, and none is needed."""
+    for with_demos in (False, True):
+        trainer = make_trainer(tokenizer, prompts, mode="trials_only", demos_as="ppo", with_demos=with_demos,
+                               lm_steps_per_ppo_step=1)
+        seen = []
+        original = trainer.make_rollout
+        trainer.make_rollout = lambda p, r, scores, is_demo: seen.append(is_demo.clone()) or original(p, r, scores, is_demo)
+        if with_demos:
+            trainer.demonstrations.batch = None  # any read of the demonstrations fails
+        stats = trainer.step(trainer.next_prompts())
+        assert len(seen) == 1 and not seen[0].any() and len(seen[0]) == 8
+        assert math.isnan(stats["loss/distill"]) and math.isnan(stats["loss/lm"])
+    with pytest.raises(PPOConfigError, match="trials_only"):
+        CustomPPOConfig(mode="trials_only", distill_online=True)
+
+
+@pytest.mark.parametrize("cache_temperature, distill_temperature", [(1.0, 1.0), (2.0, 2.0), (0.5, 0.5), (1.0, 2.0),
+                                                                    (2.0, 1.0)])
+def test_a_student_equal_to_the_teacher_has_zero_demonstration_loss(tokenizer, prompts, cache_temperature,
+                                                                     distill_temperature):
+    """At every temperature the trainer accepts, student == teacher gives a zero top-k loss; a distill
+    temperature other than the cache's is refused (the cached teacher cannot be re-tempered)."""
+    teacher = build_causal_lm(TINY, tokenizer, 1)
+    cache = FakeCache(teacher, tokenizer, prompts, temperature=cache_temperature)
+    config = CustomPPOConfig(batch_size=8, mini_batch_size=4, demo_batch_size=4, mode="demos_only",
+                             distill_temperature=distill_temperature, kernel_backend="torch")
+    build = lambda: CustomPPOTrainer(teacher, copy.deepcopy(teacher), build_reward_model(TINY, tokenizer, 3),  # noqa: E731
+                                     config, prompts, demonstrations=cache, tokenizer=tokenizer)
+    if cache_temperature != distill_temperature:
+        with pytest.raises(PPOConfigError, match="cache temperature"):
+            build()
+        return
+    trainer = build()
+    for loss in ("forward_kl", "reverse_kl", "jsd"):
+        trainer.config.distill_loss = loss
+        value = trainer.demo_distill_loss(trainer._demo_batch(list(range(len(cache)))))
+        assert abs(value.item()) < 1e-5, (loss, value.item())
+
+
+def test_params_refuse_a_distill_temperature_other_than_the_cache_temperature():
+    from tnd.config import ParamsError, parse_params
+
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw["distill"]["temperature"] = 2.0
+    with pytest.raises(ParamsError, match=r"distill.temperature \(2.0\) must equal cache.temperature \(1.0\)"):
+        parse_params(raw)
+    raw["cache"]["temperature"] = 2.0
+    assert parse_params(raw).distill.temperature == 2.0
+    raw["tnd"]["mode"], raw["distill"]["online"] = "trials_only", True
+    with pytest.raises(ParamsError, match="distill.online"):
+        parse_params(raw)
+
+
+def test_online_distillation_with_a_mini_batch_of_demonstrations_only(tokenizer, prompts):
+    """demos_as = ppo puts the demonstrations last in the rollout: some mini-batches hold no trial."""
+    trainer = make_trainer(tokenizer, prompts, batch_size=4, mini_batch_size=1, demo_batch_size=4, demos_as="ppo",
+                           distill_online=True, ppo_epochs=1)
+    stats = trainer.step(trainer.next_prompts())
+    assert math.isfinite(stats["loss/online_distill"]) and math.isfinite(stats["loss/policy"])
+
+
+# --- the paper's recipe (params/tnd_original.yaml) ----------------------------------------------------
+
+
+def test_teacher_demonstrations_continue_the_trials_prompts_and_scores_fall_by_log2_step(tokenizer, prompts):
+    trainer = make_trainer(tokenizer, prompts, demos_as="ppo", demos_from="teacher", demo_score=3.0,
+                           score_offset="log2_step", with_demos=False)  # no cache needed
+    seen = []
+    original = trainer.make_rollout
+    trainer.make_rollout = lambda p, r, scores, is_demo: seen.append((p, r, scores, is_demo)) or original(
+        p, r, scores, is_demo)
+    trainer.train(steps=2)
+    for step, (p, r, scores, is_demo) in enumerate(seen, start=1):
+        n = len(p) // 2
+        assert is_demo.tolist() == [False] * n + [True] * n
+        assert p[n:] == p[:n]  # the teacher continues the trials' prompts
+        assert scores[is_demo].tolist() == pytest.approx([3.0 - math.log2(step)] * n)
+    raw = trainer.compute_scores([q + c for q, c in zip(seen[1][0][:4], seen[1][1][:4])])
+    assert seen[1][2][:4].tolist() == pytest.approx((raw - 1.0).tolist())  # step 2: log2(2) = 1
+    with pytest.raises(PPOConfigError, match="demos_as = 'ppo'"):
+        CustomPPOConfig(demos_from="teacher")
+
+
+def test_lm_steps_on_the_corpus_with_their_own_optimizer(tokenizer, prompts):
+    """lm_data = corpus: the LM steps read the corpus (in every mode), on their own AdamW with warm-up; the
+    value head and the PPO optimizer are not touched by them."""
+    corpus = [[tokenizer.bos_token_id, 50 + i, 60 + i, tokenizer.eos_token_id] for i in range(5)]
+    with pytest.raises(TndError, match="lm_dataset"):
+        make_trainer(tokenizer, prompts, mode="trials_only", with_demos=False, lm_steps_per_ppo_step=1,
+                     lm_data="corpus")
+    trainer = make_trainer(tokenizer, prompts, mode="trials_only", with_demos=False, lm_steps_per_ppo_step=2,
+                           lm_data="corpus", lm_batch_size=3, lm_learning_rate=0.1, lm_warmup_steps=2,
+                           lm_on_rollout=True, lm_dataset=corpus)
+    assert isinstance(trainer.lm_optimizer, torch.optim.AdamW)
+    read = []
+    original = trainer.lm_loss
+    trainer.lm_loss = lambda ids, mask, at: read.append(ids[mask.bool()].tolist()) or original(ids, mask, at)
+    stats = trainer.step(trainer.next_prompts())
+    assert math.isfinite(stats["loss/lm"]) and math.isfinite(stats["loss/lm_rollout"])
+    rollout_reads, corpus_reads = read[:-2], read[-2:]
+    assert all(len(r) == 3 * 4 and set(r) <= set(sum(corpus, [])) for r in corpus_reads)
+    assert not any(set(r) <= set(sum(corpus, [])) for r in rollout_reads)  # the first: the rollout's sequences
+    assert [g["lr"] for g in trainer.lm_optimizer.param_groups] == [pytest.approx(0.05)]  # warm-up: step 1 of 2
+    # the value head has no LM gradient, so its (PPO) optimizer state is all it has
+    lm_state = trainer.lm_optimizer.state_dict()["state"]
+    assert len(lm_state) == len([p for p in trainer.student.parameters() if p.requires_grad])
+    # a checkpoint holds the LM optimizer too: a resumed run continues bit-exactly
+    state = trainer.state_dict()
+    step2 = _strip(trainer.step(trainer.next_prompts()))
+    resumed = make_trainer(tokenizer, prompts, mode="trials_only", with_demos=False, lm_steps_per_ppo_step=2,
+                           lm_data="corpus", lm_batch_size=3, lm_learning_rate=0.1, lm_warmup_steps=2,
+                           lm_on_rollout=True, lm_dataset=corpus)
+    resumed.load_state_dict(state)
+    _same(step2, _strip(resumed.step(resumed.next_prompts())))
+
+
 def test_kl_to_initial_student_starts_at_zero_and_controller_moves(tokenizer, prompts):
     trainer = make_trainer(tokenizer, prompts, mode="trials_only", with_demos=False, kl_reference="initial_student",
                            init_kl_coef=0.2, kl_target=1.0, kl_horizon=100)
@@ -363,8 +519,27 @@ def test_kl_to_initial_student_starts_at_zero_and_controller_moves(tokenizer, pr
 def test_early_stopping_ends_the_epochs(tokenizer, prompts, early_stopping, epochs):
     trainer = make_trainer(tokenizer, prompts, mode="trials_only", with_demos=False, ppo_epochs=3,
                            early_stopping=early_stopping, target_kl=1e-12)
-    # the first optimizer step is on-policy (approx KL 0); the second one sees KL > 1.5 * target_kl
+    # the first mini-batch is on-policy (KL 0); the epoch's last one, after an update, sees KL > 1.5 * target_kl
     assert trainer.step(trainer.next_prompts())["ppo/epochs"] == epochs
+
+
+def test_early_stopping_checks_the_last_mini_batch_policykl_after_each_epoch(tokenizer, prompts):
+    """TRL's rule: once per epoch, on k1 `policy/policykl` of the epoch's last mini-batch."""
+    trainer = make_trainer(tokenizer, prompts, mode="trials_only", with_demos=False, ppo_epochs=3,
+                           early_stopping=True, target_kl=1e6)  # never stops: every epoch is checked
+    policykl, checked = [], []
+    original_loss, original_check = trainer.ppo_loss, trainer.early_stopping.should_stop
+
+    def ppo_loss(rollout, index):
+        loss, parts = original_loss(rollout, index)
+        policykl.append(float(parts["policy/policykl"]))
+        return loss, parts
+
+    trainer.ppo_loss = ppo_loss
+    trainer.early_stopping.should_stop = lambda kl: checked.append(kl) or original_check(kl)
+    stats = trainer.step(trainer.next_prompts())
+    assert stats["ppo/epochs"] == 3.0 and len(policykl) == 3 * 2  # 2 mini-batches per epoch
+    assert checked == pytest.approx(policykl[1::2], rel=1e-12)
 
 
 def test_logit_wrappers(tokenizer, prompts):
@@ -399,8 +574,7 @@ def _padded_rollout(trainer, tokenizer):
 
 @pytest.mark.parametrize("padding_free", [True, False])
 def test_pad_positions_do_not_affect_the_loss(tokenizer, prompts, padding_free):
-    trainer = make_trainer(tokenizer, prompts, mode="trials_only", with_demos=False, distill_online=True,
-                           padding_free=padding_free)
+    trainer = make_trainer(tokenizer, prompts, distill_online=True, padding_free=padding_free)
     rollout = _padded_rollout(trainer, tokenizer)
     assert (rollout.attention_mask == 0).sum() == 5  # 2 left pads (row 1) + 3 right pads after eos (row 0)
     index = torch.arange(2)
@@ -430,7 +604,9 @@ def test_pad_positions_do_not_affect_the_distill_loss(tokenizer, prompts, paddin
     pads = demo["attention_mask"] == 0
     other = dict(demo, input_ids=torch.where(pads, torch.randint(3, len(tokenizer), pads.shape), demo["input_ids"]))
     torch.testing.assert_close(trainer.demo_distill_loss(other), loss)
-    torch.testing.assert_close(trainer.demo_lm_loss(other), trainer.demo_lm_loss(demo))
+    at = trainer.lm_positions(demo["attention_mask"], demo["target_mask"])
+    torch.testing.assert_close(trainer.lm_loss(other["input_ids"], other["attention_mask"], at),
+                               trainer.lm_loss(demo["input_ids"], demo["attention_mask"], at))
 
 
 # --- non-finite rewards ------------------------------------------------------------------------------

@@ -10,7 +10,6 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from tnd.config import ArchParams, RewardParams, RewardTrainParams
 from tnd.data.tokenizer import encode, train_bpe
@@ -154,6 +153,40 @@ def test_token_ids_score_like_texts(tokenizer):
     assert torch.allclose(alone, by_text, atol=1e-5)
 
 
+def _ppo_scores(model, tokenizer, sequences):
+    """CustomPPOTrainer.compute_scores on `sequences`, without building a whole trainer."""
+    from tnd.trainers.ppo import CustomPPOTrainer
+
+    trainer = SimpleNamespace(reward_model=model, tokenizer=tokenizer, device=torch.device("cpu"),
+                              bos_id=tokenizer.bos_token_id, pad_id=tokenizer.pad_token_id)
+    return CustomPPOTrainer.compute_scores(trainer, sequences)
+
+
+def test_ppo_and_the_scorer_give_the_same_rewards(tokenizer):
+    """One function scores for PPO, score_rewards and evaluate: bos put in front once, in one place."""
+    model = build_reward_model(ARCH, tokenizer, seed=0)
+    bos = tokenizer.bos_token_id
+    sequences = [encode(tokenizer, "the cat runs"), [bos] + encode(tokenizer, "a big red ball sees the dog"), []]
+    torch.testing.assert_close(_ppo_scores(model, tokenizer, sequences), score_token_ids(model, tokenizer, sequences))
+    with_bos = score_token_ids(model, tokenizer, [[bos] + sequences[0]])
+    assert torch.equal(score_token_ids(model, tokenizer, sequences[:1]), with_bos)  # bos is not doubled
+
+
+def test_a_sequence_longer_than_the_reward_model_is_refused_not_cut(tokenizer):
+    model = build_reward_model(ARCH, tokenizer, seed=0)  # 64 positions
+    too_long = encode(tokenizer, " ".join(["the cat runs"] * 30))
+    assert len(too_long) >= 64
+    with pytest.raises(TndError, match=r"^reward: a sequence of \d+ tokens .* max_position_embeddings \(64\); lower"):
+        score_token_ids(model, tokenizer, [too_long])
+
+
+def test_an_id_the_reward_model_lacks_is_a_clear_error(tokenizer):
+    model = build_reward_model(ARCH, tokenizer, seed=0)
+    n = len(tokenizer)
+    with pytest.raises(TndError, match=rf"token id {n + 3} is outside the reward model's {n} embeddings"):
+        score_token_ids(model, tokenizer, [[5, 6], [7, n + 3]])
+
+
 def test_reward_stats_ignore_and_count_nonfinite():
     stats = reward_stats(torch.tensor([1.0, float("nan"), 2.0, float("inf"), 3.0, float("-inf")]))
     assert stats["count"] == 6 and stats["nan_count"] == 3 and stats["nonfinite_fraction"] == 0.5
@@ -194,38 +227,56 @@ def scoring_project(project, tokenizer):
     return project, score_rewards, FakeCache
 
 
-def test_score_rewards_writes_aligned_rewards(scoring_project, monkeypatch, tokenizer):
+def test_score_rewards_writes_the_statistics_ppo_uses(scoring_project, monkeypatch, tokenizer):
     project, stage, fake = scoring_project
     monkeypatch.setattr(stage, "TeacherCache", fake)
     stage.main([])
-    saved = load_file(project.path / "cache/rewards/rewards.safetensors")
-    assert saved["rewards"].shape == (10,) and saved["eval_rewards"].shape == (7,)
+    assert not (project.path / "cache/rewards").exists()  # per-demonstration rewards: no stage read them
     model = load_reward_model(project.path / "models/reward", tokenizer)
-    assert torch.allclose(saved["rewards"], score_token_ids(model, tokenizer, project.demos), atol=1e-5)
+    rewards = score_token_ids(model, tokenizer, project.demos)
     metrics = json.loads((project.path / "metrics/rewards.json").read_text())
     assert metrics["demonstrations"]["count"] == 10 and metrics["demonstrations"]["nan_count"] == 0
-    assert metrics["eval"]["count"] == 7
-    assert metrics["demonstrations"]["mean"] == pytest.approx(saved["rewards"].mean().item(), abs=1e-5)
+    assert metrics["eval"]["count"] == 7 and metrics["eval"]["truncated"] == 0
+    assert metrics["demonstrations"]["mean"] == pytest.approx(rewards.mean().item(), abs=1e-5)
+
+
+def test_stored_demonstration_rewards_are_the_ones_ppo_computes(scoring_project, monkeypatch, tokenizer):
+    """A demonstration longer than reward.train.max_length (48) is scored whole, as PPO scores its trials;
+    an eval text longer than it is cut as in reward training, and counted."""
+    project, stage, fake = scoring_project
+    monkeypatch.setattr(stage, "TeacherCache", fake)
+    long_demo = encode(tokenizer, " ".join(_sentences(12, 10)))[:58] + [tokenizer.eos_token_id]
+    assert 48 < len(long_demo) + 1 <= 64  # bos + demo fits the reward model, not reward.train.max_length
+    project.demos[:] = [long_demo]
+    rows = read_jsonl(project.path / "data/prepared/eval.jsonl") + [{"text": " ".join(_sentences(12, 11))}]
+    atomic_write_jsonl(project.path / "data/prepared/eval.jsonl", rows)
+    stage.main([])
+    metrics = json.loads((project.path / "metrics/rewards.json").read_text())
+    model = load_reward_model(project.path / "models/reward", tokenizer)
+    ppo = _ppo_scores(model, tokenizer, [long_demo]).item()
+    assert metrics["demonstrations"]["mean"] == pytest.approx(ppo, abs=1e-5)
+    assert metrics["eval"]["count"] == 8 and metrics["eval"]["truncated"] == 1
 
 
 def test_score_rewards_counts_a_few_nonfinite(scoring_project, monkeypatch):
     project, stage, fake = scoring_project
     monkeypatch.setattr(stage, "TeacherCache", fake)
     real = stage.score_token_ids
+    kept = []
 
     def some_nans(*args, **kwargs):
         out = real(*args, **kwargs)
         out[3] = float("nan")
         out[5] = float("inf")
+        kept.append(out)
         return out
 
     monkeypatch.setattr(stage, "score_token_ids", some_nans)
     stage.main([])  # 2 of 10 = 20% <= 25%
-    saved = load_file(project.path / "cache/rewards/rewards.safetensors")
-    assert saved["finite"].tolist() == [i not in (3, 5) for i in range(10)]
+    rewards = kept[0]  # the demonstrations' (the eval texts go through score_texts)
     stats = json.loads((project.path / "metrics/rewards.json").read_text())["demonstrations"]
-    assert stats["nan_count"] == 2 and math.isfinite(stats["mean"])
-    assert stats["mean"] == pytest.approx(saved["rewards"][saved["finite"]].mean().item(), abs=1e-5)
+    assert stats["count"] == 10 and stats["nan_count"] == 2 and math.isfinite(stats["mean"])
+    assert stats["mean"] == pytest.approx(rewards[torch.isfinite(rewards)].mean().item(), abs=1e-5)
 
 
 def test_score_rewards_fails_above_the_nonfinite_limit(scoring_project, monkeypatch, capsys):
@@ -239,7 +290,7 @@ def test_score_rewards_fails_above_the_nonfinite_limit(scoring_project, monkeypa
     assert "10 of 10 demonstration rewards are not finite" in err and "max_nonfinite_reward_fraction = 0.25" in err
     error_lines = [line for line in err.splitlines() if line.startswith("error:")]
     assert len(error_lines) == 1 and "not finite" in error_lines[0]
-    assert not (project.path / "cache/rewards").exists() and not (project.path / "metrics/rewards.json").exists()
+    assert not (project.path / "metrics/rewards.json").exists()
 
 
 # --- train_reward stage, end to end on tiny params -------------------------------------------

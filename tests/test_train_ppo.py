@@ -14,7 +14,7 @@ import pytest
 import torch
 import yaml
 
-from tests.conftest import ROOT, merge, tiny_params
+from tests.conftest import ROOT, merge, repo_params, tiny_params
 from tnd.config import parse_params
 from tnd.trainers import CustomPPOTrainer
 
@@ -47,6 +47,10 @@ def test_preset_is_valid_and_its_dvc_args_match_its_values():
     parsed = parse_params(merge(tiny_params(), preset))
     assert parsed.tnd.demos_as == "ppo" and parsed.student.train.steps == 0
     assert parsed.tnd.lm_steps_per_ppo_step == 3 and parsed.ppo.init_kl_coef == 0 and not parsed.ppo.adap_kl_ctrl
+    assert (parsed.tnd.demos_from, parsed.tnd.lm_data, parsed.tnd.score_offset) == ("teacher", "corpus", "log2_step")
+    # with params.yaml's batch sizes, one optimizer step per PPO update (as the paper's 256 rows / 16 x 16)
+    full = parse_params(merge(repo_params(), preset)).ppo
+    assert full.batch_size == full.mini_batch_size * full.gradient_accumulation_steps
     line = next(ln for ln in text.splitlines() if ln.startswith("# DVC_ARGS: "))
     words = line.removeprefix("# DVC_ARGS: ").split()
     assert words[::2] == ["-S"] * (len(words) // 2)
@@ -212,11 +216,14 @@ def test_missing_inputs_name_the_stage_to_run(ready, capsys):
 @pytest.mark.slow
 def test_the_paper_preset_runs(ready):
     preset = yaml.safe_load(PRESET.read_text())
-    ready.write(**merge(merge(PPO, preset), {"ppo": {"steps": 1}}))
+    # one optimizer step per PPO update, as the preset makes it for params.yaml's batch sizes
+    steps = PPO["ppo"]["batch_size"] // PPO["ppo"]["mini_batch_size"]
+    ready.write(**merge(merge(PPO, preset), {"ppo": {"steps": 1, "gradient_accumulation_steps": steps}}))
     run_stage()
     rows = list(csv.DictReader(open(ready.path / "plots/train.csv", newline="")))
     assert len(rows) == 1
-    assert float(rows[0]["objective/kl_coef"]) == 0.0 and math.isfinite(float(rows[0]["loss/lm"]))
+    assert float(rows[0]["objective/kl_coef"]) == 0.0
+    assert math.isfinite(float(rows[0]["loss/lm"])) and math.isfinite(float(rows[0]["loss/lm_rollout"]))
     assert rows[0]["loss/distill"] == ""  # demonstrations go through PPO, not the KL loss
 
 

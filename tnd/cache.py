@@ -52,7 +52,9 @@ from tnd.errors import TndError
 from tnd.generation import right_pad
 from tnd.io import atomic_write_bytes, atomic_write_json
 
-FORMAT_VERSION = 1
+# 2: the tokenizer fingerprint covers merges, normalizer and pre-tokenizer (`tokenizer_content`); a
+# version-1 cache is refused by its version rather than as "made by a different tokenizer".
+FORMAT_VERSION = 2
 INDEX = "index.json"
 RERUN = "rerun `dvc repro -f cache_teacher_logits`"
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -86,15 +88,40 @@ def fingerprint_model(model: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
+def tokenizer_content(tokenizer: Any) -> dict:
+    """What token ids mean to a tokenizer: its vocabulary (token -> id, added tokens included) and,
+    where it has them, its merges, model options, normalizer and pre-tokenizer. Two tokenizers with
+    the same content turn the same text into the same ids; the special-token roles are not part of it.
+    """
+    content: dict = {"vocab": sorted(tokenizer.get_vocab().items())}
+    backend = getattr(tokenizer, "backend_tokenizer", None)  # fast (Rust) tokenizers
+    if backend is not None:
+        spec = json.loads(backend.to_str())
+        model = {key: value for key, value in (spec.get("model") or {}).items() if key != "vocab"}
+        if "merges" in model:  # ["a", "b"] in newer `tokenizers`, "a b" in older ones: one form
+            model["merges"] = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
+        content.update(model=model, normalizer=spec.get("normalizer"), pre_tokenizer=spec.get("pre_tokenizer"))
+    elif getattr(tokenizer, "bpe_ranks", None):  # slow BPE tokenizers (GPT-2 style)
+        content["merges"] = [" ".join(pair) for pair, _ in sorted(tokenizer.bpe_ranks.items(), key=lambda kv: kv[1])]
+    return content
+
+
+def fingerprint_vocabulary(tokenizer: Any) -> str:
+    """sha256 (hex) of `tokenizer_content`: equal when two tokenizers give ids the same meaning."""
+    blob = json.dumps(tokenizer_content(tokenizer), sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+
+
 def fingerprint_tokenizer(tokenizer: Any) -> str:
-    """sha256 (hex) over the sorted vocabulary (token -> id) and the special tokens."""
-    vocab = sorted(tokenizer.get_vocab().items())
+    """sha256 (hex) over the tokenizer's content (`tokenizer_content`) and its special tokens."""
     special = {
         name: [getattr(tokenizer, f"{name}_token", None), getattr(tokenizer, f"{name}_token_id", None)]
         for name in ("pad", "bos", "eos", "unk")
     }
     extra = sorted(str(t) for t in getattr(tokenizer, "all_special_tokens", []))
-    blob = json.dumps({"vocab": vocab, "special": special, "all_special": extra}, sort_keys=True)
+    blob = json.dumps(
+        {"content": fingerprint_vocabulary(tokenizer), "special": special, "all_special": extra}, sort_keys=True
+    )
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()
 
 

@@ -212,7 +212,14 @@ class TnDParams(Section):
     demos_as: Literal["distill", "ppo"] = "distill"  # "ppo": the paper's recipe, demos join the PPO batch
     demo_batch_size: PositiveInt = 16
     demo_score: float = 1.0  # demos_as=ppo: the fixed score a demonstration gets
+    demos_from: Literal["cache", "teacher"] = "cache"  # demos_as=ppo: cached demos, or the teacher continuing the step's prompts
     lm_steps_per_ppo_step: NonNegativeInt = 0  # the paper interleaves 3 plain LM steps
+    lm_data: Literal["demonstrations", "corpus"] = "demonstrations"  # what those LM steps train on (the paper: corpus)
+    lm_batch_size: PositiveInt = 16  # sequences per interleaved LM step
+    lm_learning_rate: Optional[PositiveFloat] = None  # null: LM steps share the PPO optimizer; else their own AdamW
+    lm_warmup_steps: NonNegativeInt = 0  # that AdamW's linear warm-up, in trainer steps
+    lm_on_rollout: bool = False  # one LM update on the PPO batch's sequences after each PPO update (the paper)
+    score_offset: Literal["none", "log2_step"] = "none"  # log2_step: every PPO score minus log2(step) (the paper)
 
 
 class KernelParams(Section):
@@ -248,6 +255,26 @@ class Params(Section):
     kernels: KernelParams = KernelParams()
     eval: EvalParams = EvalParams()
     tracking: TrackingParams = TrackingParams()
+
+    @model_validator(mode="after")
+    def _demonstrations_at_the_cache_temperature(self) -> "Params":
+        # The cache holds the teacher's top-k log-probs at cache.temperature. Re-tempering them would
+        # need the teacher's whole distribution (the tail bucket hides how its mass is spread), so the
+        # top-k loss compares both sides at that one temperature, as the dense loss softens both.
+        topk_loss = self.tnd.mode == "demos_only" or (self.tnd.mode == "trials_and_demos" and self.tnd.demos_as == "distill")
+        if topk_loss and self.distill.temperature != self.cache.temperature:
+            raise ValueError(
+                f"distill.temperature ({self.distill.temperature}) must equal cache.temperature "
+                f"({self.cache.temperature}): the cached teacher log-probs are at cache.temperature and a top-k + tail "
+                "distribution cannot be re-tempered exactly; set both (changing cache.temperature reruns "
+                "cache_teacher_logits)"
+            )
+        if self.tnd.mode == "trials_only" and self.distill.online:
+            raise ValueError(
+                "distill.online learns from the teacher, which tnd.mode: trials_only excludes; "
+                "set distill.online: false or tnd.mode: trials_and_demos"
+            )
+        return self
 
     def flat(self) -> dict[str, Any]:
         """Params as {"ppo.learning_rate": 1e-4, ...}, for logging."""

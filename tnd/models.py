@@ -1,8 +1,10 @@
 """Build, load and save the three models: teacher, student (causal LMs) and reward model.
 
 Built-in models are small Llama-style decoders made from an `ArchParams`; any HF
-model by name or path can stand in for each, provided its vocabulary covers the
-tokenizer's.
+model by name or path can stand in for each, provided its embeddings cover the
+tokenizer's ids and, when its source has a tokenizer, that tokenizer is the pipeline's
+(same vocabulary, merges and normalizer): the same id must mean the same token to every
+model, or training runs on nonsense without a sign.
 """
 
 from __future__ import annotations
@@ -13,12 +15,14 @@ from typing import TYPE_CHECKING
 import torch
 from transformers import (
     AutoModelForCausalLM,
+    AutoTokenizer,
     LlamaConfig,
     LlamaForCausalLM,
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
 
+from tnd.cache import fingerprint_vocabulary
 from tnd.errors import TndError
 from tnd.io import atomic_dir
 
@@ -50,7 +54,7 @@ def build_causal_lm(arch: ArchParams, tokenizer: PreTrainedTokenizerBase, seed: 
 
 
 def load_causal_lm(source: str | Path, tokenizer: PreTrainedTokenizerBase, role: str) -> PreTrainedModel:
-    """A causal LM saved with save_pretrained (or a hub name) whose vocabulary fits the tokenizer."""
+    """A causal LM saved with save_pretrained (or a hub name) whose vocabulary and tokenizer fit the pipeline's."""
     try:
         model = AutoModelForCausalLM.from_pretrained(str(source))
     except Exception as exc:
@@ -58,18 +62,45 @@ def load_causal_lm(source: str | Path, tokenizer: PreTrainedTokenizerBase, role:
             f"{role}: could not load a causal LM from '{source}' ({' '.join(str(exc).split())[:200]}); "
             f"check {role}.source or rerun its stage"
         ) from None
-    check_vocab(model, tokenizer, role)
+    check_vocab(model, tokenizer, role, source)
     return model
 
 
-def check_vocab(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, role: str) -> None:
-    """Embeddings may be padded beyond the tokenizer, never smaller than it."""
+def check_vocab(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, role: str, source: str | Path | None = None
+) -> None:
+    """Embeddings may be padded beyond the tokenizer, never smaller than it; and when the model's
+    source has a tokenizer, it must be the pipeline's (a same-sized but different one trains silently)."""
     model_vocab = model.get_input_embeddings().num_embeddings
     if model_vocab < len(tokenizer):
         raise TndError(
             f"{role}: model vocabulary ({model_vocab}) is smaller than the tokenizer's ({len(tokenizer)}); "
             f"use a {role} trained with this tokenizer, or set tokenizer.source to the model's tokenizer"
         )
+    own = source_tokenizer(source) if source is not None else None
+    if own is not None and fingerprint_vocabulary(own) != fingerprint_vocabulary(tokenizer):
+        pipeline = tokenizer.name_or_path or "the pipeline's tokenizer"
+        raise TndError(
+            f"{role}: the tokenizer of '{source}' differs from the pipeline's ('{pipeline}') in its vocabulary, "
+            f"merges or normalizer, so the same ids would mean other tokens; use a {role} made with "
+            f"'{pipeline}' (rerun its stage), or set tokenizer.source: {source} and rerun the pipeline"
+        )
+
+
+# Any of these makes a local directory hold a tokenizer (save_pretrained writes the first two).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model", "vocab.txt")
+
+
+def source_tokenizer(source: str | Path) -> PreTrainedTokenizerBase | None:
+    """The tokenizer a model's source carries (save_model puts one beside the weights; a hub model
+    usually has its own), or None when it has none (then only the vocabulary size can be checked)."""
+    path = Path(source)
+    if path.is_dir() and not any((path / name).is_file() for name in TOKENIZER_FILES):
+        return None
+    try:
+        return AutoTokenizer.from_pretrained(str(source))
+    except Exception:  # weights without a tokenizer (or none reachable): fall back to the size check
+        return None
 
 
 def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, path: str | Path) -> None:

@@ -86,9 +86,16 @@ class DataParallel(SingleProcess):
         return torch.cat(parts).to(value.device)
 
     def average_gradients(self, parameters: Iterable[nn.Parameter]) -> None:
-        # A parameter without a gradient on this process (e.g. no rows here) contributes zero,
-        # so every process joins every all-reduce and none can hang waiting for another.
-        for p in parameters:
+        # A parameter that no process gave a gradient (the value head in an LM step) keeps grad None,
+        # so the optimizer leaves it alone as it does in one process; one that only some processes
+        # gave a gradient (no rows here) gets zero from the others, and every process joins the same
+        # all-reduces, so none can hang waiting for another.
+        parameters = list(parameters)
+        has_grad = torch.tensor([p.grad is not None for p in parameters], dtype=torch.float32)
+        has_grad = self.sum(has_grad)
+        for p, anywhere in zip(parameters, has_grad.tolist()):
+            if not anywhere:
+                continue
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
             torch.distributed.all_reduce(p.grad, op=torch.distributed.ReduceOp.SUM)

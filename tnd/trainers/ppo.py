@@ -22,8 +22,8 @@ loop layout of cleanrl's ppo.py:
                 L_clip  = mean max(-A ratio, -A clip(ratio, 1 - eps, 1 + eps))
                 L_value = 0.5 mean max((V - R)^2, (V_old + clip(V - V_old, -eps_v, eps_v) - R)^2)
                 L       = L_clip + vf_coef L_value - ent_coef H  (+ distillation terms below)
-              gradients clipped at max_grad_norm; optional early stop of the epochs when the
-              approximate KL (k3 = (ratio - 1) - log ratio) passes 1.5 * target_kl
+              gradients clipped at max_grad_norm; optional early stop of the epochs when an epoch
+              ends with the policy KL (k1, its last mini-batch) above 1.5 * target_kl
   KL control  adaptive (Ziegler et al.): e = clip(KL / kl_target - 1, -0.2, 0.2),
               kl_coef *= 1 + e * n / kl_horizon (n = samples in the batch), or fixed
 
@@ -48,10 +48,15 @@ Demonstrations (tnd.mode = trials_and_demos | demos_only), tnd.demos_as:
   score statistics); they get the same KL penalty, values and GAE as the trials.
 
 Optional extras: online distillation on the trials against the teacher's dense logits
-(`distill_online`, weight `distill_online_coef`), and `lm_steps_per_ppo_step` plain LM steps
-(cross-entropy on the demonstration continuation tokens) after each PPO update, on the same
-optimizer (the paper interleaves 3). Both run only when the mode includes demonstrations
-(online distillation: whenever enabled and the mode has trials).
+(`distill_online`, weight `distill_online_coef`; not in trials_only, which learns nothing from the
+teacher), and plain LM steps (next-token cross-entropy), both after each PPO update:
+`lm_on_rollout` (one step on the PPO batch's trials + demonstrations) and `lm_steps_per_ppo_step`
+steps of `lm_batch_size` sequences of `lm_data` -- demonstration continuations (only when the mode
+has demonstrations) or texts of the training corpus (`lm_dataset=`, in every mode). They use the PPO
+optimizer, or their own AdamW when `lm_learning_rate` is set. The paper's recipe (sled-group/TnD,
+the `params/tnd_original.yaml` preset) uses both on its own AdamW, with `demos_as = ppo`,
+`demos_from = teacher` (the teacher continues the step's prompts) and `score_offset = log2_step`
+(every score in the PPO batch minus log2(step)).
 
 Several processes (`accelerator=`, from `accelerate launch --num_processes N`): each process
 samples, scores and updates on 1/N of every batch of prompts and demonstrations, and the
@@ -98,12 +103,17 @@ from transformers import (
 
 from tnd.errors import TndError
 from tnd.generation import left_pad, right_pad, sample_continuations
+from tnd.models import check_vocab
 from tnd.trainers.distributed import DataParallel
 from tnd.trainers.packing import chunks, forward_at, positions, supports_packing
+from tnd.trainers.reward import score_token_ids
 from tnd.trainers.value_head import ValueHead, hidden_size_of
 
 MODES = ("trials_and_demos", "trials_only", "demos_only")
 DEMOS_AS = ("distill", "ppo")
+DEMOS_FROM = ("cache", "teacher")
+LM_DATA = ("demonstrations", "corpus")
+SCORE_OFFSETS = ("none", "log2_step")
 DISTILL_LOSSES = ("forward_kl", "reverse_kl", "jsd")
 SCHEDULERS = ("linear", "cosine", "constant")
 KL_REFERENCES = ("teacher", "initial_student")
@@ -125,7 +135,8 @@ STAT_KEYS = (
     "loss/value",
     "loss/distill",  # demonstrations (top-k KL), before distill_coef
     "loss/online_distill",  # trials vs dense teacher logits, before distill_online_coef
-    "loss/lm",  # interleaved LM steps (cross-entropy on demonstration tokens)
+    "loss/lm",  # interleaved LM steps (cross-entropy on tnd.lm_data)
+    "loss/lm_rollout",  # the LM update on the PPO batch's sequences (tnd.lm_on_rollout)
     "loss/total",
     "val/explained_variance",
     "val/clipfrac",
@@ -134,7 +145,7 @@ STAT_KEYS = (
     "advantages/mean",
     "nonfinite_rewards",
     "skipped",
-    "ppo/epochs",  # PPO epochs run (fewer than ppo_epochs after early stopping; a stopped epoch counts)
+    "ppo/epochs",  # PPO epochs run (fewer than ppo_epochs after early stopping)
     "ppo/grad_norm",
     "tokens/response_length",
     "lr",
@@ -199,7 +210,14 @@ class CustomPPOConfig:
     demos_as: str = "distill"
     demo_batch_size: int = 16
     demo_score: float = 1.0
+    demos_from: str = "cache"
     lm_steps_per_ppo_step: int = 0
+    lm_data: str = "demonstrations"
+    lm_batch_size: int = 16
+    lm_learning_rate: Optional[float] = None
+    lm_warmup_steps: int = 0
+    lm_on_rollout: bool = False
+    score_offset: str = "none"
     # distill
     distill_loss: str = "forward_kl"
     distill_temperature: float = 1.0
@@ -240,11 +258,11 @@ class CustomPPOConfig:
             raise PPOConfigError(f"CustomPPOConfig: {message}")
 
         for name in ("steps", "batch_size", "mini_batch_size", "gradient_accumulation_steps", "ppo_epochs",
-                     "kl_horizon", "max_new_tokens", "demo_batch_size", "save_every"):
+                     "kl_horizon", "max_new_tokens", "demo_batch_size", "lm_batch_size", "save_every"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 fail(f"{name} = {value!r} must be a positive integer")
-        for name in ("warmup_steps", "top_k", "lm_steps_per_ppo_step"):
+        for name in ("warmup_steps", "top_k", "lm_steps_per_ppo_step", "lm_warmup_steps"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 fail(f"{name} = {value!r} must be a non-negative integer")
@@ -269,9 +287,12 @@ class CustomPPOConfig:
                 f"batch_size ({self.batch_size}) must be divisible by mini_batch_size * gradient_accumulation_steps "
                 f"({self.mini_batch_size} * {self.gradient_accumulation_steps})"
             )
+        if self.lm_learning_rate is not None and not self.lm_learning_rate > 0:
+            fail(f"lm_learning_rate = {self.lm_learning_rate!r} must be > 0 or None")
         for name, allowed in (("mode", MODES), ("demos_as", DEMOS_AS), ("distill_loss", DISTILL_LOSSES),
                               ("scheduler_name", SCHEDULERS), ("kl_reference", KL_REFERENCES),
-                              ("kernel_backend", BACKENDS)):
+                              ("kernel_backend", BACKENDS), ("demos_from", DEMOS_FROM), ("lm_data", LM_DATA),
+                              ("score_offset", SCORE_OFFSETS)):
             if getattr(self, name) not in allowed:
                 fail(f"{name} = {getattr(self, name)!r} is not one of {', '.join(allowed)}")
         if not isinstance(self.optimizer_name, str) or not self.optimizer_name:
@@ -282,6 +303,12 @@ class CustomPPOConfig:
             fail("reward_mean and reward_std must be given together")
         if self.reward_count is not None and not self.reward_count > 0:
             fail(f"reward_count = {self.reward_count!r} must be > 0")
+        if self.demos_from == "teacher" and self.demos_as != "ppo":
+            fail("demos_from = 'teacher' (the teacher continues each step's prompts) needs demos_as = 'ppo': "
+                 "the distillation loss reads the cached top-k")
+        if self.mode == "trials_only" and self.distill_online:
+            fail("distill_online learns from the teacher, which mode = 'trials_only' excludes; "
+                 "set distill_online = False (distill.online: false) or choose mode = 'trials_and_demos'")
 
     @property
     def num_mini_batches(self) -> int:
@@ -294,6 +321,27 @@ class CustomPPOConfig:
     @property
     def uses_demos(self) -> bool:
         return self.mode != "trials_only"
+
+    @property
+    def demos_in_ppo_batch(self) -> bool:
+        """The paper's recipe: demonstrations join the PPO batch with a fixed score."""
+        return self.uses_trials and self.uses_demos and self.demos_as == "ppo"
+
+    @property
+    def demos_distilled(self) -> bool:
+        """Demonstrations through the top-k KL loss (demos_only always, whatever demos_as says)."""
+        return self.uses_demos and not self.demos_in_ppo_batch
+
+    @property
+    def lm_steps(self) -> int:
+        """Interleaved LM steps per trainer step: on the corpus in every mode, on demonstrations only when the
+        mode has demonstrations."""
+        return self.lm_steps_per_ppo_step if (self.lm_data == "corpus" or self.uses_demos) else 0
+
+    @property
+    def reads_demo_cache(self) -> bool:
+        return (self.demos_distilled or (self.demos_in_ppo_batch and self.demos_from == "cache")
+                or (self.lm_steps > 0 and self.lm_data == "demonstrations"))
 
 
 # --- the PPO math, as small functions -------------------------------------------------------
@@ -432,14 +480,14 @@ class FixedKLController(AdaptiveKLController):
 
 
 class RunningMoments:
-    """Running mean / variance of all scores seen (parallel Welford update, as TRL's RunningMoments)."""
+    """Running mean / std of all scores seen, as TRL's RunningMoments: a parallel (Chan et al.) update
+    of the mean and the population variance, and `std` the Bessel-corrected sqrt(var * n / (n - 1)).
+
+    `count` starts at a tiny positive number so the prior (mean, std) weighs nothing unless a count
+    is given (e.g. the statistics of score_rewards)."""
 
     def __init__(self, mean: float = 0.0, std: float = 1.0, count: float = 1e-24) -> None:
-        self.mean, self.var, self.count = float(mean), float(std) ** 2, float(count)
-
-    @property
-    def std(self) -> float:
-        return math.sqrt(self.var)
+        self.mean, self.std, self.var, self.count = float(mean), float(std), float(std) ** 2, float(count)
 
     def update(self, xs: torch.Tensor) -> None:
         xs = xs.detach().double().flatten()
@@ -453,12 +501,18 @@ class RunningMoments:
         self.var = (self.var * self.count + xs_var * n + delta**2 * self.count * n / total) / total
         self.mean += delta * n / total
         self.count = total
+        self.std = self._bessel_std()
 
     def state_dict(self) -> dict:
-        return {"mean": self.mean, "var": self.var, "count": self.count}
+        return {"mean": self.mean, "std": self.std, "var": self.var, "count": self.count}
 
     def load_state_dict(self, state: dict) -> None:
         self.mean, self.var, self.count = float(state["mean"]), float(state["var"]), float(state["count"])
+        self.std = float(state["std"]) if "std" in state else self._bessel_std()  # states saved before std was kept
+
+    def _bessel_std(self) -> float:
+        # one score in all: no Bessel correction (TRL divides by zero there)
+        return math.sqrt(self.var * self.count / (self.count - 1)) if self.count > 1 else math.sqrt(self.var)
 
 
 class ScoreProcessor:
@@ -491,13 +545,14 @@ class ScoreProcessor:
 
 
 class EarlyStopping:
-    """Stop the remaining PPO epochs once the approximate KL of an optimizer step passes factor * target_kl."""
+    """Skip the remaining PPO epochs once an epoch ends with a policy KL above factor * target_kl
+    (TRL's rule: k1 `policy/policykl` of the epoch's last mini-batch, checked after each epoch)."""
 
     def __init__(self, enabled: bool, target_kl: float, factor: float = 1.5) -> None:
         self.enabled, self.target_kl, self.factor = enabled, target_kl, factor
 
-    def should_stop(self, approx_kl: float) -> bool:
-        return self.enabled and approx_kl > self.factor * self.target_kl
+    def should_stop(self, policykl: float) -> bool:
+        return self.enabled and policykl > self.factor * self.target_kl
 
 
 @dataclass
@@ -553,6 +608,7 @@ class CustomPPOTrainer:
         demonstrations: Any = None,
         tokenizer: PreTrainedTokenizerBase = None,
         accelerator: Any = None,
+        lm_dataset: Optional[list[list[int]]] = None,
     ) -> None:
         if tokenizer is None:
             raise TndError("CustomPPOTrainer needs tokenizer= (pad and eos ids, reward-model bos)")
@@ -562,6 +618,7 @@ class CustomPPOTrainer:
         self.pad_id, self.eos_id, self.bos_id = tokenizer.pad_token_id, tokenizer.eos_token_id, tokenizer.bos_token_id
         self.train_dataset = [list(p) for p in train_dataset]
         self.demonstrations = demonstrations
+        self.lm_dataset = [list(s) for s in lm_dataset] if lm_dataset is not None else None  # tnd.lm_data: corpus
         # accelerate launch --num_processes N: each process takes 1/N of every batch (see distributed.py)
         self.dist = DataParallel.from_accelerator(accelerator)
         self._check_inputs()
@@ -586,6 +643,7 @@ class CustomPPOTrainer:
         self.scored_total = 0
         self.optimizer = self._setup_optimizer()
         self.scheduler = self._setup_scheduler()
+        self.lm_optimizer, self.lm_scheduler = self._setup_lm_optimizer()
         self.early_stopping = self._setup_early_stopping()
         self.score_processor = self._setup_score_processing()
         self.kl_ctl = (
@@ -598,17 +656,30 @@ class CustomPPOTrainer:
         cfg = self.config
         if self.pad_id is None or self.eos_id is None:
             raise TndError("tokenizer needs a pad and an eos token")
+        # Sampling keeps to the tokenizer's ids (tnd.generation.TokenizerIdsOnly), so a model padded beyond
+        # the tokenizer is fine; one with fewer rows would make a trial or demonstration id an IndexError.
+        for role, model in (("teacher", self.teacher), ("student", self.student), ("reward", self.reward_model)):
+            if hasattr(model, "get_input_embeddings"):  # not e.g. a plain nn.Module reward function
+                check_vocab(model, self.tokenizer, role)
         if cfg.uses_trials and not self.train_dataset:
             raise TndError("train_dataset is empty; the trials need prompts")
         if any(len(p) == 0 for p in self.train_dataset):
             raise TndError("train_dataset holds an empty prompt; every prompt needs at least one token")
-        if cfg.uses_demos and self.demonstrations is None:
+        if cfg.reads_demo_cache and self.demonstrations is None:
             raise TndError(
                 f"tnd.mode = {cfg.mode} needs demonstrations (a TeacherCache); pass demonstrations= "
                 "or set tnd.mode: trials_only"
             )
-        if cfg.uses_demos and len(self.demonstrations) == 0:
+        if cfg.reads_demo_cache and len(self.demonstrations) == 0:
             raise TndError("the demonstrations cache is empty; rerun `dvc repro cache_teacher_logits`")
+        cache_temperature = getattr(self.demonstrations, "temperature", None)
+        if cfg.demos_distilled and cache_temperature is not None and cache_temperature != cfg.distill_temperature:
+            # The top-k loss softens the student only: the cached teacher is already at its temperature.
+            raise PPOConfigError(
+                f"distill_temperature ({cfg.distill_temperature}) must equal the demonstrations' cache temperature "
+                f"({cache_temperature}): a top-k + tail teacher cannot be re-tempered exactly; set distill.temperature "
+                "to cache.temperature (or rebuild the cache at the temperature you want)"
+            )
         n = self.dist.num_processes
         if cfg.mini_batch_size % n:
             raise PPOConfigError(
@@ -619,6 +690,10 @@ class CustomPPOTrainer:
             raise PPOConfigError(
                 f"tnd.demo_batch_size ({cfg.demo_batch_size}) must be at least the number of processes ({n})"
             )
+        if cfg.lm_steps and cfg.lm_batch_size < n:
+            raise PPOConfigError(f"tnd.lm_batch_size ({cfg.lm_batch_size}) must be at least the number of processes ({n})")
+        if cfg.lm_steps and cfg.lm_data == "corpus" and not self.lm_dataset:
+            raise TndError("tnd.lm_data = corpus needs the training corpus: pass lm_dataset= (token ids per text)")
         if cfg.distill_online and cfg.uses_trials:
             vt = self.teacher.get_output_embeddings().out_features
             vs = self.student.get_output_embeddings().out_features
@@ -678,6 +753,16 @@ class CustomPPOTrainer:
             raise PPOConfigError(
                 f"ppo.scheduler_kwargs = {cfg.scheduler_kwargs!r} do not fit the {cfg.scheduler_name} schedule ({exc})"
             ) from None
+
+    def _setup_lm_optimizer(self) -> tuple[Optional[torch.optim.Optimizer], Any]:
+        """The interleaved LM steps' own AdamW (as the paper's recipe: its LM steps and PPO keep separate
+        optimizers) with a linear warm-up in trainer steps; (None, None): they share the PPO optimizer."""
+        cfg = self.config
+        if cfg.lm_learning_rate is None:
+            return None, None
+        params = [p for p in self.student.parameters() if p.requires_grad]  # not the value head
+        optimizer = torch.optim.AdamW(params, lr=cfg.lm_learning_rate, eps=1e-8, weight_decay=0.0)
+        return optimizer, get_constant_schedule_with_warmup(optimizer, cfg.lm_warmup_steps)
 
     def _setup_early_stopping(self) -> EarlyStopping:
         return EarlyStopping(self.config.early_stopping, self.config.target_kl)
@@ -751,27 +836,26 @@ class CustomPPOTrainer:
 
     @torch.no_grad()
     def compute_scores(self, sequences: list[list[int]]) -> torch.Tensor:
-        """Reward-model scores (float32 [n]) of prompt + continuation, scored as bos + text (+ eos when
-        sampled), right-padded; the classifier reads the last non-pad token."""
-        device = next(self.reward_model.parameters()).device
-        encoded = [s if (self.bos_id is None or (s and s[0] == self.bos_id)) else [self.bos_id] + s for s in sequences]
-        ids, mask = right_pad(encoded, self.pad_id)
-        logits = self.reward_model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
-        return logits.reshape(len(encoded), -1)[:, 0].float().to(self.device)
+        """Reward-model scores (float32 [n]) of prompt + continuation, in one batch, through the pipeline's
+        one scoring function (bos in front, scored whole), so score_rewards' stored rewards are these."""
+        return score_token_ids(self.reward_model, self.tokenizer, sequences, batch_size=None).to(self.device)
 
     # --- rollout --------------------------------------------------------------------------
 
-    def _sample(self, prompts: list[list[int]]) -> list[list[int]]:
-        """One continuation per prompt, cut after the first eos (kept), the whole batch in one `generate`.
-        The seed is a function of (config.seed, global_step, process), so a resumed run samples the same."""
+    def _sample(self, prompts: list[list[int]], model: Optional[nn.Module] = None, stream: int = 0) -> list[list[int]]:
+        """One continuation per prompt by `model` (default: the student), cut after the first eos (kept), the
+        whole batch in one `generate`. The seed is a function of (config.seed, global_step, process, stream),
+        so a resumed run samples the same."""
         cfg = self.config
         return sample_continuations(
-            self.student, self.tokenizer, prompts, cfg.max_new_tokens, self._step_seed(stream=0),
+            self.student if model is None else model, self.tokenizer, prompts, cfg.max_new_tokens,
+            self._step_seed(stream),
             temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, batch_size=len(prompts), progress=False,
         )
 
     def _step_seed(self, stream: int) -> int:
-        """A seed for this step, this process and one random stream (0: sampling, 1: mini-batch order)."""
+        """A seed for this step, this process and one random stream (0: sampling, 1: mini-batch order,
+        2: the teacher's demonstrations)."""
         step = self.global_step * self.dist.num_processes + self.dist.process_index
         return ((self.config.seed + stream) * 1_000_003 + step) % (2**63)
 
@@ -832,11 +916,20 @@ class CustomPPOTrainer:
         return prompts, continuations
 
     def _draw_demos(self) -> list[int]:
-        n = len(self.demonstrations)
-        size = self.config.demo_batch_size
+        return self._draw(len(self.demonstrations), self.config.demo_batch_size)
+
+    def _draw(self, n: int, size: int) -> list[int]:
+        """`size` indices into n items from the shared generator: without replacement when n allows."""
         if size <= n:
             return torch.randperm(n, generator=self.generator)[:size].tolist()
         return torch.randint(n, (size,), generator=self.generator).tolist()
+
+    def _ppo_demonstrations(self, prompts: list[list[int]]) -> tuple[list[list[int]], list[list[int]]]:
+        """Demonstrations that join the PPO batch (demos_as = ppo): this process's share of a cached batch, or
+        (demos_from = teacher, the paper's recipe) the teacher's continuations of this step's prompts."""
+        if self.config.demos_from == "teacher":
+            return prompts, self._sample(prompts, self.teacher, stream=2)
+        return self._demo_rows(self.dist.shard(self._draw_demos()))
 
     def make_rollout(
         self, prompts: list[list[int]], responses: list[list[int]], raw_scores: torch.Tensor, is_demo: torch.Tensor
@@ -883,8 +976,10 @@ class CustomPPOTrainer:
             "policy/clipfrac": pg["clipfrac"], "policy/approx_kl": pg["approx_kl"], "policy/policykl": pg["policykl"],
             "policy/ratio_mean": pg["ratio_mean"], "val/clipfrac": vf["clipfrac"],
         }
-        if cfg.distill_online and rollout.teacher_logits is not None:
-            trial_tokens = (response_mask & ~rollout.is_demo[index, None])[response_mask]
+        trials = ~rollout.is_demo[index]
+        # With demos_as = ppo a mini-batch may hold demonstrations only: no trial tokens to distil on.
+        if cfg.distill_online and rollout.teacher_logits is not None and bool(trials.any()):
+            trial_tokens = (response_mask & trials[:, None])[response_mask]
             online = self.online_distill_loss(logits, rollout.teacher_logits[index][response_mask], trial_tokens)
             loss = loss + cfg.distill_online_coef * online
             stats["loss/online_distill"] = online.detach()
@@ -912,14 +1007,6 @@ class CustomPPOTrainer:
             loss=cfg.distill_loss, beta=cfg.distill_beta, temperature=cfg.distill_temperature,
             reduction="batchmean", backend=cfg.kernel_backend,
         )
-
-    def demo_lm_loss(self, demo: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Cross-entropy of the demonstration continuation tokens (plain LM step)."""
-        rows = demo["target_mask"].bool().clone()
-        rows[:, -1] = False  # no next token to predict after the last column
-        logits, _ = self._forward_at(self.student, demo["input_ids"], demo["attention_mask"], rows)
-        targets = demo["input_ids"][:, 1:][rows[:, :-1]]
-        return F.cross_entropy(logits.float(), targets)
 
     def _demo_batch(self, indices: list[int]) -> dict[str, torch.Tensor]:
         batch = self.demonstrations.batch(indices, self.pad_id)
@@ -963,11 +1050,13 @@ class CustomPPOTrainer:
                 stats["env/score_mean"] = scores.mean().item()
                 t_prompts, t_responses = [prompts[i] for i in keep], [responses[i] for i in keep]
                 is_demo = torch.zeros(len(keep), dtype=torch.bool)
-                if cfg.uses_trials and cfg.demos_as == "ppo":
-                    d_prompts, d_responses = self._demo_rows(self.dist.shard(self._draw_demos()))
+                if cfg.demos_in_ppo_batch:
+                    d_prompts, d_responses = self._ppo_demonstrations(t_prompts)
                     t_prompts, t_responses = t_prompts + d_prompts, t_responses + d_responses
                     scores = torch.cat([scores, torch.full((len(d_prompts),), float(cfg.demo_score), device=scores.device)])
                     is_demo = torch.cat([is_demo, torch.ones(len(d_prompts), dtype=torch.bool)])
+                if cfg.score_offset == "log2_step":  # the paper's scores fall as the student ages
+                    scores = scores - math.log2(self.global_step)
                 rollout = self.make_rollout(t_prompts, t_responses, scores, is_demo)
                 trial = ~rollout.is_demo
                 trial_mask = rollout.response_mask & trial[:, None]
@@ -987,12 +1076,13 @@ class CustomPPOTrainer:
 
         # 5-6. PPO epochs (+ demonstrations through the top-k KL), then optional LM steps
         use_ppo = cfg.uses_trials and rollout is not None
-        demo = self._demo_batch(self.dist.shard(self._draw_demos())) if (cfg.uses_demos and cfg.demos_as == "distill") or (
-            cfg.mode == "demos_only") else None
+        demo = self._demo_batch(self.dist.shard(self._draw_demos())) if cfg.demos_distilled else None
         if use_ppo or demo is not None:
             stats.update(self._optimize(rollout if use_ppo else None, demo))
-        if cfg.uses_demos and cfg.lm_steps_per_ppo_step:
-            stats["loss/lm"] = self._lm_steps()
+        if use_ppo and cfg.lm_on_rollout:
+            stats["loss/lm_rollout"] = self._lm_update(rollout.input_ids, rollout.attention_mask)
+        if cfg.lm_steps:
+            stats["loss/lm"] = _mean([self._lm_update(*self._lm_batch()) for _ in range(cfg.lm_steps)])
 
         if use_ppo:  # 3. KL controller, on the trials' KL measured before the update
             self.kl_ctl.update(stats["objective/kl"], int(n_trials))
@@ -1014,6 +1104,8 @@ class CustomPPOTrainer:
         with warnings.catch_warnings():  # a skipped first step steps the schedule before the optimizer
             warnings.simplefilter("ignore", UserWarning)
             self.scheduler.step()
+            if self.lm_scheduler is not None:
+                self.lm_scheduler.step()
         if self.config.optimize_cuda_cache and torch.cuda.is_available():
             torch.cuda.empty_cache()
         stats["time/step"] = time.perf_counter() - start
@@ -1027,7 +1119,6 @@ class CustomPPOTrainer:
         shuffle = torch.Generator().manual_seed(self._step_seed(stream=1))
         logs: dict[str, list[torch.Tensor]] = {}
         epochs_done = 0
-        stop = False
         for _epoch in range(cfg.ppo_epochs):
             ppo_slices = (
                 torch.tensor_split(torch.randperm(len(rollout), generator=shuffle), n_mb)
@@ -1037,15 +1128,15 @@ class CustomPPOTrainer:
                 torch.tensor_split(torch.randperm(demo["input_ids"].shape[0], generator=shuffle), n_mb)
                 if demo is not None else None
             )
+            last_policykl = None
             for group in range(0, n_mb, accum):
                 self.optimizer.zero_grad(set_to_none=True)
-                step_kl = []
                 for j in range(group, group + accum):
                     loss, parts = None, {}
                     if ppo_slices is not None and len(ppo_slices[j]):
                         index = ppo_slices[j].to(self.device)
                         loss, parts = self.ppo_loss(rollout, index)
-                        step_kl.append(parts["policy/approx_kl"])
+                        last_policykl = parts["policy/policykl"]
                     if demo_slices is not None and len(demo_slices[j]):
                         rows = demo_slices[j].to(self.device)
                         distill = self.demo_distill_loss({k: v[rows] for k, v in demo.items()})
@@ -1062,34 +1153,64 @@ class CustomPPOTrainer:
                 grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
                 logs.setdefault("ppo/grad_norm", []).append(grad_norm.detach())
                 self.optimizer.step()
-                if self.early_stopping.enabled:  # a sync (and a collective) per optimizer step, only when it can stop
-                    local = float(torch.stack(step_kl).double().sum()) if step_kl else 0.0
-                    kl_sum, kl_count = self.dist.sum(torch.tensor([local, len(step_kl)], dtype=torch.float64)).tolist()
-                    if kl_count and self.early_stopping.should_stop(kl_sum / kl_count):
-                        stop = True
-                        break
             epochs_done += 1
-            if stop:
-                break
+            # As TRL: after each epoch, the k1 policy KL of its last mini-batch, averaged over the processes
+            # (every process joins the sum, also one whose share of the rollout left it no PPO mini-batch).
+            if self.early_stopping.enabled:
+                local = [0.0, 0.0] if last_policykl is None else [float(last_policykl), 1.0]
+                kl_sum, n = self.dist.sum(torch.tensor(local, dtype=torch.float64)).tolist()
+                if n and self.early_stopping.should_stop(kl_sum / n):
+                    break
         self.optimizer.zero_grad(set_to_none=True)
         means = torch.stack([torch.stack(values).double().mean() for values in logs.values()]).tolist() if logs else []
         out = dict(zip(logs, means))
         out["ppo/epochs"] = float(epochs_done)
         return out
 
-    def _lm_steps(self) -> float:
-        losses = []
+    def _lm_batch(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """This process's share of lm_batch_size sequences of tnd.lm_data: (ids, attention mask, the positions
+        whose next token is learned: every real token of a corpus text, a demonstration's continuation)."""
+        cfg = self.config
+        if cfg.lm_data == "corpus":
+            rows = self.dist.shard(self._draw(len(self.lm_dataset), cfg.lm_batch_size))
+            ids, mask = right_pad([self.lm_dataset[i] for i in rows], self.pad_id)
+            return ids.to(self.device), mask.to(self.device), None
+        demo = self._demo_batch(self.dist.shard(self._draw(len(self.demonstrations), cfg.lm_batch_size)))
+        return demo["input_ids"], demo["attention_mask"], demo["target_mask"].bool()
+
+    @staticmethod
+    def lm_positions(mask: torch.Tensor, at: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """[B, T] bool: the positions of `at` (default: every real token) whose next token is real."""
+        at = mask.bool() if at is None else at.bool().clone()
+        at[:, :-1] &= mask[:, 1:].bool()
+        at[:, -1] = False  # no next token after the last column
+        return at
+
+    def lm_loss(self, ids: torch.Tensor, mask: torch.Tensor, at: torch.Tensor) -> torch.Tensor:
+        """Summed next-token cross-entropy of the student at the positions `at` (from lm_positions)."""
+        logits, _ = self._forward_at(self.student, ids, mask, at)
+        return F.cross_entropy(logits.float(), ids[:, 1:][at[:, :-1]], reduction="sum")
+
+    def _lm_update(self, ids: torch.Tensor, mask: torch.Tensor, at: Optional[torch.Tensor] = None) -> float:
+        """One optimizer step (the LM optimizer when there is one) on the mean next-token cross-entropy at
+        lm_positions(mask, at); rows in chunks of mini_batch_size, gradients accumulated. Returns the loss."""
+        at = self.lm_positions(mask, at)
+        optimizer = self.lm_optimizer or self.optimizer
         params = self.trainable_parameters()
-        for _ in range(self.config.lm_steps_per_ppo_step):
-            loss = self.demo_lm_loss(self._demo_batch(self.dist.shard(self._draw_demos())))
-            self.optimizer.zero_grad(set_to_none=True)
+        n_tokens = at.sum().clamp_min(1)
+        optimizer.zero_grad(set_to_none=True)
+        total = torch.zeros((), device=self.device)
+        for rows in torch.split(torch.arange(ids.shape[0], device=ids.device), self.config.mini_batch_size):
+            if not at[rows].any():
+                continue
+            loss = self.lm_loss(ids[rows], mask[rows], at[rows]) / n_tokens
             loss.backward()
-            self.dist.average_gradients(params)
-            torch.nn.utils.clip_grad_norm_(params, self.config.max_grad_norm)
-            self.optimizer.step()
-            losses.append(loss.item())
-        self.optimizer.zero_grad(set_to_none=True)
-        return _mean(losses)
+            total += loss.detach()
+        self.dist.average_gradients(params)
+        torch.nn.utils.clip_grad_norm_(params, self.config.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return total.item()
 
     # --- training loop ----------------------------------------------------------------------
 
@@ -1127,6 +1248,8 @@ class CustomPPOTrainer:
             "value_head": self.value_head.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
+            "lm_optimizer": None if self.lm_optimizer is None else self.lm_optimizer.state_dict(),
+            "lm_scheduler": None if self.lm_scheduler is None else self.lm_scheduler.state_dict(),
             "kl_ctl": self.kl_ctl.state_dict(),
             "score_stats": self.score_processor.state_dict(),
             "nonfinite": {"nonfinite_total": self.nonfinite_total, "scored_total": self.scored_total},
@@ -1146,6 +1269,9 @@ class CustomPPOTrainer:
         self.value_head.load_state_dict(state["value_head"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        if self.lm_optimizer is not None:
+            self.lm_optimizer.load_state_dict(state["lm_optimizer"])
+            self.lm_scheduler.load_state_dict(state["lm_scheduler"])
         self.kl_ctl.load_state_dict(state["kl_ctl"])
         self.score_processor.load_state_dict(state["score_stats"])
         self.nonfinite_total = int(state["nonfinite"]["nonfinite_total"])

@@ -7,7 +7,10 @@ Two objectives (reward.objective):
 
 Texts are always scored as bos + text + eos (as in `tnd.trainers.lm.encode_for_lm`),
 right-padded, and the classifier reads the last non-pad token (HF finds it through
-`config.pad_token_id`). Training mirrors `tnd.trainers.lm`: AdamW, linear warm-up and
+`config.pad_token_id`). Token-id sequences -- PPO's trials, the cached demonstrations,
+evaluate's samples -- all go through `score_token_ids`: bos in front when missing, scored
+whole, refused in one line when longer than the model's positions or holding an id it
+lacks. Training mirrors `tnd.trainers.lm`: AdamW, linear warm-up and
 cosine decay, seeded random mini-batches, gradient clipping, a progress bar.
 """
 
@@ -22,6 +25,7 @@ from typing import TYPE_CHECKING, Callable, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from tqdm.auto import tqdm
 from transformers import (
     AutoModelForSequenceClassification,
@@ -31,6 +35,7 @@ from transformers import (
     get_cosine_schedule_with_warmup,
 )
 
+from tnd.data.tokenizer import encode
 from tnd.errors import TndError
 from tnd.models import check_vocab, llama_config
 from tnd.trainers.lm import collate, encode_for_lm
@@ -67,7 +72,7 @@ def load_reward_model(source: str | Path, tokenizer: PreTrainedTokenizerBase) ->
             f"reward: the model at '{source}' has {num_labels} outputs (num_labels={num_labels}), a reward model "
             "needs exactly 1; use a scalar-head classifier or set reward.source: builtin"
         )
-    check_vocab(model, tokenizer, "reward")
+    check_vocab(model, tokenizer, "reward", source)
     # Batches are padded with the tokenizer's pad id; the head must look for that one.
     model.config.pad_token_id = tokenizer.pad_token_id
     model.eval()
@@ -82,18 +87,76 @@ def _forward_rewards(model: PreTrainedModel, batch: dict[str, torch.Tensor]) -> 
     return logits.squeeze(-1).float()
 
 
-def _score_encoded(model: PreTrainedModel, pad_id: int, sequences: list[list[int]], batch_size: int) -> torch.Tensor:
+def _score_encoded(model: nn.Module, pad_id: int, sequences: list[list[int]], batch_size: int) -> torch.Tensor:
     was_training = model.training
     model.eval()
+    param = next(model.parameters(), None)
+    device = param.device if param is not None else torch.device("cpu")
     scores = []
     try:
         with torch.no_grad():
             for start in range(0, len(sequences), batch_size):
                 batch = collate(sequences[start : start + batch_size], pad_id)
+                batch = {key: value.to(device) for key, value in batch.items()}
                 scores.append(_forward_rewards(model, batch).cpu())
     finally:
         model.train(was_training)
     return torch.cat(scores) if scores else torch.zeros(0, dtype=torch.float32)
+
+
+def with_bos(ids: Sequence[int] | torch.Tensor, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """The one way a token-id sequence is prepared for the reward model: a bos in front when missing
+    (training saw bos + text + eos); an eos is never added, so an unfinished sample is scored as
+    unfinished; an empty sequence with no bos is scored as the pad token alone."""
+    ids = [int(t) for t in (ids.tolist() if isinstance(ids, torch.Tensor) else ids)]
+    bos = tokenizer.bos_token_id
+    if bos is not None and (not ids or ids[0] != bos):
+        ids = [bos] + ids
+    return ids or [tokenizer.pad_token_id]
+
+
+def check_scorable(model: nn.Module, sequences: list[list[int]]) -> None:
+    """Refuse, in one line, what the reward model cannot score whole: a sequence longer than its
+    positions (cutting it would score another text: the head reads the last token) or an id its
+    embeddings lack (a raw IndexError, a device-side assert on CUDA)."""
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    longest = max(map(len, sequences), default=0)
+    if limit and longest > limit:
+        raise TndError(
+            f"reward: a sequence of {longest} tokens (bos included) is longer than the reward model's "
+            f"max_position_embeddings ({limit}); lower the max_new_tokens that made it (ppo, cache or eval) "
+            "or use a reward model with more positions (reward.arch.max_position_embeddings)"
+        )
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    rows = getattr(embeddings, "num_embeddings", None)
+    top = max((max(seq) for seq in sequences if seq), default=0)
+    low = min((min(seq) for seq in sequences if seq), default=0)
+    if rows is not None and (top >= rows or low < 0):
+        bad = top if top >= rows else low
+        raise TndError(
+            f"reward: token id {bad} is outside the reward model's {rows} embeddings; the sequences come from "
+            "another tokenizer or a model whose vocabulary is not the pipeline's: use models made with the "
+            "pipeline's tokenizer (artifacts/tokenizer)"
+        )
+
+
+def score_token_ids(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    sequences: Iterable[Sequence[int] | torch.Tensor],
+    batch_size: int | None = 64,
+) -> torch.Tensor:
+    """Rewards (float32 [n], on the CPU, no grad) of token-id sequences: how every reward the pipeline
+    uses is computed -- PPO's trials (CustomPPOTrainer.compute_scores), the cached demonstrations
+    (score_rewards) and evaluate's samples -- so a stored reward is the one PPO would compute.
+
+    Each sequence goes through `with_bos` and is scored whole (never cut: `check_scorable` refuses
+    what does not fit), right-padded, batch_size at a time (None: all in one batch), on the model's
+    device; the classifier reads the last non-pad token.
+    """
+    encoded = [with_bos(seq, tokenizer) for seq in sequences]
+    check_scorable(model, encoded)
+    return _score_encoded(model, tokenizer.pad_token_id, encoded, batch_size or max(len(encoded), 1))
 
 
 def score_texts(
@@ -103,35 +166,14 @@ def score_texts(
     batch_size: int = 64,
     max_length: int = 48,
 ) -> torch.Tensor:
-    """Rewards (float32 [n], no grad) of texts encoded as bos + text + eos, as in training."""
-    return _score_encoded(model, tokenizer.pad_token_id, encode_for_lm(tokenizer, list(texts), max_length), batch_size)
+    """Rewards (float32 [n], no grad) of texts encoded as in reward training: bos + text + eos, cut to
+    max_length (reward.train.max_length; `count_cut` counts the texts this cuts)."""
+    return score_token_ids(model, tokenizer, encode_for_lm(tokenizer, list(texts), max_length), batch_size)
 
 
-def score_token_ids(
-    model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    sequences: Iterable[Sequence[int] | torch.Tensor],
-    batch_size: int = 64,
-    max_length: int | None = 48,
-    add_bos: bool = True,
-) -> torch.Tensor:
-    """Rewards (float32 [n]) of token-id sequences such as cached demonstrations (prompt + continuation).
-
-    A bos is put in front when missing (training saw bos + text + eos); an eos is never
-    added, so an unfinished sample is scored as unfinished. Sequences longer than
-    max_length are cut (as in training).
-    """
-    bos = tokenizer.bos_token_id
-    encoded = []
-    for seq in sequences:
-        ids = seq.tolist() if isinstance(seq, torch.Tensor) else list(seq)
-        ids = [int(t) for t in ids]
-        if add_bos and bos is not None and (not ids or ids[0] != bos):
-            ids = [bos] + ids
-        if not ids:  # nothing to read the reward from: score the pad token alone
-            ids = [tokenizer.pad_token_id]
-        encoded.append(ids[:max_length] if max_length else ids)
-    return _score_encoded(model, tokenizer.pad_token_id, encoded, batch_size)
+def count_cut(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], max_length: int) -> int:
+    """How many texts score_texts cuts (bos + text + eos longer than max_length)."""
+    return sum(len(encode(tokenizer, text)) + 2 > max_length for text in texts)
 
 
 def reward_stats(rewards: torch.Tensor) -> dict:
