@@ -61,6 +61,8 @@ def parse_args(argv=None):
     p.add_argument("--demos", type=int, default=512, help="teacher demonstrations to cache")
     p.add_argument("--teacher-steps", type=int, default=300, help="LM steps for the teacher")
     p.add_argument("--params", default=str(ROOT / "params.yaml"))
+    p.add_argument("--mixed-precision", default="no", choices=("no", "bf16", "fp16"),
+                   help="engine.mixed_precision for both runs (under `accelerate launch --config_file configs/fsdp.yaml`: FSDP)")
     p.add_argument("--smoke", action="store_true", help="tiny models, 1 + 1 steps: proves it runs")
     p.add_argument("--out", default=None, help="JSON path (default: results/trainer-backends-<device>.json)")
     return p.parse_args(argv)
@@ -102,7 +104,7 @@ def build(raw: dict, args, device: torch.device):
 
 def run_backend(backend: str, raw: dict, models, args, device: torch.device) -> dict:
     tokenizer, teacher, student, reward, cache, prompts = models
-    overrides = {"kernel_backend": backend}
+    overrides = {"kernel_backend": backend, "mixed_precision": args.mixed_precision}
     if args.smoke:
         overrides.update(batch_size=8, mini_batch_size=4, ppo_epochs=1, max_new_tokens=4, demo_batch_size=4)
     config = CustomPPOConfig.from_params(raw, **overrides)
@@ -148,6 +150,7 @@ def run_backend(backend: str, raw: dict, models, args, device: torch.device) -> 
         "update_tok_s": median("update_tok_s"),
         "peak_memory_mib": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None,
         "padding_free": sorted(set(trainer._packed.values())),
+        "engine": str(trainer.accelerator.distributed_type), "mixed_precision": args.mixed_precision,
     }
 
 
@@ -179,6 +182,9 @@ def main() -> None:
     results = {backend: run_backend(backend, raw, models, args, device) for backend in ("triton", "torch")}
     diffs = compare(results["triton"], results["torch"])
     name = torch.cuda.get_device_name(device).replace(" ", "-") if device.type == "cuda" else "cpu"
+    engine = results["torch"]["engine"].lower().removeprefix("distributedtype.")
+    if engine != "no" or args.mixed_precision != "no":
+        name = f"{name}-{engine}-{args.mixed_precision}"
     record = {
         "meta": {"device": name, "torch": torch.__version__, "smoke": args.smoke, "steps": args.steps,
                  "warmup": args.warmup, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")},

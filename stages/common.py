@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import argparse
 import os
+import socket
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -13,7 +15,7 @@ from typing import Callable
 import torch
 
 from tnd import tracking
-from tnd.config import Params, load_params
+from tnd.config import EngineParams, Params, load_params
 from tnd.errors import TndError
 from tnd.tracking import Tracker
 
@@ -21,18 +23,29 @@ EXIT_BAD_INPUT = 2
 EXIT_ENVIRONMENT = 3
 
 
-def run_stage(name: str, body: Callable[[Params, Tracker], None], argv: list[str] | None = None) -> None:
-    """Parse --params, seed, and run `body` inside this stage's MLflow run."""
+def run_stage(
+    name: str, body: Callable[[Params, Tracker], None], argv: list[str] | None = None, multi_process: bool = False
+) -> None:
+    """Parse --params, seed, and run `body` inside this stage's MLflow run. A `multi_process` stage started
+    as one process with engine.processes > 1 starts itself again under `accelerate launch` and waits."""
     parser = argparse.ArgumentParser(prog=f"python -m stages.{name}")
     parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
     args = parser.parse_args(argv)
     started = time.perf_counter()
     try:
         params = load_params(args.params)
+        if multi_process and params.engine.processes > 1 and "WORLD_SIZE" not in os.environ:
+            command = launch_command(name, params.engine, args.params)
+            print(f"{name}: {params.engine.processes} processes: {' '.join(command[2:])}", file=sys.stderr, flush=True)
+            code = subprocess.run(command).returncode
+            if code:
+                raise SystemExit(code)
+            return
         seed_everything(params.seed)
         if not is_main_process():  # under `accelerate launch`, process 0 alone logs the run
             params = params.model_copy(update={"tracking": params.tracking.model_copy(update={"enabled": False})})
-        with tracking.stage_run(name, params) as run:
+        with tracking.stage_run(name, params, **run_labels(name, params)) as run:
+            run.log_inputs(stage_inputs(name, params))
             body(params, run)
     except TndError as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
@@ -46,6 +59,43 @@ def run_stage(name: str, body: Callable[[Params, Tracker], None], argv: list[str
         )
         raise SystemExit(EXIT_ENVIRONMENT) from None
     print(f"{name}: done in {time.perf_counter() - started:.1f}s", file=sys.stderr, flush=True)
+
+
+def launch_command(name: str, engine: EngineParams, params_path: str) -> list[str]:
+    """`accelerate launch` of stage `name` on this machine: engine.processes processes, DDP (gloo on CPU,
+    NCCL on GPUs) or what the accelerate config file engine.config says (FSDP, DeepSpeed)."""
+    if engine.config is not None and not Path(engine.config).is_file():
+        raise TndError(f"engine.config = {engine.config}: file not found; pick one of configs/*.yaml or set null")
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(engine.processes),
+               "--num_machines", "1", "--mixed_precision", engine.mixed_precision, "--dynamo_backend", "no",
+               "--main_process_port", str(free_port())]
+    command += ["--config_file", engine.config] if engine.config is not None else ["--multi_gpu"]
+    return command + ["-m", f"stages.{name}", "--params", params_path]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def validation_logger(run: Tracker, curve: list[dict]) -> Callable[[dict], None]:
+    """`on_eval` for the trainers' held-out validation: keep each row (for plots/) and log its figures to
+    MLflow at its step, as validation/<name>."""
+
+    def on_eval(row: dict) -> None:
+        curve.append(row)
+        run.log_metrics({f"validation/{k}": v for k, v in row.items() if k != "step"}, row["step"])
+
+    return on_eval
+
+
+def validation_summary(metrics: dict) -> str:
+    """`; best validation at step 350 of 600 run (stopped early)`, or nothing without validation."""
+    if "best_step" not in metrics:
+        return ""
+    stopped = " (stopped early)" if metrics["stopped_early"] else ""
+    return f"; best validation at step {metrics['best_step']} of {metrics['steps_run']} run{stopped}"
 
 
 def is_main_process() -> bool:
@@ -75,6 +125,43 @@ INITIAL_STUDENT = "models/initial_student"
 CHECKPOINTS = "checkpoints/ppo"
 PLOTS = "plots"
 EVAL = "eval"
+
+
+# What each stage reads, recorded as MLflow dataset inputs of its run: (path, context). The paths
+# are in dvc.yaml's deps of the stage (tests/test_tracking.py checks); the cache by its index, which
+# holds every shard's sha256.
+def stage_inputs(name: str, params: Params) -> list[tuple[str, str]]:
+    prepared, index = Path(PREPARED), str(Path(CACHE) / "index.json")
+    warm_up = params.student.source == "builtin" and params.student.train.steps > 0
+    pairwise = params.reward.objective == "pairwise"
+    inputs = {
+        "prepare_data": [(params.data.source, "source")],  # a local file; the nursery and hub names are not
+        "train_teacher": [
+            (prepared / "train.jsonl", "training"), (prepared / "eval.jsonl", "evaluation"),
+            (prepared / "eval_prompts.jsonl", "evaluation"),
+        ],
+        "train_reward": [(prepared / "pairs_train.jsonl", "training"), (prepared / "pairs_eval.jsonl", "evaluation")]
+        if pairwise else [(params.data.source, "training")],
+        "cache_teacher_logits": [(prepared / "prompts.jsonl", "prompts")],
+        "score_rewards": [(index, "scoring"), (prepared / "eval.jsonl", "scoring")],
+        "train_ppo": [(prepared / "prompts.jsonl", "training"), (index, "training")]
+        + ([(prepared / "train.jsonl", "training")] if warm_up or params.tnd.lm_data == "corpus" else [])
+        + ([(prepared / "eval.jsonl", "evaluation")] if warm_up else []),  # the warm-up's validation
+        "evaluate": [(prepared / "eval_prompts.jsonl", "evaluation"), (prepared / "eval.jsonl", "evaluation")],
+    }
+    return [(str(path), context) for path, context in inputs.get(name, [])]
+
+
+# The stages whose outputs depend on tnd.mode: their runs carry a `mode` tag and are named after the
+# experiment and the mode, so the ablation reads off the MLflow runs table.
+MODE_STAGES = ("train_ppo", "evaluate")
+
+
+def run_labels(name: str, params: Params) -> dict:
+    if name not in MODE_STAGES:
+        return {}
+    mode = params.tnd.mode
+    return {"tags": {"mode": mode}, "run_name": f"{name}: {tracking.pipeline_id(params)} ({mode})"}
 
 
 def snapshot_path(step: int) -> Path:

@@ -22,9 +22,11 @@ a run is never silently continued under changed settings. A finished checkpoint 
 the end state of an earlier run: it is ignored and training starts afresh (so that
 `dvc exp run -S ...` works with the persisted checkpoint directory).
 
-Several processes: `accelerate launch --multi_gpu --num_processes 2 -m stages.train_ppo` (on CPU
-too, where it uses gloo; `--cpu` would start one process only) trains one student data-parallel (each process takes its share of every batch, see
-tnd/trainers/distributed.py); process 0 alone writes the outputs and logs to MLflow.
+Several processes: with engine.processes > 1 the stage starts itself again under `accelerate launch`
+(stages/common.py), so `dvc repro` / `dvc exp run -S engine.processes=2` run and record it; started by
+`accelerate launch` or `torchrun` by hand, it runs in the processes given. The trainer runs on
+accelerate's engine (DDP, or FSDP / DeepSpeed from engine.config; tnd/engine.py); each process takes its
+share of every batch, and process 0 alone writes the outputs and logs to MLflow.
 """
 
 from __future__ import annotations
@@ -40,7 +42,6 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
-from accelerate import Accelerator
 from tqdm.auto import tqdm
 
 from tnd.cache import TeacherCache, fingerprint_model, fingerprint_tokenizer
@@ -52,17 +53,18 @@ from tnd.models import build_causal_lm, load_causal_lm, save_model
 from tnd.tracking import Tracker
 from tnd.trainers import CustomPPOConfig, CustomPPOTrainer
 from tnd.trainers.lm import encode_for_lm, pretrain_lm
-from tnd.trainers.ppo import STAT_KEYS
+from tnd.trainers.ppo import STAT_KEYS, accelerator_for
 from tnd.trainers.reward import load_reward_model
 
 from stages.common import (
     CACHE, CHECKPOINTS, INITIAL_STUDENT, METRICS, PLOTS, PREPARED, REWARD, STUDENT, TEACHER, TOKENIZER, run_stage,
-    snapshot_path, snapshot_steps,
+    snapshot_path, snapshot_steps, validation_logger,
 )
 
 CHECKPOINT_FORMAT = 2
 # The params that change what training computes (not tracking/eval, not kernels.backend, not save_every).
-TRAINING_SECTIONS = ("seed", "data", "tokenizer", "teacher", "reward", "cache", "student", "ppo", "distill", "tnd")
+TRAINING_SECTIONS = ("seed", "data", "tokenizer", "teacher", "reward", "cache", "student", "ppo", "distill", "tnd",
+                     "engine")
 CSV_COLUMNS = ("step", *STAT_KEYS)
 SUMMARY = {  # metrics/train.json name -> trainer stat
     "reward": "env/reward_mean", "score": "env/score_mean", "kl": "objective/kl", "kl_coef": "objective/kl_coef",
@@ -219,8 +221,6 @@ def warn_if_single_process_launch() -> None:
 
 def train_ppo(params: Params, run: Tracker) -> None:
     warn_if_single_process_launch()
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())
-    device, main = accelerator.device, accelerator.is_main_process
     tokenizer = load_tokenizer(TOKENIZER)
     teacher = load_causal_lm(TEACHER, tokenizer, role="teacher").eval()
     reward_model = load_reward_model(REWARD, tokenizer)
@@ -236,6 +236,8 @@ def train_ppo(params: Params, run: Tracker) -> None:
     cache = TeacherCache(CACHE, meta["teacher_fingerprint"], meta["tokenizer_fingerprint"])
     meta["cache_fingerprint"] = hashlib.sha256((Path(CACHE) / "index.json").read_bytes()).hexdigest()
     config = CustomPPOConfig.from_params(params, **reward_seed(Path(METRICS) / "rewards.json"))
+    accelerator = accelerator_for(config)
+    main = accelerator.is_main_process
 
     ckpt_path = Path(CHECKPOINTS) / "state.pt"
     if main:
@@ -257,7 +259,9 @@ def train_ppo(params: Params, run: Tracker) -> None:
         if ckpt is not None:
             student.load_state_dict(ckpt["initial_student"])
         elif params.student.train.steps:
-            pretrain_lm(student, tokenizer, texts, params.student.train, params.seed, desc="student warm-up")
+            eval_texts = [row["text"] for row in _read_rows(Path(PREPARED) / "eval.jsonl")]  # its validation
+            pretrain_lm(student, tokenizer, texts, params.student.train, params.seed, desc="student warm-up",
+                        eval_texts=eval_texts, on_eval=validation_logger(run, []))
         initial = {k: v.clone() for k, v in student.state_dict().items()}
     else:
         student = load_causal_lm(params.student.source, tokenizer, role="student")
@@ -273,7 +277,7 @@ def train_ppo(params: Params, run: Tracker) -> None:
             )
 
     trainer = CustomPPOTrainer(
-        teacher.to(device), student.to(device), reward_model.to(device), config, prompts,
+        teacher, student, reward_model, config, prompts,
         demonstrations=cache, tokenizer=tokenizer, accelerator=accelerator,
         lm_dataset=encode_for_lm(tokenizer, texts, params.student.train.max_length)
         if params.tnd.lm_data == "corpus" else None,
@@ -307,12 +311,13 @@ def train_ppo(params: Params, run: Tracker) -> None:
     if not main:
         return
 
-    summary = summarise(rows, config.batch_size)
+    summary = {**summarise(rows, config.batch_size), "processes": trainer.accelerator.num_processes}
     write_csv(csv_path, rows)
     save_model(trainer.student, tokenizer, STUDENT)
     atomic_write_json(Path(METRICS) / "train.json", summary)
     run.log_metrics({f"{part}.{k}": v for part in ("final", "last10") for k, v in summary[part].items()
                      if v is not None})
+    run.log_model(STUDENT, "student", task="text-generation", register=True)
     fmt = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
     print(
         f"train_ppo: reward {fmt(summary['first']['reward'])} -> {fmt(summary['last10']['reward'])} (last 10), "
@@ -322,7 +327,7 @@ def train_ppo(params: Params, run: Tracker) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    run_stage("train_ppo", train_ppo, argv)
+    run_stage("train_ppo", train_ppo, argv, multi_process=True)
 
 
 if __name__ == "__main__":

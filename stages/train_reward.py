@@ -6,7 +6,13 @@ is a held-out test). regression: MSE to reward.label_field of the labelled texts
 data.source (a local .jsonl/.csv), 10% held out. On nursery data the model is also
 checked on fresh sentences, each corrupted with every kind.
 
-Writes models/reward/ (save_pretrained, with the tokenizer) and metrics/reward.json.
+While it trains, the built-in model is validated every reward.train.eval_every steps on the
+first reward.train.eval_size held-out rows (eval pairs, or the held-out labelled texts), stops
+after reward.train.patience validations without a lower held-out loss, and ends on the weights
+of its best validation (reward.train.keep_best).
+
+Writes models/reward/ (save_pretrained, with the tokenizer), metrics/reward.json and
+plots/reward_validation.csv (the validation curve, also logged to MLflow per step).
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ from pathlib import Path
 from tnd.config import Params
 from tnd.data import nursery
 from tnd.data.tokenizer import load_tokenizer
-from tnd.io import atomic_write_json, read_jsonl
+from tnd.io import atomic_write_csv, atomic_write_json, read_jsonl
 from tnd.models import save_model
 from tnd.tracking import Tracker
 from tnd.trainers.reward import (
@@ -29,7 +35,9 @@ from tnd.trainers.reward import (
     load_reward_model,
 )
 
-from stages.common import METRICS, PREPARED, REWARD, TOKENIZER, run_stage
+from stages.common import (
+    METRICS, PLOTS, PREPARED, REWARD, TOKENIZER, run_stage, validation_logger, validation_summary,
+)
 
 ALL_CORRUPTIONS = ("agreement_swap", "adjacent_swap", "drop_word", "duplicate_word")
 N_FRESH = 500
@@ -59,7 +67,9 @@ def train_reward(params: Params, run: Tracker) -> None:
         model = load_reward_model(cfg.source, tokenizer)
     trainer = RewardTrainer(model, tokenizer, cfg, params.seed)
     metrics: dict = {"objective": cfg.objective, "n_train": len(train_rows)}
-    metrics.update(trainer.train(train_rows, on_log=run.log_metrics))
+    curve: list[dict] = []
+    metrics.update(trainer.train(train_rows, on_log=run.log_metrics, eval_rows=eval_rows,
+                                 on_eval=validation_logger(run, curve)))
     metrics.update(trainer.evaluate(eval_rows))
     metrics["n_parameters"] = sum(p.numel() for p in model.parameters())
 
@@ -86,10 +96,14 @@ def train_reward(params: Params, run: Tracker) -> None:
     metrics = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in metrics.items()}
     save_model(model, tokenizer, REWARD)
     atomic_write_json(Path(METRICS) / "reward.json", metrics)
+    held_out = "eval_accuracy" if cfg.objective == "pairwise" else "eval_pearson"
+    atomic_write_csv(Path(PLOTS) / "reward_validation.csv", curve,
+                     ("step", "train_loss", "eval_loss", held_out, "best_step"))
     run.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
+    run.log_model(REWARD, "reward", task="text-classification")
     shown = ("pairwise_accuracy", "fresh_accuracy", "fresh_accuracy_duplicate_word", "mse", "pearson")
     summary = ", ".join(f"{k} {metrics[k]:.3f}" for k in shown if metrics.get(k) is not None)
-    print(f"train_reward: {summary}")
+    print(f"train_reward: {summary}{validation_summary(metrics)}")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,7 +1,12 @@
 """Stage train_teacher: build and pretrain the built-in teacher, or load one by name/path.
 
-Writes models/teacher/ (save_pretrained, with the tokenizer) and metrics/teacher.json
-(eval perplexity, and on nursery data the grammaticality of sampled continuations).
+Writes models/teacher/ (save_pretrained, with the tokenizer), metrics/teacher.json
+(eval perplexity, and on nursery data the grammaticality of sampled continuations; the
+validation's best step, steps run, early stop) and plots/teacher_validation.csv (the
+validation curve: train and held-out loss every teacher.train.eval_every steps, also logged
+to MLflow per step). The built-in teacher is validated on the eval split while it trains,
+stops after teacher.train.patience validations without improvement, and is saved with the
+weights of its best validation (teacher.train.keep_best).
 """
 
 from __future__ import annotations
@@ -11,12 +16,16 @@ from pathlib import Path
 from tnd.config import Params
 from tnd.data.tokenizer import load_tokenizer
 from tnd.evaluation import grammaticality, sample_texts
-from tnd.io import atomic_write_json, read_jsonl
+from tnd.io import atomic_write_csv, atomic_write_json, read_jsonl
 from tnd.models import build_causal_lm, load_causal_lm, save_model
 from tnd.trainers.lm import perplexity, pretrain_lm
 from tnd.tracking import Tracker
 
-from stages.common import METRICS, PREPARED, TEACHER, TOKENIZER, run_stage
+from stages.common import (
+    METRICS, PLOTS, PREPARED, TEACHER, TOKENIZER, run_stage, validation_logger, validation_summary,
+)
+
+CURVE_COLUMNS = ("step", "train_loss", "eval_loss", "eval_perplexity", "best_step")
 
 
 def train_teacher(params: Params, run: Tracker) -> None:
@@ -27,9 +36,13 @@ def train_teacher(params: Params, run: Tracker) -> None:
     prompts = [row["prompt_ids"] for row in read_jsonl(Path(PREPARED) / "eval_prompts.jsonl")]
 
     metrics: dict = {}
+    curve: list[dict] = []
     if cfg.source == "builtin":
         model = build_causal_lm(cfg.arch, tokenizer, params.seed)
-        metrics.update(pretrain_lm(model, tokenizer, train_texts, cfg.train, params.seed, on_log=run.log_metrics))
+        metrics.update(pretrain_lm(
+            model, tokenizer, train_texts, cfg.train, params.seed, on_log=run.log_metrics, desc="teacher",
+            eval_texts=eval_texts, on_eval=validation_logger(run, curve),
+        ))
     else:
         model = load_causal_lm(cfg.source, tokenizer, role="teacher")
     metrics["n_parameters"] = sum(p.numel() for p in model.parameters())
@@ -44,9 +57,12 @@ def train_teacher(params: Params, run: Tracker) -> None:
 
     save_model(model, tokenizer, TEACHER)
     atomic_write_json(Path(METRICS) / "teacher.json", metrics)
+    atomic_write_csv(Path(PLOTS) / "teacher_validation.csv", curve, CURVE_COLUMNS)
     run.log_metrics({k: v for k, v in metrics.items() if v is not None})
     run.log_table(samples[:100], "teacher_samples.json")
-    print(f"train_teacher: perplexity {metrics['eval_perplexity']:.2f}, grammaticality {metrics['grammaticality']}")
+    run.log_model(TEACHER, "teacher", task="text-generation")
+    print(f"train_teacher: perplexity {metrics['eval_perplexity']:.2f}, grammaticality {metrics['grammaticality']}"
+          + validation_summary(metrics))
 
 
 def main(argv: list[str] | None = None) -> None:

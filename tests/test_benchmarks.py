@@ -37,3 +37,16 @@ def test_trainer_backends_benchmark_smoke(tmp_path):
     assert set(record["results"]) == {"triton", "torch"}
     first = record["per_step"][0]
     assert first["loss/total"]["rel_diff"] < 1e-3 and first["loss/distill"]["rel_diff"] < 1e-3
+
+
+def test_ddp_sync_benchmark_smoke(tmp_path):
+    """Two gloo processes: DDP's synchronised and local backward, a flat and a per-parameter all-reduce."""
+    out = tmp_path / "ddp.json"
+    proc = subprocess.run(
+        [sys.executable, "benchmarks/ddp_sync.py", "--smoke", "--out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    record = json.loads(out.read_text())
+    assert record["meta"]["backend"] == "gloo" and record["meta"]["tensors"] > 1
+    assert record["flat_allreduce_ms"] > 0 and record["per_param_ms"] > 0 and record["step_s"] > 0

@@ -1,4 +1,6 @@
-"""Data-parallel training: two processes (gloo on CPU) share every batch and keep one student."""
+"""Data-parallel training on accelerate's engine: two processes (DDP over gloo on CPU) share every batch
+and keep one student. Each worker is a process of its own whose environment says rank and world size,
+as `accelerate launch` / `torchrun` set it; the trainer's Accelerator reads it."""
 
 from __future__ import annotations
 
@@ -23,29 +25,32 @@ from tnd.data.tokenizer import train_bpe
 pytestmark = pytest.mark.slow
 
 
-def _worker(rank: int, init_file: str, out_dir: str) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
-    try:
-        torch.manual_seed(0)
-        tokenizer = train_bpe(SENTENCES, vocab_size=300, min_frequency=1)
-        prompts = [[tokenizer.bos_token_id, *tokenizer(text, add_special_tokens=False)["input_ids"][:2]]
-                   for text in SENTENCES[:8]]
-        accelerator = SimpleNamespace(num_processes=2, process_index=rank)
-        # early stopping on: its KL is summed over the processes after every optimizer step
-        trainer = make_trainer(tokenizer, prompts, accelerator=accelerator, early_stopping=True)
-        seen = []
-        for _ in range(2):
-            batch = trainer.next_prompts()
-            seen.append(batch)
-            stats = trainer.step(batch)
-        weights = torch.cat([p.detach().flatten() for p in trainer.trainable_parameters()])
-        torch.save({"weights": weights, "seen": seen, "stats": stats}, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+def _join(rank: int, port: int) -> None:
+    """This process as rank `rank` of 2. The process group is accelerate's, torn down as the worker exits
+    (destroying it first left a worker hanging at exit now and then)."""
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+
+
+def _worker(rank: int, port: int, out_dir: str) -> None:
+    _join(rank, port)
+    torch.manual_seed(0)
+    tokenizer = train_bpe(SENTENCES, vocab_size=300, min_frequency=1)
+    prompts = [[tokenizer.bos_token_id, *tokenizer(text, add_special_tokens=False)["input_ids"][:2]]
+               for text in SENTENCES[:8]]
+    # early stopping on: its KL is summed over the processes after every epoch
+    trainer = make_trainer(tokenizer, prompts, early_stopping=True)
+    seen = []
+    for _ in range(2):
+        batch = trainer.next_prompts()
+        seen.append(batch)
+        stats = trainer.step(batch)
+    weights = torch.cat([p.detach().flatten() for p in trainer.trainable_parameters()])
+    torch.save({"weights": weights, "seen": seen, "stats": stats}, os.path.join(out_dir, f"rank{rank}.pt"))
 
 
 def test_two_processes_take_disjoint_shards_and_keep_one_student(tmp_path):
-    mp.spawn(_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
     for batch0, batch1 in zip(r0["seen"], r1["seen"]):
         assert len(batch0) == len(batch1) == 4  # batch_size 8 split in two
@@ -56,44 +61,40 @@ def test_two_processes_take_disjoint_shards_and_keep_one_student(tmp_path):
         assert r0["stats"][key] == r1["stats"][key], key
 
 
-def _resume_worker(rank: int, init_file: str, out_dir: str) -> None:
+def _resume_worker(rank: int, port: int, out_dir: str) -> None:
     """3 steps straight, and 2 steps + process 0's state_dict (what the checkpoint holds) + 1 step."""
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
-    try:
-        tokenizer = train_bpe(SENTENCES, vocab_size=300, min_frequency=1)
-        prompts = [[tokenizer.bos_token_id, *tokenizer(text, add_special_tokens=False)["input_ids"][:2]]
-                   for text in SENTENCES[:8]]
-        accelerator = SimpleNamespace(num_processes=2, process_index=rank)
-        straight = make_trainer(tokenizer, prompts, accelerator=accelerator)
-        straight.train(3)
-        first = make_trainer(tokenizer, prompts, accelerator=accelerator)
-        first.train(2)
-        checkpoint = os.path.join(out_dir, "state.pt")
-        if rank == 0:
-            torch.save(first.state_dict(), checkpoint)
-        dist.barrier()
-        resumed = make_trainer(tokenizer, prompts, accelerator=accelerator)
-        resumed.load_state_dict(torch.load(checkpoint, weights_only=False))
-        resumed.train(1)
-        flat = lambda t: torch.cat([p.detach().flatten() for p in t.trainable_parameters()])  # noqa: E731
-        torch.save({"straight": flat(straight), "resumed": flat(resumed)}, os.path.join(out_dir, f"resume{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+    _join(rank, port)
+    tokenizer = train_bpe(SENTENCES, vocab_size=300, min_frequency=1)
+    prompts = [[tokenizer.bos_token_id, *tokenizer(text, add_special_tokens=False)["input_ids"][:2]]
+               for text in SENTENCES[:8]]
+    straight = make_trainer(tokenizer, prompts)
+    straight.train(3)
+    first = make_trainer(tokenizer, prompts)
+    first.train(2)
+    checkpoint = os.path.join(out_dir, "state.pt")
+    if rank == 0:
+        torch.save(first.state_dict(), checkpoint)
+    dist.barrier()
+    resumed = make_trainer(tokenizer, prompts)
+    resumed.load_state_dict(torch.load(checkpoint, weights_only=False))
+    resumed.train(1)
+    flat = lambda t: torch.cat([p.detach().flatten() for p in t.trainable_parameters()])  # noqa: E731
+    torch.save({"straight": flat(straight), "resumed": flat(resumed)}, os.path.join(out_dir, f"resume{rank}.pt"))
 
 
 def test_two_process_resume_is_bit_exact(tmp_path):
-    mp.spawn(_resume_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_resume_worker, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
     for rank in (0, 1):
         out = torch.load(tmp_path / f"resume{rank}.pt", weights_only=False)
         assert torch.equal(out["resumed"], out["straight"]), rank
 
 
-def _value_head_after_a_demos_only_step(accelerator=None) -> torch.Tensor:
+def _value_head_after_a_demos_only_step() -> torch.Tensor:
     tokenizer = train_bpe(SENTENCES, vocab_size=300, min_frequency=1)
     prompts = [[tokenizer.bos_token_id, *tokenizer(text, add_special_tokens=False)["input_ids"][:2]]
                for text in SENTENCES[:8]]
     # demos_only with LM steps: nothing in the step reads the value head, so it has no gradient
-    trainer = make_trainer(tokenizer, prompts, accelerator=accelerator, mode="demos_only", lm_steps_per_ppo_step=1,
+    trainer = make_trainer(tokenizer, prompts, mode="demos_only", lm_steps_per_ppo_step=1,
                            optimizer_kwargs={"weight_decay": 0.1})
     before = torch.cat([p.detach().flatten() for p in trainer.value_head.parameters()])
     trainer.step(trainer.next_prompts())
@@ -101,29 +102,64 @@ def _value_head_after_a_demos_only_step(accelerator=None) -> torch.Tensor:
     return before, after
 
 
-def _unused_parameter_worker(rank: int, init_file: str, out_dir: str) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
-    try:
-        before, after = _value_head_after_a_demos_only_step(SimpleNamespace(num_processes=2, process_index=rank))
-        torch.save({"before": before, "after": after}, os.path.join(out_dir, f"unused{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+def _unused_parameter_worker(rank: int, port: int, out_dir: str) -> None:
+    _join(rank, port)
+    before, after = _value_head_after_a_demos_only_step()
+    torch.save({"before": before, "after": after}, os.path.join(out_dir, f"unused{rank}.pt"))
 
 
 def test_a_parameter_without_gradient_stays_put_in_one_process_and_in_two(tmp_path):
     """No gradient anywhere means no update (no weight decay, no momentum), as in a single process."""
     before, after = _value_head_after_a_demos_only_step()
     assert torch.equal(before, after)
-    mp.spawn(_unused_parameter_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_unused_parameter_worker, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
     for rank in (0, 1):
         out = torch.load(tmp_path / f"unused{rank}.pt", weights_only=False)
         assert torch.equal(out["before"], out["after"]), rank
 
 
+def _one_update_on_a_fixed_batch() -> torch.Tensor:
+    """One PPO update (SGD, so the step is linear in the gradient) on 8 fixed trials, this process's share of
+    them: unwhitened advantages and responses of equal length, so the mean loss over all tokens equals the
+    mean over processes of their means, as DDP's gradient averaging computes it."""
+    from tnd.engine import shard
+
+    tokenizer = train_bpe(SENTENCES, vocab_size=300, min_frequency=1)
+    prompts = [[tokenizer.bos_token_id, *tokenizer(text, add_special_tokens=False)["input_ids"][: 1 + i % 3]]
+               for i, text in enumerate(SENTENCES[:8])]
+    responses = [[20 + i, 30 + i, 40 + i, 50 + i] for i in range(8)]
+    scores = torch.linspace(-1.0, 1.0, 8)
+    trainer = make_trainer(tokenizer, prompts, mode="trials_only", with_demos=False, batch_size=8, mini_batch_size=8,
+                           ppo_epochs=1, whiten_advantages=False, optimizer_name="SGD", learning_rate=0.5)
+    rows = shard(trainer.accelerator, list(range(8)))
+    rollout = trainer.make_rollout([prompts[i] for i in rows], [responses[i] for i in rows], scores[rows],
+                                   torch.zeros(len(rows), dtype=torch.bool))
+    before = torch.cat([p.detach().flatten().clone() for p in trainer.trainable_parameters()])
+    trainer._optimize(rollout, None)
+    return torch.cat([p.detach().flatten() for p in trainer.trainable_parameters()]) - before
+
+
+def _fixed_batch_worker(rank: int, port: int, out_dir: str) -> None:
+    _join(rank, port)
+    torch.save(_one_update_on_a_fixed_batch(), os.path.join(out_dir, f"update{rank}.pt"))
+
+
+def test_one_process_and_two_make_the_same_update_on_the_same_global_batch(tmp_path):
+    one = _one_update_on_a_fixed_batch()
+    mp.spawn(_fixed_batch_worker, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
+    for rank in (0, 1):
+        two = torch.load(tmp_path / f"update{rank}.pt", weights_only=False)
+        assert one.abs().max() > 1e-3  # a real update, ...
+        # ... the same up to the order of float sums (DDP sums bucketed gradients over the processes)
+        torch.testing.assert_close(two, one, rtol=0, atol=1e-6)
+
+
 def test_batches_too_small_to_share_are_a_clear_error(tmp_path):
     tokenizer = train_bpe(SENTENCES, vocab_size=300, min_frequency=1)
     prompts = [[tokenizer.bos_token_id, 5]]
-    two = SimpleNamespace(num_processes=2, process_index=0)
+    # an accelerator of two processes, as far as the checks read it
+    two = SimpleNamespace(num_processes=2, process_index=0, device=torch.device("cpu"), gradient_accumulation_steps=1,
+                          ddp_handler=None)
     with pytest.raises(ValueError, match="divisible by the number of processes"):
         make_trainer(tokenizer, prompts, mini_batch_size=3, batch_size=9, accelerator=two)
     with pytest.raises(ValueError, match="demo_batch_size"):

@@ -330,7 +330,7 @@ def test_unknown_optimizer_is_a_clear_error(tokenizer, prompts):
         make_trainer(tokenizer, prompts, optimizer_kwargs={"nonsense": 1}, mode="trials_only", with_demos=False)
     trainer = make_trainer(tokenizer, prompts, optimizer_name="SGD", optimizer_kwargs={"momentum": 0.9},
                            mode="trials_only", with_demos=False)
-    assert isinstance(trainer.optimizer, torch.optim.SGD)
+    assert isinstance(trainer.optimizer.optimizer, torch.optim.SGD)  # inside accelerate's AcceleratedOptimizer
 
 
 @pytest.mark.parametrize("name", ["constant", "linear", "cosine"])
@@ -449,6 +449,52 @@ def test_online_distillation_with_a_mini_batch_of_demonstrations_only(tokenizer,
     assert math.isfinite(stats["loss/online_distill"]) and math.isfinite(stats["loss/policy"])
 
 
+# --- the engine: fp32 trainable weights, mixed precision, gradient checkpointing ----------------------
+
+
+@pytest.fixture
+def fresh_accelerate_state():
+    """accelerate keeps one process-wide state whose mixed precision cannot change: start and leave clean."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def test_a_bf16_student_trains_in_fp32(tokenizer, prompts):
+    """A bf16 checkpoint's small updates are not lost to bf16 rounding: the trainable weights are fp32."""
+    student = build_causal_lm(TINY, tokenizer, 2).to(torch.bfloat16)
+    before = {k: v.float().clone() for k, v in student.state_dict().items() if ".layers." in k}
+    teacher = build_causal_lm(TINY, tokenizer, 1)
+    config = CustomPPOConfig(batch_size=8, mini_batch_size=4, ppo_epochs=1, learning_rate=1e-6, max_new_tokens=6,
+                             mode="trials_only", kernel_backend="torch")
+    trainer = CustomPPOTrainer(teacher, student, build_reward_model(TINY, tokenizer, 3), config, prompts,
+                               tokenizer=tokenizer)
+    assert all(p.dtype == torch.float32 for p in trainer.trainable_parameters())
+    trainer.train(steps=2)
+    after = trainer.student.state_dict()
+    changed = sum(int((after[k] != v).sum()) for k, v in before.items())
+    total = sum(v.numel() for v in before.values())
+    assert changed >= 0.99 * total, f"{changed} of {total} weights changed"
+
+
+def test_bf16_mixed_precision_runs_and_keeps_fp32_weights(tokenizer, prompts, fresh_accelerate_state):
+    trainer = make_trainer(tokenizer, prompts, mixed_precision="bf16")
+    stats = trainer.step(trainer.next_prompts())
+    assert not finite(stats, COMMON + PPO_KEYS + ("loss/distill",))
+    assert all(p.dtype == torch.float32 for p in trainer.trainable_parameters())
+
+
+def test_gradient_checkpointing_changes_nothing_but_memory(tokenizer, prompts):
+    plain = _strip(make_trainer(tokenizer, prompts, lm_steps_per_ppo_step=1).train(steps=2)[-1])
+    checkpointed = make_trainer(tokenizer, prompts, lm_steps_per_ppo_step=1, gradient_checkpointing=True)
+    # layers recompute in train mode only: the student runs in train mode there, with dropout off
+    assert checkpointed.student.training and any(getattr(m, "gradient_checkpointing", False)
+                                                 for m in checkpointed.student.modules())
+    _same(plain, _strip(checkpointed.train(steps=2)[-1]))
+
+
 # --- the paper's recipe (params/tnd_original.yaml) ----------------------------------------------------
 
 
@@ -481,7 +527,7 @@ def test_lm_steps_on_the_corpus_with_their_own_optimizer(tokenizer, prompts):
     trainer = make_trainer(tokenizer, prompts, mode="trials_only", with_demos=False, lm_steps_per_ppo_step=2,
                            lm_data="corpus", lm_batch_size=3, lm_learning_rate=0.1, lm_warmup_steps=2,
                            lm_on_rollout=True, lm_dataset=corpus)
-    assert isinstance(trainer.lm_optimizer, torch.optim.AdamW)
+    assert isinstance(trainer.lm_optimizer.optimizer, torch.optim.AdamW)
     read = []
     original = trainer.lm_loss
     trainer.lm_loss = lambda ids, mask, at: read.append(ids[mask.bool()].tolist()) or original(ids, mask, at)
@@ -530,8 +576,8 @@ def test_early_stopping_checks_the_last_mini_batch_policykl_after_each_epoch(tok
     policykl, checked = [], []
     original_loss, original_check = trainer.ppo_loss, trainer.early_stopping.should_stop
 
-    def ppo_loss(rollout, index):
-        loss, parts = original_loss(rollout, index)
+    def ppo_loss(*args):
+        loss, parts = original_loss(*args)
         policykl.append(float(parts["policy/policykl"]))
         return loss, parts
 

@@ -18,7 +18,7 @@ from tests.test_train_ppo import PPO
 pytestmark = pytest.mark.slow
 
 STAGES = ("prepare_data", "train_teacher", "train_reward", "cache_teacher_logits", "score_rewards", "train_ppo",
-          "evaluate")
+          "evaluate", "health")
 
 
 def test_repro_metrics_plots_and_the_mode_ablation_as_experiments(dvc_project):
@@ -37,11 +37,15 @@ def test_repro_metrics_plots_and_the_mode_ablation_as_experiments(dvc_project):
     assert set(eval_json) == {"student", "initial_student", "teacher"}
     assert {"reward", "grammaticality", "perplexity", "kl_to_teacher", "distinct_2", "mean_length"} <= set(
         eval_json["student"])
+    health_json = workspace["metrics/health.json"]["data"]  # the health checks, one true/false each
+    assert isinstance(health_json["warnings"], int) and isinstance(health_json["reward_near_chance"], bool)
 
     dvc("plots", "show", "--out", "plots_html")
     html = (dvc_project / "plots_html/index.html").read_text()
     for plot in ("word_surprisal_by_category", "ppo_kl", "ppo_losses", "eval_grammaticality", "plots_train_csv",
-                 "plots_eval_models_csv", "plots_eval_word_surprisal_csv", "plots_eval_word_curve_csv"):
+                 "plots_eval_models_csv", "plots_eval_word_surprisal_csv", "plots_eval_word_curve_csv",
+                 "teacher_validation", "reward_validation", "plots_teacher_validation_csv",
+                 "plots_reward_validation_csv"):
         assert f"vegaEmbed('#{plot}'" in html, plot  # every declared plot is rendered
 
     subprocess.run(["git", "add", "-A"], check=True)
@@ -49,13 +53,21 @@ def test_repro_metrics_plots_and_the_mode_ablation_as_experiments(dvc_project):
     for mode in ("trials_only", "demos_only"):
         log = dvc("exp", "run", "-n", mode, "-S", f"tnd.mode={mode}")
         assert "Running stage 'train_ppo'" in log and "Running stage 'prepare_data'" not in log
+    # two processes, started by the stage itself under dvc (accelerate launch, DDP over gloo) and recorded
+    log = dvc("exp", "run", "-n", "two-processes", "-S", "engine.processes=2")
+    assert "Running stage 'train_ppo'" in log, log
+    assert json.loads((dvc_project / "metrics/train.json").read_text())["processes"] == 2
+    assert "Running stage" not in dvc("repro"), "the two-process run is recorded: nothing left to run"
     table = list(csv.DictReader(io.StringIO(dvc("exp", "show", "--csv"))))
     modes = {row["Experiment"]: row["tnd.mode"] for row in table if row["Experiment"]}
-    assert modes == {"trials_only": "trials_only", "demos_only": "demos_only"}
+    # each experiment starts from the workspace the last one left (demos_only)
+    assert modes == {"trials_only": "trials_only", "demos_only": "demos_only", "two-processes": "demos_only"}
+    assert {row["engine.processes"] for row in table if row["Experiment"] == "two-processes"} == {"2"}
+    assert any(column.endswith("warnings") for column in table[0])  # the health checks, side by side
 
     mlflow.set_tracking_uri(f"sqlite:///{dvc_project}/mlflow.db")
     runs = mlflow.search_runs(experiment_names=["workflow"], output_format="list")
     for mode in ("trials_only", "demos_only"):
         stages = sorted(r.data.tags["stage"] for r in runs if r.data.tags.get("dvc_exp") == mode)
-        assert stages == ["evaluate", "train_ppo"], (mode, stages)
+        assert stages == ["evaluate", "health", "train_ppo"], (mode, stages)
         assert all(r.data.params["tnd.mode"] == mode for r in runs if r.data.tags.get("dvc_exp") == mode)

@@ -17,7 +17,7 @@ from typing import Any, Literal, Optional
 
 import annotated_types
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from tnd.errors import ParamsError
 
@@ -80,13 +80,18 @@ class ArchParams(Section):
 
 
 class LMTrainParams(Section):
-    steps: NonNegativeInt = 1500
+    steps: NonNegativeInt = 1500  # at most: validation may stop training earlier (patience)
     batch_size: PositiveInt = 64
     learning_rate: PositiveFloat = 3e-3
     weight_decay: NonNegativeFloat = 0.01
     warmup_steps: NonNegativeInt = 100
     max_length: PositiveInt = 48
     max_grad_norm: PositiveFloat = 1.0
+    # Held-out validation on the eval split (transformers' Trainer with load_best_model_at_end):
+    eval_every: NonNegativeInt = 100  # validate every this many steps, at most an epoch apart; 0 = no validation
+    eval_size: PositiveInt = 256  # on the first this many eval texts (reward model: eval pairs / labelled texts)
+    patience: NonNegativeInt = 5  # stop after this many validations in a row without a better one; 0 = never
+    keep_best: bool = True  # end on the weights of the best validation, not of the last step
 
 
 class LMEvalParams(Section):
@@ -105,17 +110,17 @@ class TeacherParams(Section):
 class StudentParams(Section):
     source: str = "builtin"
     arch: ArchParams = ArchParams(hidden_size=64, num_layers=2, num_heads=2, intermediate_size=192)
-    train: LMTrainParams = LMTrainParams(steps=200)  # brief warm-up before PPO; 0 = from scratch
+    train: LMTrainParams = LMTrainParams(steps=200, eval_every=50)  # brief warm-up before PPO; 0 = from scratch
 
 
-class RewardTrainParams(Section):
+class RewardTrainParams(LMTrainParams):
+    """The LM loop's params (and validation) with the reward model's defaults. Its held-out accuracy is
+    the validation's measure (ties: the loss); on 256 pairs it moves in steps of 0.4%, hence more patience."""
+
     steps: NonNegativeInt = 3000
-    batch_size: PositiveInt = 64
     learning_rate: PositiveFloat = 1e-3
-    weight_decay: NonNegativeFloat = 0.01
     warmup_steps: NonNegativeInt = 50
-    max_length: PositiveInt = 48
-    max_grad_norm: PositiveFloat = 1.0
+    patience: NonNegativeInt = 10
 
 
 class RewardParams(Section):
@@ -226,6 +231,19 @@ class KernelParams(Section):
     backend: Literal["auto", "triton", "torch"] = "auto"
 
 
+class EngineParams(Section):
+    processes: PositiveInt = 1  # train_ppo's processes; dvc repro starts them (stages/common.py: launch_command)
+    config: Optional[str] = None  # an accelerate config file (configs/ddp.yaml, fsdp.yaml, zero3.yaml)
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"  # autocast; trainable weights stay fp32
+    gradient_checkpointing: bool = False  # recompute the student's activations in the backward
+
+    @field_validator("mixed_precision", mode="before")
+    @classmethod
+    def _yaml_no(cls, value: Any) -> Any:
+        # YAML 1.1 reads a bare `no` as false (and `dvc exp run -S` writes it bare): it means "no".
+        return "no" if value is False else value
+
+
 class EvalParams(Section):
     n_prompts: PositiveInt = 200  # first n of data/prepared/eval_prompts.jsonl
     max_new_tokens: PositiveInt = 24
@@ -235,10 +253,26 @@ class EvalParams(Section):
     batch_size: PositiveInt = 64
 
 
+class HealthParams(Section):
+    """The health stage's checks (tnd/health.py; README "Your own data")."""
+
+    strict: bool = False  # a check that fires fails the health stage (exit code 2) instead of only warning
+    ignore: list[
+        Literal[
+            "small_data", "prompts_repeated", "teacher_not_better_than_student", "reward_near_chance",
+            "student_kl_worse", "student_perplexity_worse", "reward_hacking_length", "reward_hacking_diversity",
+            "kl_blowup",
+        ]
+    ] = []  # checks still reported in metrics/health.json, but neither printed as warnings nor failing under strict
+
+
 class TrackingParams(Section):
     enabled: bool = True
     uri: Optional[str] = None  # default: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db
     experiment: str = "tnd-pipeline"
+    log_models: bool = True  # teacher, reward model and student as MLflow models (a copy of each in the store)
+    model_name: Optional[str] = "tnd-student"  # the student's registered model (alias: the pipeline); null: none
+    system_metrics_interval: NonNegativeFloat = 10.0  # seconds between CPU/memory/GPU samples; 0: none
 
 
 class Params(Section):
@@ -253,7 +287,9 @@ class Params(Section):
     distill: DistillParams = DistillParams()
     tnd: TnDParams = TnDParams()
     kernels: KernelParams = KernelParams()
+    engine: EngineParams = EngineParams()
     eval: EvalParams = EvalParams()
+    health: HealthParams = HealthParams()
     tracking: TrackingParams = TrackingParams()
 
     @model_validator(mode="after")

@@ -10,6 +10,8 @@ writer, as each DVC output has one stage).
 from __future__ import annotations
 
 import contextlib
+import csv
+import io
 import json
 import os
 import re
@@ -67,6 +69,16 @@ def atomic_write_json(path: str | Path, obj: Any) -> None:
 
 def atomic_write_jsonl(path: str | Path, rows: Iterable[dict]) -> None:
     atomic_write_text(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+
+
+def atomic_write_csv(path: str | Path, rows: list[dict], columns: Iterable[str] | None = None) -> None:
+    """One row per dict, a header of `columns` (default: the keys of the first row); None as an empty cell."""
+    columns = list(columns) if columns is not None else list(rows[0]) if rows else []
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(columns)
+    writer.writerows([["" if row.get(c) is None else row.get(c) for c in columns] for row in rows])
+    atomic_write_text(path, out.getvalue())
 
 
 def read_jsonl(path: str | Path) -> list[dict]:

@@ -58,12 +58,17 @@ the `params/tnd_original.yaml` preset) uses both on its own AdamW, with `demos_a
 `demos_from = teacher` (the teacher continues the step's prompts) and `score_offset = log2_step`
 (every score in the PPO batch minus log2(step)).
 
-Several processes (`accelerator=`, from `accelerate launch --num_processes N`): each process
-samples, scores and updates on 1/N of every batch of prompts and demonstrations, and the
-gradients are averaged before each optimizer step (tnd/trainers/distributed.py), so all
-processes keep one student. What steers training is global -- the score statistics, the KL
-fed to the controller, the early-stopping KL, the non-finite count and the skip decision --
-while the other stats are process 0's. Advantages are whitened per process, as in TRL.
+The engine is accelerate's (tnd/engine.py), as in TRL: the student and its value head form one
+module (`ForwardAt`) that goes through `accelerator.prepare` with the optimizer, so one process,
+DDP, FSDP or DeepSpeed run the same code; every training forward goes through it (one forward per
+backward: a mini-batch's PPO rows and demonstrations run side by side), gradient accumulation
+through `accelerator.accumulate`, clipping through `accelerator.clip_grad_norm_`, and generation on
+the unwrapped student. Trainable weights are fp32 whatever the checkpoint's dtype; mixed precision
+is autocast. With N processes (`accelerate launch --num_processes N`) each samples, scores and
+updates on 1/N of every batch of prompts and demonstrations. What steers training is global (the
+score statistics, the KL fed to the controller, the early-stopping KL, the non-finite count and
+the skip decision, through accelerate's gather / reduce), while the other stats are process 0's.
+Advantages are whitened per process, as in TRL.
 
 Forward passes in the rollout and the update run padding-free (`padding_free`, on by default):
 the real tokens of several sequences share a row, kept apart by position ids, so the model
@@ -80,6 +85,7 @@ bit-exactly resumable from `state_dict()`.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import difflib
@@ -101,11 +107,13 @@ from transformers import (
     get_linear_schedule_with_warmup,
 )
 
+from tnd.engine import (
+    MIXED_PRECISION, ForwardAt, make_accelerator, prepare_frozen, set_deepspeed_micro_batch, shard, unwrap_for_generation,
+)
 from tnd.errors import TndError
 from tnd.generation import left_pad, right_pad, sample_continuations
 from tnd.models import check_vocab
-from tnd.trainers.distributed import DataParallel
-from tnd.trainers.packing import chunks, forward_at, positions, supports_packing
+from tnd.trainers.packing import chunks, supports_packing
 from tnd.trainers.reward import score_token_ids
 from tnd.trainers.value_head import ValueHead, hidden_size_of
 
@@ -227,6 +235,9 @@ class CustomPPOConfig:
     distill_online_coef: float = 0.5
     # kernels
     kernel_backend: str = "auto"
+    # engine (accelerate)
+    mixed_precision: str = "no"
+    gradient_checkpointing: bool = False
     # initial score statistics (e.g. from metrics/rewards.json) for use_score_scaling / use_score_norm;
     # reward_count: how many scores they summarise (None: they weigh as one batch)
     reward_mean: Optional[float] = None
@@ -246,6 +257,8 @@ class CustomPPOConfig:
         values.update(raw["tnd"])
         values.update({f"distill_{key}": value for key, value in raw["distill"].items()})
         values["kernel_backend"] = raw["kernels"]["backend"]
+        values["mixed_precision"] = raw["engine"]["mixed_precision"] or "no"  # a bare YAML `no` reads as false
+        values["gradient_checkpointing"] = raw["engine"]["gradient_checkpointing"]
         values.update(overrides)
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - names)
@@ -292,6 +305,7 @@ class CustomPPOConfig:
         for name, allowed in (("mode", MODES), ("demos_as", DEMOS_AS), ("distill_loss", DISTILL_LOSSES),
                               ("scheduler_name", SCHEDULERS), ("kl_reference", KL_REFERENCES),
                               ("kernel_backend", BACKENDS), ("demos_from", DEMOS_FROM), ("lm_data", LM_DATA),
+                              ("mixed_precision", MIXED_PRECISION),
                               ("score_offset", SCORE_OFFSETS)):
             if getattr(self, name) not in allowed:
                 fail(f"{name} = {getattr(self, name)!r} is not one of {', '.join(allowed)}")
@@ -337,6 +351,11 @@ class CustomPPOConfig:
         """Interleaved LM steps per trainer step: on the corpus in every mode, on demonstrations only when the
         mode has demonstrations."""
         return self.lm_steps_per_ppo_step if (self.lm_data == "corpus" or self.uses_demos) else 0
+
+    @property
+    def value_head_sometimes_unused(self) -> bool:
+        """Some backward passes leave the value head out (LM updates, a mini-batch of demonstrations only)."""
+        return not self.uses_trials or bool(self.lm_steps) or self.lm_on_rollout
 
     @property
     def reads_demo_cache(self) -> bool:
@@ -574,6 +593,7 @@ class Rollout:
     advantages: torch.Tensor
     returns: torch.Tensor
     teacher_logits: Optional[torch.Tensor] = None  # [B, R, V], online distillation only
+    n_trials: int = 0  # trials in the batch over all processes (the KL controller's sample count)
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
@@ -584,6 +604,34 @@ def _scatter(flat: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     out = flat.new_zeros(*mask.shape, *flat.shape[1:])
     out[mask] = flat
     return out
+
+
+def _side_by_side(blocks: list[tuple[torch.Tensor, ...]], pad_id: int) -> tuple[torch.Tensor, ...]:
+    """Blocks of (ids, attention mask, positions) [B_i, T_i] as one batch: right-padded to the widest, rows
+    stacked in order. No rows at all: one row of a single pad token that marks no position."""
+    width = max(ids.shape[1] for ids, _, _ in blocks)
+    ids, mask, at = (torch.cat([F.pad(block[i], (0, width - block[i].shape[1]), value=fill) for block in blocks])
+                     for i, fill in ((0, pad_id), (1, 0), (2, False)))
+    if not len(ids):
+        ids, mask, at = ids.new_full((1, 1), pad_id), mask.new_ones((1, 1)), at.new_zeros((1, 1))
+    return ids, mask, at
+
+
+def accelerator_for(config: CustomPPOConfig) -> Any:
+    """The Accelerator a trainer with `config` needs: its mixed precision and gradient accumulation, and DDP
+    told when some backward passes leave the value head out."""
+    return make_accelerator(config.mixed_precision, config.gradient_accumulation_steps,
+                            find_unused_parameters=config.value_head_sometimes_unused)
+
+
+def _disable_dropout(model: nn.Module) -> None:
+    """Dropout off in a model that must run in train mode (gradient checkpointing): nn.Dropout modules and
+    the attention-dropout rate HF attention modules keep as a float (TRL's disable_dropout_in_model, plus that)."""
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+        if isinstance(getattr(module, "attention_dropout", None), float):
+            module.attention_dropout = 0.0
 
 
 def _nan() -> float:
@@ -619,31 +667,55 @@ class CustomPPOTrainer:
         self.train_dataset = [list(p) for p in train_dataset]
         self.demonstrations = demonstrations
         self.lm_dataset = [list(s) for s in lm_dataset] if lm_dataset is not None else None  # tnd.lm_data: corpus
-        # accelerate launch --num_processes N: each process takes 1/N of every batch (see distributed.py)
-        self.dist = DataParallel.from_accelerator(accelerator)
+        # One process, or several from `accelerate launch` / `torchrun`: each takes 1/N of every batch.
+        self.accelerator = accelerator if accelerator is not None else accelerator_for(config)
+        self.device = self.accelerator.device
         self._check_inputs()
 
-        self.device = next(student.parameters()).device
-        self.student.eval()  # dropout off for the whole run (see module docstring)
-        self.teacher.eval()
-        self.reward_model.eval()
-        self.value_head = ValueHead(hidden_size_of(student), seed=config.seed).to(self.device)
-        self.reference = None
+        # Trainable weights in fp32 whatever dtype the checkpoint was saved in: AdamW on bf16 weights loses
+        # most small updates to rounding (mixed precision computes in bf16 under autocast, not in the weights).
+        student.float()
+        student.eval()  # dropout off for the whole run (see module docstring) ...
+        if config.gradient_checkpointing:  # ... except that HF checkpoints activations in train mode only
+            enable = getattr(student, "activation_checkpointing_enable", None)  # transformers 5 (4.x: gradient_...)
+            if enable is not None:
+                enable({"use_reentrant": False})
+            else:
+                student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            student.train()
+            _disable_dropout(student)
+        self.value_head = ValueHead(hidden_size_of(student), seed=config.seed)
+        self.policy = ForwardAt(student, self.value_head)  # prepared below, with the optimizers the hooks make
+        # Padding-free passes, decided once per model on the bare model (see tnd/trainers/packing.py).
+        self._packed = {"student": self._runs_packed(student), "teacher": self._runs_packed(teacher)}
+        self.optimizer = self._setup_optimizer()
+        self.scheduler = self._setup_scheduler()
+        self.lm_optimizer, self.lm_scheduler = self._setup_lm_optimizer()
+        # The schedulers are not prepared: accelerate's AcceleratedScheduler steps once per process and
+        # optimizer step (it assumes per-process batches); ours step once per trainer step on every process.
+        set_deepspeed_micro_batch(self.accelerator, config.mini_batch_size // self.accelerator.num_processes)
+        optimizers = [self.optimizer] + ([self.lm_optimizer] if self.lm_optimizer is not None else [])
+        self.policy, *optimizers = self.accelerator.prepare(self.policy, *optimizers)
+        self.optimizer, self.lm_optimizer = optimizers[0], (optimizers[1] if len(optimizers) > 1 else None)
+        bare = self.accelerator.unwrap_model(self.policy)
+        self.student, self.value_head = bare.model, bare.value_head
+        # Frozen models: placed (and sharded under FSDP), never wrapped in DDP. The reference copies the
+        # student as prepared (DDP has broadcast process 0's weights).
+        self.teacher_at = prepare_frozen(self.accelerator, ForwardAt(teacher))
+        self.reward_model = prepare_frozen(self.accelerator, reward_model)
+        self.reference = self.reference_at = None  # None: the teacher is the KL reference
         if config.kl_reference == "initial_student":
-            self.reference = copy.deepcopy(student).eval().requires_grad_(False)
+            self._packed["reference"] = self._packed["student"]
+            self.reference = copy.deepcopy(self.student)
+            self.reference_at = prepare_frozen(self.accelerator, ForwardAt(self.reference))
 
-        self.dist.broadcast_parameters([self.student, self.value_head])
         # `generator` draws prompts and demonstrations and is the same on every process (each then
         # takes its shard). Sampling and the mini-batch order are seeded per step and process
         # (`_step_seed`), so they need no state and a resumed run, on any process, repeats them.
         self.generator = torch.Generator().manual_seed(config.seed)
-        self._packed: dict[int, bool] = {}  # id(model) -> runs padding-free (see _forward_at)
         self.global_step = 0
         self.nonfinite_total = 0
         self.scored_total = 0
-        self.optimizer = self._setup_optimizer()
-        self.scheduler = self._setup_scheduler()
-        self.lm_optimizer, self.lm_scheduler = self._setup_lm_optimizer()
         self.early_stopping = self._setup_early_stopping()
         self.score_processor = self._setup_score_processing()
         self.kl_ctl = (
@@ -680,7 +752,19 @@ class CustomPPOTrainer:
                 f"({cache_temperature}): a top-k + tail teacher cannot be re-tempered exactly; set distill.temperature "
                 "to cache.temperature (or rebuild the cache at the temperature you want)"
             )
-        n = self.dist.num_processes
+        accelerator = self.accelerator
+        n = accelerator.num_processes
+        if accelerator.gradient_accumulation_steps != cfg.gradient_accumulation_steps:
+            raise PPOConfigError(
+                f"the accelerator accumulates {accelerator.gradient_accumulation_steps} mini-batches, the config "
+                f"{cfg.gradient_accumulation_steps}; build it with tnd.trainers.ppo.accelerator_for(config)"
+            )
+        if n > 1 and cfg.value_head_sometimes_unused and not getattr(
+                accelerator.ddp_handler, "find_unused_parameters", False):
+            raise PPOConfigError(
+                "some backward passes leave the value head out (LM steps or demos_only), which DDP must be told: "
+                "build the accelerator with tnd.trainers.ppo.accelerator_for(config)"
+            )
         if cfg.mini_batch_size % n:
             raise PPOConfigError(
                 f"ppo.mini_batch_size ({cfg.mini_batch_size}) must be divisible by the number of processes ({n}): "
@@ -706,7 +790,7 @@ class CustomPPOTrainer:
     # --- setup (overridable) ---------------------------------------------------------------
 
     def trainable_parameters(self) -> list[nn.Parameter]:
-        return [p for p in self.student.parameters() if p.requires_grad] + list(self.value_head.parameters())
+        return [p for p in self.policy.parameters() if p.requires_grad]
 
     def _setup_optimizer(self) -> torch.optim.Optimizer:
         cfg = self.config
@@ -779,52 +863,55 @@ class CustomPPOTrainer:
     # --- model wrappers -------------------------------------------------------------------
 
     @torch.no_grad()
-    def get_teacher_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Teacher next-token logits [B, T, V] (left or right padding), no grad."""
-        device = next(self.teacher.parameters()).device
-        ids, mask = input_ids.to(device), attention_mask.to(device)
-        out = self.teacher(input_ids=ids, attention_mask=mask, position_ids=positions(mask))
-        return out.logits.to(self.device)
+    def get_teacher_logits(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, at: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
+        """Teacher next-token logits, no grad: [M, V] at the positions `at` [B, T] marks (row-major), or
+        [B, T, V] at every position when `at` is None (left or right padding)."""
+        return self._logits_at(self.teacher_at, "teacher", input_ids, attention_mask, at)
+
+    @torch.no_grad()
+    def get_reference_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, at: torch.Tensor) -> torch.Tensor:
+        """The KL reference's logits [M, V] at `at`: the teacher's, or the frozen initial student's."""
+        if self.reference_at is None:
+            return self.get_teacher_logits(input_ids, attention_mask, at)
+        return self._logits_at(self.reference_at, "reference", input_ids, attention_mask, at)
 
     def get_student_logits(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, return_values: bool = False
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, at: Optional[torch.Tensor] = None,
+        return_values: bool = False, values: Optional[bool] = None,
     ):
-        """Student next-token logits [B, T, V] (and values [B, T] from the value head), with grad."""
-        out = self.student(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=positions(attention_mask),
-            output_hidden_states=return_values,
-        )
-        if not return_values:
-            return out.logits
-        return out.logits, self.value_head(out.hidden_states[-1])
+        """Student next-token logits (and the value head's values), with grad, through the prepared policy:
+        [M, V] (and [M]) at the positions `at` marks, or [B, T, V] (and [B, T]) when `at` is None.
+        `values=False` returns (logits, None) without running the value head."""
+        full = at is None
+        at = attention_mask.new_ones(attention_mask.shape, dtype=torch.bool) if full else at
+        values = return_values if values is None else values
+        logits, values = self.policy(input_ids, attention_mask, at, self._packed["student"] and not full, values)
+        if full:
+            logits = logits.view(*input_ids.shape, -1)
+            values = None if values is None else values.view(input_ids.shape)
+        return (logits, values) if return_values else logits
 
-    def _forward_at(
-        self, model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, at: torch.Tensor,
-        hidden: bool = False,
-    ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """`model`'s logits [M, V] (and last hidden states [M, H]) at the positions `at` [B, T], row-major
-        (tnd/trainers/packing.py); padding-free when `_runs_packed(model)`."""
-        device = next(model.parameters()).device
-        logits, states = forward_at(
-            model, input_ids.to(device), attention_mask.to(device), at.to(device), self._runs_packed(model), hidden
-        )
-        return logits.to(self.device), (None if states is None else states.to(self.device))
+    def _logits_at(self, model: nn.Module, name: str, input_ids, attention_mask, at) -> torch.Tensor:
+        full = at is None
+        at = attention_mask.new_ones(attention_mask.shape, dtype=torch.bool) if full else at
+        with self.accelerator.autocast():
+            logits, _ = model(input_ids.to(self.device), attention_mask.to(self.device), at.to(self.device),
+                              self._packed[name] and not full)
+        return logits.view(*input_ids.shape, -1) if full else logits
 
     def _runs_packed(self, model: nn.Module) -> bool:
-        """config.padding_free and the model passes the packing check (run once per model)."""
-        key = id(model)
-        if key not in self._packed:
-            self._packed[key] = self.config.padding_free and supports_packing(model)
-            if self.config.padding_free and not self._packed[key]:
-                warnings.warn(
-                    f"{type(model).__name__} fails the padding-free check (packed sequences mix, or its logits "
-                    "are more than output_head(base_model)); it runs on padded batches "
-                    "(ppo.padding_free: false silences this)",
-                    stacklevel=3,
-                )
-        return self._packed[key]
+        """config.padding_free and the model passes the packing check (on the bare model, once)."""
+        packed = self.config.padding_free and supports_packing(model)
+        if self.config.padding_free and not packed:
+            warnings.warn(
+                f"{type(model).__name__} fails the padding-free check (packed sequences mix, or its logits "
+                "are more than output_head(base_model)); it runs on padded batches "
+                "(ppo.padding_free: false silences this)",
+                stacklevel=3,
+            )
+        return packed
 
     def _logprobs(self, logits: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(logp, entropy) [M] of `tokens` [M] under softmax(logits / temperature), through the fused kernel."""
@@ -842,21 +929,23 @@ class CustomPPOTrainer:
 
     # --- rollout --------------------------------------------------------------------------
 
-    def _sample(self, prompts: list[list[int]], model: Optional[nn.Module] = None, stream: int = 0) -> list[list[int]]:
-        """One continuation per prompt by `model` (default: the student), cut after the first eos (kept), the
-        whole batch in one `generate`. The seed is a function of (config.seed, global_step, process, stream),
-        so a resumed run samples the same."""
+    def _sample(self, prompts: list[list[int]], by_teacher: bool = False) -> list[list[int]]:
+        """One continuation per prompt by the student (or the teacher), cut after the first eos (kept), the
+        whole batch in one `generate` on the bare model (full parameters gathered under FSDP). The seed is a
+        function of (config.seed, global_step, process, which model), so a resumed run samples the same."""
         cfg = self.config
-        return sample_continuations(
-            self.student if model is None else model, self.tokenizer, prompts, cfg.max_new_tokens,
-            self._step_seed(stream),
-            temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, batch_size=len(prompts), progress=False,
-        )
+        wrapped = self.teacher_at if by_teacher else self.policy
+        with unwrap_for_generation(self.accelerator, wrapped) as bare, self.accelerator.autocast():
+            return sample_continuations(
+                bare.model, self.tokenizer, prompts, cfg.max_new_tokens, self._step_seed(2 if by_teacher else 0),
+                temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, batch_size=len(prompts),
+                progress=False,
+            )
 
     def _step_seed(self, stream: int) -> int:
         """A seed for this step, this process and one random stream (0: sampling, 1: mini-batch order,
         2: the teacher's demonstrations)."""
-        step = self.global_step * self.dist.num_processes + self.dist.process_index
+        step = self.global_step * self.accelerator.num_processes + self.accelerator.process_index
         return ((self.config.seed + stream) * 1_000_003 + step) % (2**63)
 
     def _padded_batch(self, prompts: list[list[int]], responses: list[list[int]]):
@@ -882,23 +971,20 @@ class CustomPPOTrainer:
         out = {k: [] for k in ("logprobs", "values", "entropy", "ref_logprobs", "teacher_logits")}
         at = self._predictors(response_mask, prompt_width)
         tokens = ids[:, prompt_width:]
-        reference = self.teacher if self.reference is None else self.reference
-        models = [self.student, reference] + ([self.teacher] if self.config.distill_online else [])
-        packed = all(self._runs_packed(model) for model in models)
-        for sl in chunks(mask, self.config.mini_batch_size, packed):
+        for sl in chunks(mask, self.config.mini_batch_size, all(self._packed.values())):
             rmask = response_mask[sl]
             targets = tokens[sl][rmask]
-            logits, hidden = self._forward_at(self.student, ids[sl], mask[sl], at[sl], hidden=True)
+            logits, values = self.get_student_logits(ids[sl], mask[sl], at[sl], return_values=True)
             logp, ent = self._logprobs(logits, targets)
-            ref_logits, _ = self._forward_at(reference, ids[sl], mask[sl], at[sl])
+            ref_logits = self.get_reference_logits(ids[sl], mask[sl], at[sl])
             ref_logp, _ = self._logprobs(ref_logits, targets)
             out["logprobs"].append(_scatter(logp, rmask))
             out["entropy"].append(_scatter(ent, rmask))
-            out["values"].append(_scatter(self.value_head(hidden).float(), rmask))
+            out["values"].append(_scatter(values, rmask))
             out["ref_logprobs"].append(_scatter(ref_logp, rmask))
             if self.config.distill_online:
-                teacher_logits = ref_logits if self.reference is None else self._forward_at(
-                    self.teacher, ids[sl], mask[sl], at[sl])[0]
+                teacher_logits = ref_logits if self.reference_at is None else self.get_teacher_logits(
+                    ids[sl], mask[sl], at[sl])
                 out["teacher_logits"].append(_scatter(teacher_logits, rmask))
         return {k: (torch.cat(v) if v else None) for k, v in out.items()}
 
@@ -928,8 +1014,8 @@ class CustomPPOTrainer:
         """Demonstrations that join the PPO batch (demos_as = ppo): this process's share of a cached batch, or
         (demos_from = teacher, the paper's recipe) the teacher's continuations of this step's prompts."""
         if self.config.demos_from == "teacher":
-            return prompts, self._sample(prompts, self.teacher, stream=2)
-        return self._demo_rows(self.dist.shard(self._draw_demos()))
+            return prompts, self._sample(prompts, by_teacher=True)
+        return self._demo_rows(shard(self.accelerator, self._draw_demos()))
 
     def make_rollout(
         self, prompts: list[list[int]], responses: list[list[int]], raw_scores: torch.Tensor, is_demo: torch.Tensor
@@ -952,17 +1038,51 @@ class CustomPPOTrainer:
 
     # --- losses on a mini-batch -------------------------------------------------------------
 
-    def ppo_loss(self, rollout: Rollout, index: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Clipped policy loss + vf_coef * clipped value loss - ent_coef * entropy (+ online distillation)
-        on the rows `index` of the rollout."""
+    def minibatch_loss(
+        self, rollout: Optional[Rollout], index: torch.Tensor, demo: Optional[dict], demo_rows: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The loss of one mini-batch: the PPO loss on the rollout's rows `index` plus distill_coef x the
+        top-k loss on the demonstrations' rows `demo_rows`, from ONE forward of the policy over both side by
+        side (DDP and FSDP synchronise one forward per backward). A process whose share of the mini-batch is
+        empty still runs the forward and a zero loss through every parameter, as its peers' backward needs."""
         cfg = self.config
-        ids, mask = rollout.input_ids[index], rollout.attention_mask[index]
-        response_mask = rollout.response_mask[index]
-        at = self._predictors(response_mask, rollout.prompt_width)
+        blocks = []
+        if rollout is not None:
+            response_mask = rollout.response_mask[index]
+            blocks.append((rollout.input_ids[index], rollout.attention_mask[index],
+                           self._predictors(response_mask, rollout.prompt_width)))
+        if demo is not None:
+            blocks.append((demo["input_ids"][demo_rows], demo["attention_mask"][demo_rows],
+                           demo["target_mask"][demo_rows].bool()))
+        ids, mask, at = _side_by_side(blocks, self.pad_id)
+        logits, values = self.get_student_logits(ids, mask, at, return_values=True, values=rollout is not None)
+        n_ppo = int(at[: len(index)].sum()) if rollout is not None else 0  # PPO rows come first
+        loss, stats = None, {}
+        if rollout is not None and len(index):
+            loss, stats = self.ppo_loss(rollout, index, logits[:n_ppo], values[:n_ppo])
+        if demo is not None and len(demo_rows):
+            distill = self.demo_distill_loss({k: v[demo_rows] for k, v in demo.items()}, logits[n_ppo:])
+            stats["loss/distill"] = distill.detach()
+            loss = cfg.distill_coef * distill if loss is None else loss + cfg.distill_coef * distill
+        if loss is None or (values is not None and not len(index)):
+            zero = logits.sum() * 0.0 + (0.0 if values is None else values.sum() * 0.0)
+            loss = zero if loss is None else loss + zero
+        return loss, stats
+
+    def ppo_loss(
+        self, rollout: Rollout, index: torch.Tensor, logits: Optional[torch.Tensor] = None,
+        values: Optional[torch.Tensor] = None,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Clipped policy loss + vf_coef * clipped value loss - ent_coef * entropy (+ online distillation)
+        on the rows `index` of the rollout; `logits` [M, V] and `values` [M] of the policy at their M response
+        predictions when the caller has them (minibatch_loss), else computed here."""
+        cfg = self.config
+        ids, response_mask = rollout.input_ids[index], rollout.response_mask[index]
+        if logits is None:
+            at = self._predictors(response_mask, rollout.prompt_width)
+            logits, values = self.get_student_logits(ids, rollout.attention_mask[index], at, return_values=True)
         # everything below is over the M response tokens of the mini-batch, flat and row-major
-        logits, hidden = self._forward_at(self.student, ids, mask, at, hidden=True)  # [M, V], [M, H]
         logp, entropy = self._logprobs(logits, ids[:, rollout.prompt_width :][response_mask])
-        values = self.value_head(hidden).float()
         old = {name: getattr(rollout, name)[index][response_mask]
                for name in ("logprobs", "advantages", "values", "returns")}
         pg_loss, pg = clipped_policy_loss(logp, old["logprobs"], old["advantages"], cfg.cliprange)
@@ -995,13 +1115,15 @@ class CustomPPOTrainer:
             temperature=cfg.distill_temperature, reduction="batchmean", backend=cfg.kernel_backend,
         )
 
-    def demo_distill_loss(self, demo: dict[str, torch.Tensor]) -> torch.Tensor:
-        """topk_distill_loss of the student's logits at the target positions against the cached top-k."""
+    def demo_distill_loss(self, demo: dict[str, torch.Tensor], logits: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """topk_distill_loss of the student's logits at the target positions (`logits` [M, V] when the caller
+        has them) against the cached top-k."""
         import tnd_kernels
 
         cfg = self.config
         rows = demo["target_mask"].bool()
-        logits, _ = self._forward_at(self.student, demo["input_ids"], demo["attention_mask"], rows)
+        if logits is None:
+            logits = self.get_student_logits(demo["input_ids"], demo["attention_mask"], rows)
         return tnd_kernels.topk_distill_loss(
             logits, demo["topk_logprobs"][rows], demo["topk_indices"][rows].long(), demo["tail_logmass"][rows],
             loss=cfg.distill_loss, beta=cfg.distill_beta, temperature=cfg.distill_temperature,
@@ -1015,79 +1137,90 @@ class CustomPPOTrainer:
     # --- one step -------------------------------------------------------------------------
 
     def step(self, prompts: list[list[int]]) -> dict[str, float]:
-        """One TnD step on `prompts` (a PPO batch of trials) and, per mode, a batch of demonstrations."""
+        """One TnD step on `prompts` (this process's share of a batch of trials), in order:
+
+        1. trials: the student continues the prompts, the reward model scores them
+        2. the PPO batch: the finite trials (+ demonstrations with demos_as = ppo), processed scores, old
+           policy, KL-penalised per-token rewards, GAE advantages (`rollout`)
+        3. the update: ppo_epochs over mini-batches of PPO loss + distill_coef x top-k KL on this step's
+           demonstrations (`_optimize`)
+        4. LM updates: on the PPO batch (lm_on_rollout), then lm_steps_per_ppo_step on lm_data
+        5. the KL controller, on the trials' KL measured in 2
+
+        demos_only samples and scores trials too (for monitoring) but never updates on them.
+        """
         cfg = self.config
         start = time.perf_counter()
         self.global_step += 1
         stats: dict[str, float] = {key: _nan() for key in STAT_KEYS}
         stats.update({"objective/kl_coef": self.kl_ctl.value, "lr": self.scheduler.get_last_lr()[0],
                       "nonfinite_rewards": 0.0, "skipped": 0.0, "ppo/epochs": 0.0})
-        rollout = None
 
-        # 1-2. trials and their scores (also in demos_only, for monitoring; no PPO update there)
-        if prompts:
-            prompts = [list(p) for p in prompts]
-            responses = self._sample(prompts)
-            raw = self.compute_scores([p + r for p, r in zip(prompts, responses)])
-            all_raw = self.dist.gather(raw)  # every process's scores: statistics and decisions are global
-            all_finite = torch.isfinite(all_raw)
-            finite = torch.isfinite(raw)
-            n_bad = int((~all_finite).sum())
-            stats["nonfinite_rewards"] = float(n_bad)
-            stats["tokens/response_length"] = sum(map(len, responses)) / len(responses)
-            if all_finite.any():
-                stats["env/reward_mean"] = all_raw[all_finite].mean().item()
-                stats["env/reward_std"] = all_raw[all_finite].std(unbiased=False).item()
-            if cfg.uses_trials:
-                self._count_nonfinite(n_bad, len(all_raw))
-            keep = finite.nonzero().flatten().tolist()
-            # A process left without a finite score skips the step, so all processes must.
-            if int(self.dist.min(torch.tensor(len(keep)))) > 0:
-                if cfg.uses_trials:
-                    scores = self.score_processor(raw[finite], population=all_raw[all_finite])
-                else:
-                    scores = raw[finite]
-                stats["env/score_mean"] = scores.mean().item()
-                t_prompts, t_responses = [prompts[i] for i in keep], [responses[i] for i in keep]
-                is_demo = torch.zeros(len(keep), dtype=torch.bool)
-                if cfg.demos_in_ppo_batch:
-                    d_prompts, d_responses = self._ppo_demonstrations(t_prompts)
-                    t_prompts, t_responses = t_prompts + d_prompts, t_responses + d_responses
-                    scores = torch.cat([scores, torch.full((len(d_prompts),), float(cfg.demo_score), device=scores.device)])
-                    is_demo = torch.cat([is_demo, torch.ones(len(d_prompts), dtype=torch.bool)])
-                if cfg.score_offset == "log2_step":  # the paper's scores fall as the student ages
-                    scores = scores - math.log2(self.global_step)
-                rollout = self.make_rollout(t_prompts, t_responses, scores, is_demo)
-                trial = ~rollout.is_demo
-                trial_mask = rollout.response_mask & trial[:, None]
-                kl_sum, n_trials = self.dist.sum(
-                    torch.tensor([rollout.kl[trial].sum(1).double().sum().item(), float(trial.sum())], dtype=torch.float64)
-                ).tolist()
-                stats["objective/kl"] = kl_sum / n_trials
-                stats["objective/entropy"] = masked_mean(rollout.entropy, trial_mask).item()
-                stats["val/mean"] = masked_mean(rollout.values, rollout.response_mask).item()
-                stats["returns/mean"] = masked_mean(rollout.returns, rollout.response_mask).item()
-                stats["advantages/mean"] = masked_mean(rollout.advantages, rollout.response_mask).item()
-                stats["val/explained_variance"] = explained_variance(rollout.values, rollout.returns, rollout.response_mask)
-            elif cfg.uses_trials:
-                stats["skipped"] = 1.0  # no finite score (on some process): no update this step
-                self._finish_step(stats, start)
-                return stats
-
-        # 5-6. PPO epochs (+ demonstrations through the top-k KL), then optional LM steps
-        use_ppo = cfg.uses_trials and rollout is not None
-        demo = self._demo_batch(self.dist.shard(self._draw_demos())) if cfg.demos_distilled else None
-        if use_ppo or demo is not None:
-            stats.update(self._optimize(rollout if use_ppo else None, demo))
-        if use_ppo and cfg.lm_on_rollout:
-            stats["loss/lm_rollout"] = self._lm_update(rollout.input_ids, rollout.attention_mask)
+        rollout = self.rollout(prompts, stats) if prompts else None  # 1-2
+        if prompts and rollout is None and cfg.uses_trials:
+            stats["skipped"] = 1.0  # no finite score (on some process): no update this step
+            self._finish_step(stats, start)
+            return stats
+        ppo_batch = rollout if cfg.uses_trials else None
+        demo = self._demo_batch(shard(self.accelerator, self._draw_demos())) if cfg.demos_distilled else None
+        if ppo_batch is not None or demo is not None:  # 3
+            stats.update(self._optimize(ppo_batch, demo))
+        if ppo_batch is not None and cfg.lm_on_rollout:  # 4
+            stats["loss/lm_rollout"] = self._lm_update(ppo_batch.input_ids, ppo_batch.attention_mask)
         if cfg.lm_steps:
             stats["loss/lm"] = _mean([self._lm_update(*self._lm_batch()) for _ in range(cfg.lm_steps)])
-
-        if use_ppo:  # 3. KL controller, on the trials' KL measured before the update
-            self.kl_ctl.update(stats["objective/kl"], int(n_trials))
+        if ppo_batch is not None:  # 5
+            self.kl_ctl.update(stats["objective/kl"], ppo_batch.n_trials)
         self._finish_step(stats, start)
         return stats
+
+    def rollout(self, prompts: list[list[int]], stats: dict[str, float]) -> Optional[Rollout]:
+        """Steps 1-2 of `step`, with their stats; None when some process has no finite score. Score
+        statistics, the non-finite count and the trials' KL are over all processes."""
+        cfg = self.config
+        accelerator = self.accelerator
+        prompts = [list(p) for p in prompts]
+        responses = self._sample(prompts)
+        raw = self.compute_scores([p + r for p, r in zip(prompts, responses)])
+        all_raw = accelerator.gather(raw)
+        all_finite, finite = torch.isfinite(all_raw), torch.isfinite(raw)
+        n_bad = int((~all_finite).sum())
+        stats["nonfinite_rewards"] = float(n_bad)
+        stats["tokens/response_length"] = sum(map(len, responses)) / len(responses)
+        if all_finite.any():
+            stats["env/reward_mean"] = all_raw[all_finite].mean().item()
+            stats["env/reward_std"] = all_raw[all_finite].std(unbiased=False).item()
+        if cfg.uses_trials:
+            self._count_nonfinite(n_bad, len(all_raw))
+        keep = finite.nonzero().flatten().tolist()
+        if int(accelerator.gather(torch.tensor([len(keep)], device=self.device)).min()) == 0:
+            return None  # a process left without a finite score skips the step, so all processes must
+
+        scores = self.score_processor(raw[finite], population=all_raw[all_finite]) if cfg.uses_trials else raw[finite]
+        stats["env/score_mean"] = scores.mean().item()
+        prompts, responses = [prompts[i] for i in keep], [responses[i] for i in keep]
+        is_demo = torch.zeros(len(keep), dtype=torch.bool)
+        if cfg.demos_in_ppo_batch:
+            d_prompts, d_responses = self._ppo_demonstrations(prompts)
+            prompts, responses = prompts + d_prompts, responses + d_responses
+            scores = torch.cat([scores, torch.full((len(d_prompts),), float(cfg.demo_score), device=scores.device)])
+            is_demo = torch.cat([is_demo, torch.ones(len(d_prompts), dtype=torch.bool)])
+        if cfg.score_offset == "log2_step":  # the paper's scores fall as the student ages
+            scores = scores - math.log2(self.global_step)
+        rollout = self.make_rollout(prompts, responses, scores, is_demo)
+
+        trial = ~rollout.is_demo
+        local = torch.tensor([rollout.kl[trial].sum(1).double().sum().item(), float(trial.sum())],
+                             dtype=torch.float64, device=self.device)
+        kl_sum, n_trials = accelerator.reduce(local, "sum").tolist()
+        rollout.n_trials = int(n_trials)
+        stats["objective/kl"] = kl_sum / n_trials
+        stats["objective/entropy"] = masked_mean(rollout.entropy, rollout.response_mask & trial[:, None]).item()
+        stats["val/mean"] = masked_mean(rollout.values, rollout.response_mask).item()
+        stats["returns/mean"] = masked_mean(rollout.returns, rollout.response_mask).item()
+        stats["advantages/mean"] = masked_mean(rollout.advantages, rollout.response_mask).item()
+        stats["val/explained_variance"] = explained_variance(rollout.values, rollout.returns, rollout.response_mask)
+        return rollout
 
     def _count_nonfinite(self, n_bad: int, n: int) -> None:
         self.nonfinite_total += n_bad
@@ -1111,57 +1244,45 @@ class CustomPPOTrainer:
         stats["time/step"] = time.perf_counter() - start
 
     def _optimize(self, rollout: Optional[Rollout], demo: Optional[dict]) -> dict[str, float]:
-        """ppo_epochs passes; each optimizer step accumulates gradient_accumulation_steps mini-batches,
-        each mini-batch loss = PPO loss (if rollout) + distill_coef * top-k KL on its slice of the demos."""
+        """ppo_epochs passes over shuffled mini-batches, each one `minibatch_loss` (PPO loss on its rows of
+        the rollout + distill_coef x top-k KL on its slice of the demonstrations); an optimizer step every
+        gradient_accumulation_steps mini-batches (`accelerator.accumulate`: DDP synchronises only then)."""
         cfg = self.config
-        n_mb, accum = cfg.num_mini_batches, cfg.gradient_accumulation_steps
-        params = self.trainable_parameters()
+        accelerator = self.accelerator
         shuffle = torch.Generator().manual_seed(self._step_seed(stream=1))
+        empty = torch.zeros(0, dtype=torch.long)
         logs: dict[str, list[torch.Tensor]] = {}
         epochs_done = 0
         for _epoch in range(cfg.ppo_epochs):
-            ppo_slices = (
-                torch.tensor_split(torch.randperm(len(rollout), generator=shuffle), n_mb)
-                if rollout is not None else None
-            )
-            demo_slices = (
-                torch.tensor_split(torch.randperm(demo["input_ids"].shape[0], generator=shuffle), n_mb)
-                if demo is not None else None
-            )
+            n_mb = cfg.num_mini_batches
+            ppo_slices = (torch.tensor_split(torch.randperm(len(rollout), generator=shuffle), n_mb)
+                          if rollout is not None else [empty] * n_mb)
+            demo_slices = (torch.tensor_split(torch.randperm(demo["input_ids"].shape[0], generator=shuffle), n_mb)
+                           if demo is not None else [empty] * n_mb)
             last_policykl = None
-            for group in range(0, n_mb, accum):
-                self.optimizer.zero_grad(set_to_none=True)
-                for j in range(group, group + accum):
-                    loss, parts = None, {}
-                    if ppo_slices is not None and len(ppo_slices[j]):
-                        index = ppo_slices[j].to(self.device)
-                        loss, parts = self.ppo_loss(rollout, index)
-                        last_policykl = parts["policy/policykl"]
-                    if demo_slices is not None and len(demo_slices[j]):
-                        rows = demo_slices[j].to(self.device)
-                        distill = self.demo_distill_loss({k: v[rows] for k, v in demo.items()})
-                        parts["loss/distill"] = distill.detach()
-                        term = cfg.distill_coef * distill
-                        loss = term if loss is None else loss + term
-                    if loss is None:
-                        continue
+            for index, rows in zip(ppo_slices, demo_slices):
+                with accelerator.accumulate(self.policy):
+                    loss, parts = self.minibatch_loss(rollout, index.to(self.device), demo, rows.to(self.device))
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients:
+                        grad_norm = accelerator.clip_grad_norm_(self.policy.parameters(), cfg.max_grad_norm)
+                        if grad_norm is not None:  # DeepSpeed clips inside its engine and reports none
+                            logs.setdefault("ppo/grad_norm", []).append(grad_norm.detach())
+                    self.optimizer.step()
+                    self.optimizer.zero_grad(set_to_none=True)
+                if parts:
                     parts["loss/total"] = loss.detach()
-                    (loss / accum).backward()
-                    for key, value in parts.items():
-                        logs.setdefault(key, []).append(value)
-                self.dist.average_gradients(params)
-                grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-                logs.setdefault("ppo/grad_norm", []).append(grad_norm.detach())
-                self.optimizer.step()
+                    last_policykl = parts.get("policy/policykl", last_policykl)
+                for key, value in parts.items():
+                    logs.setdefault(key, []).append(value)
             epochs_done += 1
             # As TRL: after each epoch, the k1 policy KL of its last mini-batch, averaged over the processes
             # (every process joins the sum, also one whose share of the rollout left it no PPO mini-batch).
             if self.early_stopping.enabled:
                 local = [0.0, 0.0] if last_policykl is None else [float(last_policykl), 1.0]
-                kl_sum, n = self.dist.sum(torch.tensor(local, dtype=torch.float64)).tolist()
+                kl_sum, n = accelerator.reduce(torch.tensor(local, dtype=torch.float64, device=self.device), "sum").tolist()
                 if n and self.early_stopping.should_stop(kl_sum / n):
                     break
-        self.optimizer.zero_grad(set_to_none=True)
         means = torch.stack([torch.stack(values).double().mean() for values in logs.values()]).tolist() if logs else []
         out = dict(zip(logs, means))
         out["ppo/epochs"] = float(epochs_done)
@@ -1172,10 +1293,10 @@ class CustomPPOTrainer:
         whose next token is learned: every real token of a corpus text, a demonstration's continuation)."""
         cfg = self.config
         if cfg.lm_data == "corpus":
-            rows = self.dist.shard(self._draw(len(self.lm_dataset), cfg.lm_batch_size))
+            rows = shard(self.accelerator, self._draw(len(self.lm_dataset), cfg.lm_batch_size))
             ids, mask = right_pad([self.lm_dataset[i] for i in rows], self.pad_id)
             return ids.to(self.device), mask.to(self.device), None
-        demo = self._demo_batch(self.dist.shard(self._draw(len(self.demonstrations), cfg.lm_batch_size)))
+        demo = self._demo_batch(shard(self.accelerator, self._draw(len(self.demonstrations), cfg.lm_batch_size)))
         return demo["input_ids"], demo["attention_mask"], demo["target_mask"].bool()
 
     @staticmethod
@@ -1188,26 +1309,25 @@ class CustomPPOTrainer:
 
     def lm_loss(self, ids: torch.Tensor, mask: torch.Tensor, at: torch.Tensor) -> torch.Tensor:
         """Summed next-token cross-entropy of the student at the positions `at` (from lm_positions)."""
-        logits, _ = self._forward_at(self.student, ids, mask, at)
+        logits = self.get_student_logits(ids, mask, at)
         return F.cross_entropy(logits.float(), ids[:, 1:][at[:, :-1]], reduction="sum")
 
     def _lm_update(self, ids: torch.Tensor, mask: torch.Tensor, at: Optional[torch.Tensor] = None) -> float:
         """One optimizer step (the LM optimizer when there is one) on the mean next-token cross-entropy at
-        lm_positions(mask, at); rows in chunks of mini_batch_size, gradients accumulated. Returns the loss."""
+        lm_positions(mask, at); rows in chunks of mini_batch_size, gradients accumulated and synchronised
+        with the last chunk's backward. Returns the loss."""
         at = self.lm_positions(mask, at)
         optimizer = self.lm_optimizer or self.optimizer
-        params = self.trainable_parameters()
         n_tokens = at.sum().clamp_min(1)
-        optimizer.zero_grad(set_to_none=True)
         total = torch.zeros((), device=self.device)
-        for rows in torch.split(torch.arange(ids.shape[0], device=ids.device), self.config.mini_batch_size):
-            if not at[rows].any():
-                continue
-            loss = self.lm_loss(ids[rows], mask[rows], at[rows]) / n_tokens
-            loss.backward()
+        chunks_ = torch.split(torch.arange(ids.shape[0], device=ids.device), self.config.mini_batch_size)
+        for i, rows in enumerate(chunks_):
+            last = i == len(chunks_) - 1
+            with contextlib.nullcontext() if last else self.accelerator.no_sync(self.policy):
+                loss = self.lm_loss(ids[rows], mask[rows], at[rows]) / n_tokens
+                self.accelerator.backward(loss * self.accelerator.gradient_accumulation_steps)  # a whole step
             total += loss.detach()
-        self.dist.average_gradients(params)
-        torch.nn.utils.clip_grad_norm_(params, self.config.max_grad_norm)
+        self.accelerator.clip_grad_norm_(self.policy.parameters(), self.config.max_grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return total.item()
@@ -1222,7 +1342,7 @@ class CustomPPOTrainer:
             return []
         index = torch.randperm(n, generator=self.generator)[:size] if size <= n else torch.randint(
             n, (size,), generator=self.generator)
-        return self.dist.shard([self.train_dataset[i] for i in index.tolist()])
+        return shard(self.accelerator, [self.train_dataset[i] for i in index.tolist()])
 
     def train(
         self, steps: Optional[int] = None, on_step: Optional[Callable[[dict, int], None]] = None

@@ -11,7 +11,9 @@ right-padded, and the classifier reads the last non-pad token (HF finds it throu
 evaluate's samples -- all go through `score_token_ids`: bos in front when missing, scored
 whole, refused in one line when longer than the model's positions or holding an id it
 lacks. Training mirrors `tnd.trainers.lm`: AdamW, linear warm-up and
-cosine decay, seeded random mini-batches, gradient clipping, a progress bar.
+cosine decay, seeded random mini-batches, gradient clipping, a progress bar, and the same
+held-out validation (`tnd.trainers.lm.Validation`: every cfg.train.eval_every steps, early
+stopping after cfg.train.patience, the best weights kept) on the eval rows, when given.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ from transformers import (
 from tnd.data.tokenizer import encode
 from tnd.errors import TndError
 from tnd.models import check_vocab, llama_config
-from tnd.trainers.lm import collate, encode_for_lm
+from tnd.trainers.lm import Validation, collate, encode_for_lm
 
 if TYPE_CHECKING:  # annotations only: the trainer runs without pydantic (the GPU image)
     from tnd.config import ArchParams, RewardParams
@@ -336,6 +338,16 @@ def load_labelled_texts(path: str | Path, text_field: str, label_field: str) -> 
 # --- training ------------------------------------------------------------------------
 
 
+def _validation_score(metrics: dict[str, float]) -> tuple[float, ...]:
+    """Pairwise: held-out accuracy first (what PPO needs of a reward is the ranking), the loss to break its ties:
+    on nursery pairs the Bradley-Terry loss of held-out pairs swings with a few confident mistakes while the
+    accuracy still climbs, and stopping on the loss ended near step 1,000 with 2 to 4 points less held-out
+    accuracy than the full 3,000 steps. Regression: the MSE."""
+    if "eval_accuracy" in metrics:
+        return (metrics["eval_accuracy"], -metrics["eval_loss"])
+    return (-metrics["eval_loss"],)
+
+
 class RewardTrainer:
     """Trains a scalar reward model in place with the objective in `cfg.objective`.
 
@@ -365,14 +377,49 @@ class RewardTrainer:
                 f"{', '.join(keys)}); rerun prepare_data or fix reward.objective"
             )
 
+    def _held_out_metrics(self, rows: Sequence[dict]) -> Callable[[], dict[str, float]]:
+        """The validation of `rows` (encoded once): eval_loss (the training objective: Bradley-Terry with
+        the margin, or MSE) and eval_accuracy (pairwise) or eval_pearson (regression)."""
+        batch_size, pad_id = max(self.cfg.train.batch_size, 64), self.tokenizer.pad_token_id
+        if self.cfg.objective == "pairwise":
+            chosen = self._encode([r["chosen"] for r in rows])
+            rejected = self._encode([r["rejected"] for r in rows])
+
+            def evaluate() -> dict[str, float]:
+                r_chosen = _score_encoded(self.model, pad_id, chosen, batch_size)
+                r_rejected = _score_encoded(self.model, pad_id, rejected, batch_size)
+                return {
+                    "eval_loss": float(bradley_terry_loss(r_chosen, r_rejected, self.cfg.margin)),
+                    "eval_accuracy": float((r_chosen > r_rejected).double().mean()),
+                }
+        else:
+            texts = self._encode([r["text"] for r in rows])
+            labels = torch.tensor([float(r["label"]) for r in rows], dtype=torch.float32)
+
+            def evaluate() -> dict[str, float]:
+                scores = _score_encoded(self.model, pad_id, texts, batch_size)
+                return {"eval_loss": float(F.mse_loss(scores, labels)), "eval_pearson": pearson(scores, labels)}
+
+        return evaluate
+
     def train(
         self,
         rows: Sequence[dict],
         on_log: Callable[[dict, int], None] | None = None,
         log_every: int = 50,
         desc: str = "reward model",
+        eval_rows: Sequence[dict] | None = None,
+        on_eval: Callable[[dict], None] | None = None,
     ) -> dict[str, float]:
-        """Train for cfg.train.steps; returns the final running loss (and batch accuracy for pairwise)."""
+        """Train for at most cfg.train.steps; returns the final running loss (and batch accuracy for pairwise),
+        steps_run and stopped_early.
+
+        With `eval_rows` and cfg.train.eval_every > 0, the first cfg.train.eval_size of them validate the
+        model every eval_every steps, at most an epoch apart (`tnd.trainers.lm.Validation`; the best is that
+        of the highest held-out accuracy, ties to the lowest eval_loss, for pairwise; of the lowest eval_loss,
+        the MSE, for regression); each validation row ({step, train_loss, eval_loss, eval_accuracy or
+        eval_pearson, best_step}) goes to `on_eval`, and the result adds best_step and best_eval_*.
+        """
         self._check_rows(rows, "training")
         cfg = self.cfg.train
         pairwise = self.cfg.objective == "pairwise"
@@ -384,14 +431,21 @@ class RewardTrainer:
             texts = self._encode([r["text"] for r in rows])
             labels = torch.tensor([float(r["label"]) for r in rows], dtype=torch.float32)
             n = len(texts)
+        held_out = list(eval_rows or [])[: cfg.eval_size]
+        if held_out:
+            self._check_rows(held_out, "validation")
+        evaluate = self._held_out_metrics(held_out) if held_out else dict
         pad_id = self.tokenizer.pad_token_id
         model = self.model
+        validation = Validation(model, evaluate, cfg, score=_validation_score, on_eval=on_eval, enabled=bool(held_out),
+                                epoch_steps=math.ceil(n / cfg.batch_size))
         generator = torch.Generator().manual_seed(self.seed)
         torch.manual_seed(self.seed)
         optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
         scheduler = get_cosine_schedule_with_warmup(optimizer, cfg.warmup_steps, max(cfg.steps, 1))
         model.train()
         running, running_acc = float("nan"), float("nan")
+        steps_run = 0
         progress = tqdm(range(1, cfg.steps + 1), desc=desc, leave=False)
         for step in progress:
             index = torch.randint(n, (cfg.batch_size,), generator=generator).tolist()
@@ -428,11 +482,16 @@ class RewardTrainer:
                     if pairwise:
                         logged["train_batch_accuracy"] = acc
                     on_log(logged, step)
+            steps_run = step
+            if validation.step(step, loss.item()):
+                break
+        progress.close()
+        summary = validation.finish(steps_run)
         model.eval()
         out = {"train_loss": running}
         if pairwise:
             out["train_accuracy"] = running_acc
-        return out
+        return {**out, **summary}
 
     def evaluate(self, rows: Sequence[dict], batch_size: int | None = None) -> dict:
         """pairwise: pairwise_accuracy (+ per kind); regression: mse and pearson."""

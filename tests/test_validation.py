@@ -1,0 +1,167 @@
+"""Held-out validation, early stopping and the best checkpoint kept, in LM pretraining (teacher, student
+warm-up) and reward training, on a small corpus of real English that the tests build (tests/real_text.py):
+160 training sentences, which the default-sized loops would memorise."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from tests.real_text import sentences
+from tnd.config import ArchParams, LMTrainParams, RewardParams, RewardTrainParams
+from tnd.data.pairs import make_pairs
+from tnd.data.tokenizer import train_bpe
+from tnd.models import build_causal_lm
+from tnd.trainers.lm import perplexity, pretrain_lm
+from tnd.trainers.reward import RewardTrainer, bradley_terry_loss, build_reward_model, score_texts
+
+TEACHER = ArchParams(hidden_size=64, num_layers=2, num_heads=2, intermediate_size=128, max_position_embeddings=32)
+STUDENT = ArchParams(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64, max_position_embeddings=32)
+EPOCH = 10  # steps of one pass over the 160 training texts at batch size 16
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models: a second thread buys nothing, and on a busy machine it costs several times the run."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def corpus() -> tuple[list[str], list[str]]:
+    texts = sentences(200)
+    return texts[40:], texts[:40]  # train, held out
+
+
+@pytest.fixture(scope="module")
+def tokenizer(corpus):
+    return train_bpe(corpus[0], vocab_size=600)
+
+
+def lm_cfg(**overrides) -> LMTrainParams:
+    base = dict(batch_size=16, learning_rate=3e-3, warmup_steps=10, max_length=32, eval_every=50, eval_size=64)
+    return LMTrainParams(**{**base, **overrides})
+
+
+def test_early_stopping_keeps_a_teacher_that_beats_the_initial_student(corpus, tokenizer):
+    train, held_out = corpus
+    # The student's warm-up, as train_ppo runs it (validated too): 80 steps, 8 passes over the data.
+    student = build_causal_lm(STUDENT, tokenizer, seed=0)
+    pretrain_lm(student, tokenizer, train, lm_cfg(steps=80), seed=0, eval_texts=held_out)
+    student_ppl = perplexity(student, tokenizer, held_out, 32)
+
+    # The teacher is asked for 600 steps (60 passes): run to the end it memorises the 160 texts and ends far
+    # worse than the student on held-out text (perplexity ~450 against ~170 with Python 3.11's docstrings).
+    teacher = build_causal_lm(TEACHER, tokenizer, seed=0)
+    curve: list[dict] = []
+    out = pretrain_lm(teacher, tokenizer, train, lm_cfg(steps=600, patience=3), seed=0, eval_texts=held_out,
+                      on_eval=curve.append)
+
+    # Validated every epoch (eval_every is 50, an epoch 10 steps); stopped 3 validations after the best, once
+    # the held-out loss had turned up.
+    assert [row["step"] for row in curve] == list(range(EPOCH, out["steps_run"] + 1, EPOCH))
+    assert out["stopped_early"] and out["steps_run"] == out["best_step"] + 3 * EPOCH < 600
+    best = min(curve, key=lambda row: row["eval_loss"])
+    assert out["best_step"] == best["step"] and out["best_eval_loss"] == best["eval_loss"]
+    assert curve[-1]["eval_loss"] > best["eval_loss"] and curve[-1]["train_loss"] < best["train_loss"]  # overfitting
+    assert all(row["best_step"] <= row["step"] for row in curve) and curve[-1]["best_step"] == best["step"]
+
+    # The teacher kept is the best validation's, not the last step's ...
+    teacher_ppl = perplexity(teacher, tokenizer, held_out, 32)
+    assert teacher_ppl == pytest.approx(out["best_eval_perplexity"], rel=1e-5)
+    assert teacher_ppl == pytest.approx(math.exp(best["eval_loss"]), rel=1e-5)
+    # ... and it beats the student it is meant to teach.
+    assert teacher_ppl < 0.8 * student_ppl, (teacher_ppl, student_ppl)
+
+
+def test_validation_changes_nothing_in_the_steps_it_lets_run(corpus, tokenizer):
+    # Validation draws no random numbers and leaves the model in training mode: with no early stop and the
+    # last weights kept, the model is bit for bit the one trained without validation.
+    train, held_out = corpus
+    models = []
+    for cfg in (lm_cfg(steps=12, eval_every=0), lm_cfg(steps=12, eval_every=4, patience=0, keep_best=False)):
+        model = build_causal_lm(STUDENT.model_copy(update={"dropout": 0.1}), tokenizer, seed=0)
+        curve: list[dict] = []
+        out = pretrain_lm(model, tokenizer, train, cfg, seed=0, eval_texts=held_out, on_eval=curve.append)
+        models.append(model)
+        assert out["steps_run"] == 12 and not out["stopped_early"]
+        assert [row["step"] for row in curve] == ([4, 8, 12] if cfg.eval_every else [])
+    first, second = (m.state_dict() for m in models)
+    assert all(torch.equal(first[k], second[k]) for k in first)
+
+
+def test_without_held_out_texts_nothing_is_validated(corpus, tokenizer):
+    train, _ = corpus
+    model = build_causal_lm(STUDENT, tokenizer, seed=0)
+    out = pretrain_lm(model, tokenizer, train, lm_cfg(steps=4), seed=0)
+    assert out.keys() == {"train_loss", "steps_run", "stopped_early"} and out["steps_run"] == 4
+
+
+def test_reward_training_stops_and_keeps_its_best_validation(corpus, tokenizer):
+    # Word-level corruptions of real sentences (prepare_data's pairs on data other than nursery): 160
+    # training pairs are learnt by heart (training loss to ~0.1) while held-out pairs stay near chance,
+    # the case the reward_near_chance health check is for.
+    train, held_out = corpus
+    kinds = ["adjacent_swap", "drop_word", "duplicate_word"]
+    pairs = make_pairs(train, kinds, seed=0, use_grammar=False)
+    held_out_pairs = make_pairs(held_out, kinds, seed=1, use_grammar=False)
+    cfg = RewardTrainParams(steps=300, batch_size=16, learning_rate=3e-3, warmup_steps=10, max_length=32,
+                            eval_every=10, eval_size=64, patience=3)
+    trainer = RewardTrainer(build_reward_model(STUDENT, tokenizer, seed=0), tokenizer,
+                            RewardParams(arch=STUDENT, train=cfg), seed=0)
+    curve: list[dict] = []
+    out = trainer.train(pairs, eval_rows=held_out_pairs, on_eval=curve.append)
+
+    assert out["stopped_early"] and out["steps_run"] == out["best_step"] + 3 * 10 < 300
+    best = min(curve, key=lambda row: row["eval_loss"])
+    assert out["best_step"] == best["step"] and out["best_eval_accuracy"] == best["eval_accuracy"]
+    assert curve[-1]["eval_loss"] > best["eval_loss"]
+    # The model kept is the best validation's: the held-out figures are those of that validation.
+    chosen = score_texts(trainer.model, tokenizer, [p["chosen"] for p in held_out_pairs], max_length=32)
+    rejected = score_texts(trainer.model, tokenizer, [p["rejected"] for p in held_out_pairs], max_length=32)
+    assert float(bradley_terry_loss(chosen, rejected)) == pytest.approx(best["eval_loss"], rel=1e-5)
+    assert trainer.evaluate(held_out_pairs)["pairwise_accuracy"] == pytest.approx(best["eval_accuracy"])
+    assert set(best) >= {"step", "train_loss", "eval_loss", "eval_accuracy", "best_step"}
+
+
+@pytest.mark.slow
+def test_the_stages_save_the_best_validation_and_its_curve(project):
+    import csv
+
+    import mlflow
+
+    from stages import prepare_data, train_reward, train_teacher
+
+    project.write(teacher={"train": {"steps": 12, "eval_every": 4}}, reward={"train": {"steps": 12, "eval_every": 4}},
+                  tracking={"enabled": True, "experiment": "validation", "log_models": False,
+                            "system_metrics_interval": 0})
+    prepare_data.main([])
+    train_teacher.main([])
+    train_reward.main([])
+
+    p = project.path
+    for stage, held_out, final in (("teacher", "eval_perplexity", "eval_perplexity"),
+                                   ("reward", "eval_accuracy", "pairwise_accuracy")):
+        with open(p / f"plots/{stage}_validation.csv", newline="") as handle:
+            curve = list(csv.DictReader(handle))
+        assert list(curve[0]) == ["step", "train_loss", "eval_loss", held_out, "best_step"], stage
+        assert [int(row["step"]) for row in curve] == [4, 8, 12], stage
+        metrics = json.loads((p / f"metrics/{stage}.json").read_text())
+        assert metrics["steps_run"] == 12 and metrics["stopped_early"] is False
+        assert metrics["best_step"] == int(curve[-1]["best_step"])
+        # the saved model is the best validation's: the eval split is smaller than eval_size, so the final
+        # figure on the whole split is the best validation's
+        best = next(row for row in curve if int(row["step"]) == metrics["best_step"])
+        assert metrics[final] == pytest.approx(float(best[held_out]), rel=1e-5), stage
+
+    mlflow.set_tracking_uri(f"sqlite:///{p}/mlflow.db")
+    client = mlflow.MlflowClient()
+    runs = mlflow.search_runs(experiment_names=["validation"], output_format="list")
+    teacher_run = next(r for r in runs if r.data.tags["stage"] == "train_teacher")
+    history = client.get_metric_history(teacher_run.info.run_id, "validation/eval_loss")
+    assert [m.step for m in history] == [4, 8, 12]
