@@ -86,7 +86,7 @@ def test_the_pipeline_on_a_tracking_server_as_a_user_of_mlflow_3_sees_it(
                           "data/prepared/eval_prompts.jsonl": "evaluation"},
         "train_reward": {"data/prepared/pairs_train.jsonl": "training", "data/prepared/pairs_eval.jsonl": "evaluation"},
         "train_ppo": {"data/prepared/prompts.jsonl": "training", "cache/teacher/index.json": "training",
-                      "data/prepared/train.jsonl": "training"},
+                      "data/prepared/train.jsonl": "training", "data/prepared/eval.jsonl": "evaluation"},
         "evaluate": {"data/prepared/eval_prompts.jsonl": "evaluation", "data/prepared/eval.jsonl": "evaluation"},
     }
     for stage, files in expected.items():

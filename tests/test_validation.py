@@ -138,8 +138,10 @@ def test_the_stages_save_the_best_validation_and_its_curve(project):
     from stages import prepare_data, train_reward, train_teacher
 
     project.write(teacher={"train": {"steps": 12, "eval_every": 4}}, reward={"train": {"steps": 12, "eval_every": 4}},
-                  tracking={"enabled": True, "experiment": "validation", "log_models": False,
-                            "system_metrics_interval": 0})
+                  # an absolute store: MLflow caches stores by URI, and a relative one may still point at the
+                  # directory an earlier test ran in
+                  tracking={"enabled": True, "uri": f"sqlite:///{project.path}/mlflow.db", "experiment": "validation",
+                            "log_models": False, "system_metrics_interval": 0})
     prepare_data.main([])
     train_teacher.main([])
     train_reward.main([])
