@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import sys
 import tempfile
@@ -37,6 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from tnd.data.nursery import generate_sentences  # noqa: E402
+from stages.common import free_port  # noqa: E402
 from tnd.data.prompts import make_prompts  # noqa: E402
 from tnd.data.tokenizer import train_bpe  # noqa: E402
 from tnd.models import build_causal_lm  # noqa: E402
@@ -137,9 +137,7 @@ def main() -> None:
     args = parse_args()
     if args.smoke:
         args.repeats, args.steps = 2, 1
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     with tempfile.TemporaryDirectory() as tmp:
         scratch = str(Path(tmp) / "record.json")
         mp.spawn(worker, args=(port, args, scratch), nprocs=2, join=True)

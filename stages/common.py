@@ -73,12 +73,6 @@ def launch_command(name: str, engine: EngineParams, params_path: str) -> list[st
     return command + ["-m", f"stages.{name}", "--params", params_path]
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def validation_logger(run: Tracker, curve: list[dict]) -> Callable[[dict], None]:
     """`on_eval` for the trainers' held-out validation: keep each row (for plots/) and log its figures to
     MLflow at its step, as validation/<name>."""
@@ -96,6 +90,13 @@ def validation_summary(metrics: dict) -> str:
         return ""
     stopped = " (stopped early)" if metrics["stopped_early"] else ""
     return f"; best validation at step {metrics['best_step']} of {metrics['steps_run']} run{stopped}"
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now (a launch's rendezvous; tests use it too)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def is_main_process() -> bool:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 import os
 import shutil
-import socket
 import subprocess
 from pathlib import Path
 
@@ -111,13 +110,6 @@ def dvc(*args: str) -> str:
     result = subprocess.run(["dvc", *args], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
     return result.stdout
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def init_git_dvc() -> None:

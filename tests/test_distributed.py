@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from tests.conftest import free_port
+from stages.common import free_port
 from tests.test_ppo import SENTENCES, make_trainer
 from tests.test_train_ppo import PPO, ready, upstream  # noqa: F401 (fixtures)
 from tnd.data.tokenizer import train_bpe

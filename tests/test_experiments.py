@@ -24,7 +24,8 @@ import sqlalchemy.exc
 import yaml
 from mlflow.exceptions import MlflowException
 
-from tests.conftest import ROOT, free_port, init_git_dvc
+from tests.conftest import ROOT, init_git_dvc
+from stages.common import free_port
 from tnd import tracking
 from tnd.config import parse_params
 

@@ -868,14 +868,14 @@ class CustomPPOTrainer:
     ) -> torch.Tensor:
         """Teacher next-token logits, no grad: [M, V] at the positions `at` [B, T] marks (row-major), or
         [B, T, V] at every position when `at` is None (left or right padding)."""
-        return self._logits_at(self.teacher_at, "teacher", input_ids, attention_mask, at)
+        return self._logits_at(self.teacher_at, "teacher", input_ids, attention_mask, at)[0]
 
     @torch.no_grad()
     def get_reference_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, at: torch.Tensor) -> torch.Tensor:
         """The KL reference's logits [M, V] at `at`: the teacher's, or the frozen initial student's."""
         if self.reference_at is None:
             return self.get_teacher_logits(input_ids, attention_mask, at)
-        return self._logits_at(self.reference_at, "reference", input_ids, attention_mask, at)
+        return self._logits_at(self.reference_at, "reference", input_ids, attention_mask, at)[0]
 
     def get_student_logits(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, at: Optional[torch.Tensor] = None,
@@ -884,22 +884,22 @@ class CustomPPOTrainer:
         """Student next-token logits (and the value head's values), with grad, through the prepared policy:
         [M, V] (and [M]) at the positions `at` marks, or [B, T, V] (and [B, T]) when `at` is None.
         `values=False` returns (logits, None) without running the value head."""
-        full = at is None
-        at = attention_mask.new_ones(attention_mask.shape, dtype=torch.bool) if full else at
         values = return_values if values is None else values
-        logits, values = self.policy(input_ids, attention_mask, at, self._packed["student"] and not full, values)
-        if full:
-            logits = logits.view(*input_ids.shape, -1)
-            values = None if values is None else values.view(input_ids.shape)
+        logits, values = self._logits_at(self.policy, "student", input_ids, attention_mask, at, values)
         return (logits, values) if return_values else logits
 
-    def _logits_at(self, model: nn.Module, name: str, input_ids, attention_mask, at) -> torch.Tensor:
+    def _logits_at(self, model: nn.Module, name: str, input_ids, attention_mask, at, values: bool = False):
+        """(logits, values) of a ForwardAt `model` under autocast: at `at`, or at every position ([B, T, ...],
+        padded) when `at` is None."""
         full = at is None
         at = attention_mask.new_ones(attention_mask.shape, dtype=torch.bool) if full else at
         with self.accelerator.autocast():
-            logits, _ = model(input_ids.to(self.device), attention_mask.to(self.device), at.to(self.device),
-                              self._packed[name] and not full)
-        return logits.view(*input_ids.shape, -1) if full else logits
+            logits, values = model(input_ids.to(self.device), attention_mask.to(self.device), at.to(self.device),
+                                   self._packed[name] and not full, values)
+        if full:
+            logits = logits.view(*input_ids.shape, -1)
+            values = None if values is None else values.view(input_ids.shape)
+        return logits, values
 
     def _runs_packed(self, model: nn.Module) -> bool:
         """config.padding_free and the model passes the packing check (on the bare model, once)."""
