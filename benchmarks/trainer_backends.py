@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import sys
 import tempfile
 import time
@@ -143,6 +144,14 @@ def run_backend(backend: str, raw: dict, models, args, device: torch.device) -> 
                       "generation_tok_s": sum(map(len, phase["responses"])) / phase["generation"],
                       "update_tok_s": config.ppo_epochs * tokens / update_s, "update_s": update_s})
     measured = steps[args.warmup:]
+    # save_checkpoint / load_checkpoint round trip (under FSDP: sharded): the step after a reload repeats the step
+    # after the save, up to the device's nondeterminism
+    with tempfile.TemporaryDirectory(prefix="trainer-backends-ckpt-") as ckpt:
+        trainer.save_checkpoint(ckpt)
+        after_save = trainer.step(trainer.next_prompts())
+        trainer.load_checkpoint(ckpt)
+        after_load = trainer.step(trainer.next_prompts())
+    roundtrip = max(relative_diff(after_save[k], after_load[k]) for k in COMPARED)
     median = lambda key: sorted(s[key] for s in measured)[len(measured) // 2]  # noqa: E731
     return {
         "steps": steps,
@@ -151,7 +160,15 @@ def run_backend(backend: str, raw: dict, models, args, device: torch.device) -> 
         "peak_memory_mib": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None,
         "padding_free": sorted(set(trainer._packed.values())),
         "engine": str(trainer.accelerator.distributed_type), "mixed_precision": args.mixed_precision,
+        "checkpoint_roundtrip_max_rel_diff": roundtrip,
     }
+
+
+def relative_diff(a: float, b: float) -> float:
+    """|a - b| / |a|; 0 when both are NaN (a stat the step does not have), inf when only one is."""
+    if math.isnan(a) or math.isnan(b):
+        return 0.0 if math.isnan(a) and math.isnan(b) else math.inf
+    return abs(a - b) / max(abs(a), 1e-8)
 
 
 def sync(device: torch.device) -> None:
@@ -201,6 +218,8 @@ def main() -> None:
         f"{k} {v['triton']:.5g} / {v['torch']:.5g}" for k, v in first.items()))
     print("largest relative difference over all steps: " + ", ".join(
         f"{k} {max(row[k]['rel_diff'] for row in diffs):.2e}" for k in COMPARED))
+    print("checkpoint round trip (step after load vs after save), largest relative difference: " + ", ".join(
+        f"{b} {results[b]['checkpoint_roundtrip_max_rel_diff']:.2e}" for b in results))
     out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / f"trainer-backends-{name}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(record, indent=1) + "\n")

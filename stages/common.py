@@ -4,6 +4,7 @@ one line on stderr with exit code 2 instead of a traceback."""
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import socket
 import subprocess
@@ -24,10 +25,12 @@ EXIT_ENVIRONMENT = 3
 
 
 def run_stage(
-    name: str, body: Callable[[Params, Tracker], None], argv: list[str] | None = None, multi_process: bool = False
+    name: str, body: Callable[[Params, Tracker], None], argv: list[str] | None = None, multi_process: bool = False,
+    sharded: bool = False,
 ) -> None:
     """Parse --params, seed, and run `body` inside this stage's MLflow run. A `multi_process` stage started
-    as one process with engine.processes > 1 starts itself again under `accelerate launch` and waits."""
+    as one process with engine.processes > 1 starts itself again under `accelerate launch` and waits: under
+    engine.config when the stage can shard its models (`sharded`: train_ppo), else with DDP."""
     parser = argparse.ArgumentParser(prog=f"python -m stages.{name}")
     parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
     args = parser.parse_args(argv)
@@ -35,7 +38,7 @@ def run_stage(
     try:
         params = load_params(args.params)
         if multi_process and params.engine.processes > 1 and "WORLD_SIZE" not in os.environ:
-            command = launch_command(name, params.engine, args.params)
+            command = launch_command(name, params.engine, args.params, sharded)
             print(f"{name}: {params.engine.processes} processes: {' '.join(command[2:])}", file=sys.stderr, flush=True)
             code = subprocess.run(command).returncode
             if code:
@@ -61,15 +64,17 @@ def run_stage(
     print(f"{name}: done in {time.perf_counter() - started:.1f}s", file=sys.stderr, flush=True)
 
 
-def launch_command(name: str, engine: EngineParams, params_path: str) -> list[str]:
+def launch_command(name: str, engine: EngineParams, params_path: str, sharded: bool = True) -> list[str]:
     """`accelerate launch` of stage `name` on this machine: engine.processes processes, DDP (gloo on CPU,
-    NCCL on GPUs) or what the accelerate config file engine.config says (FSDP, DeepSpeed)."""
-    if engine.config is not None and not Path(engine.config).is_file():
-        raise TndError(f"engine.config = {engine.config}: file not found; pick one of configs/*.yaml or set null")
+    NCCL on GPUs) or, for a `sharded` stage, what the accelerate config file engine.config says (FSDP,
+    DeepSpeed)."""
+    config = engine.config if sharded else None
+    if config is not None and not Path(config).is_file():
+        raise TndError(f"engine.config = {config}: file not found; pick one of configs/*.yaml or set null")
     command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(engine.processes),
                "--num_machines", "1", "--mixed_precision", engine.mixed_precision, "--dynamo_backend", "no",
                "--main_process_port", str(free_port())]
-    command += ["--config_file", engine.config] if engine.config is not None else ["--multi_gpu"]
+    command += ["--config_file", config] if config is not None else ["--multi_gpu"]
     return command + ["-m", f"stages.{name}", "--params", params_path]
 
 
@@ -173,3 +178,23 @@ def snapshot_path(step: int) -> Path:
 def snapshot_steps() -> list[int]:
     """Steps of the kept student snapshots, sorted."""
     return sorted(int(p.stem.removeprefix("step-")) for p in (Path(CHECKPOINTS) / "students").glob("step-*.pt"))
+
+
+SNAPSHOTS_PER_DECADE = 5  # ppo.snapshot_schedule: log
+
+
+def snapshot_due(step: int, steps: int, schedule: str, save_every: int) -> bool:
+    """Whether train_ppo keeps the student's weights at `step` of `steps` (ppo.snapshot_schedule).
+
+    "every": at each checkpoint (every save_every steps and the last). "log": at the steps
+    round(10 ** (i / 5)), i = 0, 1, ... -- 1, 2, 3, 4, 6, 10, 16, 25, 40, 63, 100, 158, ... -- and the
+    last, log-spaced as the TnD paper saves its checkpoints (sled-group/TnD trainer_util.save_condition:
+    every 2 steps to 20, every 5 to 100, every 10 to 500, ...), so that evaluate's word-surprisal curve
+    and the nAoA fitted on it (tnd.evaluation.word_naoa) see the early steps where most words move.
+    """
+    if step < 1 or step == steps:
+        return step == steps
+    if schedule == "every":
+        return step % save_every == 0
+    i = round(SNAPSHOTS_PER_DECADE * math.log10(step))
+    return any(round(10 ** (j / SNAPSHOTS_PER_DECADE)) == step for j in (i - 1, i, i + 1))

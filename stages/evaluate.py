@@ -19,9 +19,26 @@ word: word, category, count, one column per model) and eval/ (samples.jsonl, one
 per prompt, and the PNG figures also logged to MLflow).
 
 Word acquisition over training: plots/eval_word_curve.csv holds, per PPO step with a student
-snapshot (checkpoints/ppo/students/, kept by train_ppo at each checkpoint; step 0 is the
-initial student), the mean word surprisal, its mean per word category and every word's own
-(columns `word:<word>`); eval/word_curve.png draws the mean and a few frequent words.
+snapshot (checkpoints/ppo/students/, kept by train_ppo at ppo.snapshot_schedule's steps: log-spaced
+by default; step 0 is the initial student), the mean word surprisal, its mean per word category and
+every word's own (columns `word:<word>`); eval/word_curve.png draws the mean and a few frequent words.
+
+From that curve, each word's age of acquisition (nAoA, the TnD paper's measure; the method is in
+tnd.evaluation.word_acquisition): a sigmoid in log10 step fitted from the word's initial to its final
+surprisal, nAoA@t the log10 step where the fit has covered fraction t of the way, t = 0.5 ... 0.95.
+metrics/eval.json "naoa" holds per word category and overall the mean nAoA at each threshold ("t50"
+... "t95", over the fitted words), the counts of words fitted / not learned (surprisal fell by less
+than 0.1 bit) / with too few snapshots / whose fit failed, all left out of the means, and per threshold
+the count censored (reached only after the last step by the fit, reported at the last step).
+plots/eval_naoa.csv: one row per threshold, one column per category; plots/eval_naoa_words.csv: one
+row per word (status, initial and final surprisal, the fit, nAoA per threshold); eval/naoa.png.
+
+Every model, the reward model included, runs on the accelerator, under bf16 / fp16 autocast when
+engine.mixed_precision says so; the teacher's logits for the KL are computed once per batch for all
+three models, and log-probs are taken a few thousand rows of logits at a time (no float32 [B, T, V]).
+
+Not here: the paper's "practice makes perfect" figure (per word, how often the student produced it in
+its trials against its surprisal) needs the trials, which train_ppo does not keep.
 """
 
 from __future__ import annotations
@@ -37,19 +54,27 @@ import torch
 from tnd.config import Params
 from tnd.data import nursery
 from tnd.data.tokenizer import load_tokenizer
+from tnd.engine import make_accelerator
 from tnd.errors import TndError
 from tnd.evaluation import (
+    NAOA_MIN_POINTS,
+    NAOA_THRESHOLDS,
+    WordAcquisition,
     distinct_n,
+    fitted_surprisal,
     grammaticality,
     is_grammatical_row,
     locate_words,
     mean_length,
     mean_word_surprisal,
+    naoa_summary,
     perplexity_from_logprobs,
     sample_rows,
     sequence_logprobs,
+    threshold_key,
     token_kl,
     word_category,
+    word_naoa,
     word_surprisals,
 )
 from tnd.io import atomic_dir, atomic_write_json, atomic_write_jsonl, atomic_write_text, read_jsonl
@@ -143,12 +168,46 @@ def word_curve(student, per_word_initial: dict, per_word_final: dict, sequences,
     return rows
 
 
+def naoa_from_curve(curve: list[dict]) -> tuple[dict[str, WordAcquisition], dict]:
+    """Each word's nAoA fit along the word curve, and metrics/eval.json's "naoa" (naoa_summary by
+    category, with a note when the curve has too few snapshots for any fit)."""
+    steps = [row["step"] for row in curve]
+    words = [key.removeprefix("word:") for key in curve[0] if key.startswith("word:")]
+    fits = word_naoa(steps, {w: [row.get(f"word:{w}") for row in curve] for w in words})
+    summary = naoa_summary(fits, {w: word_category(w) for w in words}, WORD_CATEGORIES)
+    if sum(s >= 1 for s in steps) < NAOA_MIN_POINTS:
+        summary["note"] = (
+            f"nAoA needs student snapshots at {NAOA_MIN_POINTS} or more steps >= 1 (the final student included), "
+            f"here {sum(s >= 1 for s in steps)}: ppo.keep_student_snapshots: true and ppo.snapshot_schedule: log"
+        )
+    return fits, summary
+
+
+def _naoa_tables(fits: dict[str, WordAcquisition], summary: dict) -> tuple[str, str]:
+    """plots/eval_naoa.csv (a row per threshold) and plots/eval_naoa_words.csv (a row per word)."""
+    groups = ["overall", *WORD_CATEGORIES]
+    by_threshold = [[t, *(summary[g][threshold_key(t)] for g in groups)] for t in NAOA_THRESHOLDS]
+    keys = [threshold_key(t) for t in NAOA_THRESHOLDS]
+    words = [
+        [w, word_category(w), f.status, _finite(f.initial), _finite(f.final), f.midpoint, f.slope, f.rmse,
+         *(f.naoa[t] for t in NAOA_THRESHOLDS)]
+        for w, f in sorted(fits.items())
+    ]
+    return (_csv(["threshold", *groups], by_threshold),
+            _csv(["word", "category", "status", "initial", "final", "midpoint", "slope", "rmse", *keys], words))
+
+
 def evaluate(params: Params, run: Tracker) -> None:
+    accelerator = make_accelerator(params.engine.mixed_precision)  # the device, and autocast where engine says
+    with accelerator.autocast():
+        evaluate_on(accelerator.device, params, run)
+
+
+def evaluate_on(device: torch.device, params: Params, run: Tracker) -> None:
     cfg = params.eval
-    device = "cuda" if torch.cuda.is_available() else "cpu"
     tokenizer = load_tokenizer(TOKENIZER)
     models = {name: load_causal_lm(path, tokenizer, role=name).to(device).eval() for name, path in MODELS.items()}
-    reward_model = load_reward_model(REWARD, tokenizer)  # small; score_token_ids batches on the CPU
+    reward_model = load_reward_model(REWARD, tokenizer).to(device)
     prompts = [list(row["prompt_ids"]) for row in _rows(Path(PREPARED) / "eval_prompts.jsonl")][: cfg.n_prompts]
     texts = [row["text"] for row in _rows(Path(PREPARED) / "eval.jsonl")]
     if not prompts or not texts:
@@ -166,6 +225,8 @@ def evaluate(params: Params, run: Tracker) -> None:
     metrics: dict[str, dict] = {}
     samples: dict[str, list[dict]] = {}
     per_word: dict[str, dict] = {}
+    kl_to_teacher = token_kl(models, models["teacher"], tokenizer, texts, cfg.max_length, cfg.batch_size,
+                             params.kernels.backend)  # the teacher's logits once per batch for all three
     for name, model in models.items():
         rows = sample_rows(
             model, tokenizer, prompts, cfg.max_new_tokens, cfg.seed, cfg.temperature,
@@ -186,9 +247,7 @@ def evaluate(params: Params, run: Tracker) -> None:
             "reward_std": stats["std"],
             "grammaticality": grammaticality(rows) if nursery_data else None,
             "perplexity": perplexity_from_logprobs(logprobs),
-            "kl_to_teacher": token_kl(
-                model, models["teacher"], tokenizer, texts, cfg.max_length, cfg.batch_size, params.kernels.backend
-            ),
+            "kl_to_teacher": kl_to_teacher[name],
             "distinct_1": distinct_n(continuations, 1),
             "distinct_2": distinct_n(continuations, 2),
             "mean_length": mean_length(rows),
@@ -219,6 +278,7 @@ def evaluate(params: Params, run: Tracker) -> None:
     curve = word_curve(
         models["student"], per_word["initial_student"], per_word["student"], sequences, occurrences, params
     )
+    fits, metrics["naoa"] = naoa_from_curve(curve)
 
     plots = Path(PLOTS)
     atomic_write_json(Path(METRICS) / "eval.json", metrics)
@@ -229,13 +289,19 @@ def evaluate(params: Params, run: Tracker) -> None:
     atomic_write_text(plots / "eval_word_surprisal.csv", _csv(word_columns, word_table))
     curve_columns = list(curve[0])
     atomic_write_text(plots / "eval_word_curve.csv", _csv(curve_columns, [[r.get(k) for k in curve_columns] for r in curve]))
+    naoa_table, naoa_words = _naoa_tables(fits, metrics["naoa"])
+    atomic_write_text(plots / "eval_naoa.csv", naoa_table)
+    atomic_write_text(plots / "eval_naoa_words.csv", naoa_words)
     figures = []
     with atomic_dir(EVAL) as out:
         atomic_write_jsonl(out / "samples.jsonl", sample_table)
-        figures = _figures(out, metrics, word_rows, plots / "train.csv", curve)
+        figures = _figures(out, metrics, word_rows, plots / "train.csv", curve, fits)
     figures = [Path(EVAL) / f.name for f in figures]
 
     run.log_metrics({f"{name}/{k}": v for name, m in metrics.items() for k, v in m.items() if _is_number(v)})
+    run.log_metrics({f"naoa/{group}/{k}": v for group, entry in metrics["naoa"].items() if isinstance(entry, dict)
+                     for k, v in {**entry, **{f"censored_{c}": n for c, n in entry["censored"].items()}}.items()
+                     if _is_number(v)})
     for figure in figures:
         run.log_artifact(figure, "plots")
     flat_samples = [
@@ -251,16 +317,37 @@ def evaluate(params: Params, run: Tracker) -> None:
             f"perplexity {fmt(m['perplexity'])}  kl {fmt(m['kl_to_teacher'])}  "
             f"word surprisal {fmt(m['word_surprisal'])}"
         )
+    overall = metrics["naoa"]["overall"]
+    print(
+        f"evaluate: nAoA (log10 PPO step) over {overall['fitted']} of {overall['words']} words "
+        f"({overall['not_learned']} not learned, {overall['too_few_points']} too few snapshots, "
+        f"{overall['fit_failed']} failed fits): "
+        + ", ".join(f"@{t} {fmt(overall[threshold_key(t)])}" for t in NAOA_THRESHOLDS)
+    )
 
 
-def _figures(out: Path, metrics: dict, word_rows: list[dict], train_csv: Path, curve: list[dict]) -> list[Path]:
+def _figures(out: Path, metrics: dict, word_rows: list[dict], train_csv: Path, curve: list[dict],
+             fits: dict[str, WordAcquisition]) -> list[Path]:
     from tnd import plots
 
-    made = [plots.model_comparison(metrics, KEYS, out / "eval_models.png")]
+    made = [plots.model_comparison({name: metrics[name] for name in MODELS}, KEYS, out / "eval_models.png")]
     order = ["initial_student", "student", "teacher"]  # the scatter plots the others against the first
     made.append(plots.word_surprisal(word_rows, order, out / "eval_word_surprisal.png"))
-    frequent = [r["word"] for r in sorted(word_rows, key=lambda r: -r["count"])[:6]]
-    made.append(plots.word_curve(curve, frequent, out / "word_curve.png"))
+    by_count = [r["word"] for r in sorted(word_rows, key=lambda r: -r["count"])]
+    made.append(plots.word_curve(curve, by_count[:6], out / "word_curve.png"))
+    groups = ["overall", *WORD_CATEGORIES]
+    examples = []
+    for word in [w for w in by_count if w in fits and fits[w].status == "fitted"][:4]:
+        fit = fits[word]
+        points = [(row["step"], row[f"word:{word}"]) for row in curve if row["step"] >= 1]
+        grid = [10 ** (math.log10(points[0][0]) + i * (math.log10(points[-1][0]) - math.log10(points[0][0])) / 60)
+                for i in range(61)]
+        half = fit.naoa[0.5] if 0.5 in fit.naoa else None
+        examples.append({"word": word, "initial": fit.initial, "points": points,
+                         "fitted": [(step, fitted_surprisal(fit, step)) for step in grid],
+                         "marker": None if half is None else (half, fitted_surprisal(fit, 10 ** half))})
+    lines = {g: [metrics["naoa"][g][threshold_key(t)] for t in NAOA_THRESHOLDS] for g in groups}
+    made.append(plots.naoa(NAOA_THRESHOLDS, lines, examples, out / "naoa.png"))
     if train_csv.is_file():
         with open(train_csv, newline="", encoding="utf-8") as handle:
             made.append(plots.training_curves(list(csv.DictReader(handle)), out / "train_curves.png"))

@@ -10,7 +10,8 @@ in their statistics) and reported.
 Writes metrics/rewards.json: reward_stats of both sets; the demonstrations' mean, std and count
 seed PPO's score normaliser (train_ppo). The per-demonstration rewards are not kept: no stage
 reads them. Non-finite rewards are left out of the statistics and counted; above
-ppo.max_nonfinite_reward_fraction the stage fails and writes nothing.
+ppo.max_nonfinite_reward_fraction the stage fails and writes nothing. The reward model runs on the
+accelerator, under bf16/fp16 autocast when engine.mixed_precision says so.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from pathlib import Path
 from tnd.cache import TeacherCache, fingerprint_tokenizer
 from tnd.config import Params
 from tnd.data.tokenizer import load_tokenizer
+from tnd.engine import make_accelerator
 from tnd.errors import TndError
 from tnd.io import atomic_write_json, read_jsonl
 from tnd.tracking import Tracker
@@ -47,8 +49,11 @@ def score_rewards(params: Params, run: Tracker) -> None:
     eval_texts = [row["text"] for row in read_jsonl(Path(PREPARED) / "eval.jsonl")]
 
     batch_size = max(cfg.train.batch_size, 64)
-    rewards = score_token_ids(model, tokenizer, demos, batch_size).float()
-    eval_rewards = score_texts(model, tokenizer, eval_texts, batch_size, cfg.train.max_length).float()
+    accelerator = make_accelerator(params.engine.mixed_precision)  # the device, and autocast where engine says
+    model.to(accelerator.device)
+    with accelerator.autocast():
+        rewards = score_token_ids(model, tokenizer, demos, batch_size).float()
+        eval_rewards = score_texts(model, tokenizer, eval_texts, batch_size, cfg.train.max_length).float()
     if rewards.shape != (len(demos),) or eval_rewards.shape != (len(eval_texts),):
         raise RuntimeError(f"scorer returned {tuple(rewards.shape)} / {tuple(eval_rewards.shape)} rewards")
 

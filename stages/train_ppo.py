@@ -8,13 +8,19 @@ warmed up for student.train.steps LM steps (0 = from scratch); otherwise it is l
 name/path. The student training starts from is saved to models/initial_student/.
 
 Writes models/student/, metrics/train.json (step-1 / final / mean-of-last-10 figures, time
-and tokens/s), plots/train.csv (one row per step: `step` + every trainer stat) and, every
-ppo.save_every steps and after the last one, checkpoints/ppo/state.pt: one file holding the
-trainer state, the csv rows so far, the initial student (built-in students) and a meta
-block (params fingerprint, step, fingerprints of teacher, reward model, tokenizer, cache).
-With ppo.keep_student_snapshots, each checkpoint also leaves the student's weights at that
-step in checkpoints/ppo/students/step-NNNNNN.pt, from which evaluate draws the word-surprisal
-learning curve.
+and tokens/s) and plots/train.csv (one row per step: `step` + every trainer stat). Every
+ppo.save_every steps and after the last one it checkpoints into checkpoints/ppo/:
+
+    latest.json      names the checkpoint to resume from; replaced atomically once a new one is complete
+    step-NNNNNN/     the trainer's save_checkpoint (accelerate's save_state: weights and optimizers,
+                     sharded under FSDP; RNG states per process; the trainer's own state) and run.pt:
+                     the csv rows so far, the initial student (built-in students) and a meta block
+                     (params fingerprint, step, fingerprints of teacher, reward model, tokenizer, cache)
+
+With ppo.keep_student_snapshots, the student's weights are also kept at the steps of
+ppo.snapshot_schedule (log: log-spaced, 1, 2, 3, 4, 6, 10, 16, ..., and the last; every: each
+checkpoint) in checkpoints/ppo/students/step-NNNNNN.pt, from which evaluate draws the word-surprisal
+learning curve and the words' ages of acquisition (nAoA). On several nodes, checkpoints/ must be on storage that every node sees.
 
 Resuming: an unfinished checkpoint written with the same training params and inputs is
 resumed (bit-exactly on CPU); one written with other params or inputs is refused, so that
@@ -37,6 +43,7 @@ import io
 import json
 import math
 import os
+import shutil
 import sys
 from pathlib import Path
 from typing import Any, Optional
@@ -47,6 +54,7 @@ from tqdm.auto import tqdm
 from tnd.cache import TeacherCache, fingerprint_model, fingerprint_tokenizer
 from tnd.config import Params
 from tnd.data.tokenizer import load_tokenizer
+from tnd.engine import make_accelerator
 from tnd.errors import TndError
 from tnd.io import atomic_write_bytes, atomic_write_json, atomic_write_text, read_jsonl
 from tnd.models import build_causal_lm, load_causal_lm, save_model
@@ -58,10 +66,12 @@ from tnd.trainers.reward import load_reward_model
 
 from stages.common import (
     CACHE, CHECKPOINTS, INITIAL_STUDENT, METRICS, PLOTS, PREPARED, REWARD, STUDENT, TEACHER, TOKENIZER, run_stage,
-    snapshot_path, snapshot_steps, validation_logger,
+    snapshot_due, snapshot_path, snapshot_steps, validation_logger,
 )
 
-CHECKPOINT_FORMAT = 2
+CHECKPOINT_FORMAT = 3
+LATEST = "latest.json"  # names the checkpoint to resume from; replaced, atomically, only once a new one is complete
+RUN_STATE = "run.pt"  # the stage's part of a checkpoint: meta, csv rows so far, the initial student
 # The params that change what training computes (not tracking/eval, not kernels.backend, not save_every).
 TRAINING_SECTIONS = ("seed", "data", "tokenizer", "teacher", "reward", "cache", "student", "ppo", "distill", "tnd",
                      "engine")
@@ -78,7 +88,8 @@ DELETE = f"delete it (rm -r {CHECKPOINTS}) to start over"
 def training_fingerprint(params: Params) -> str:
     dump = params.model_dump(mode="json")
     blob = {key: dump[key] for key in TRAINING_SECTIONS}
-    blob["ppo"] = {k: v for k, v in blob["ppo"].items() if k not in ("save_every", "keep_student_snapshots")}
+    blob["ppo"] = {k: v for k, v in blob["ppo"].items()
+                   if k not in ("save_every", "keep_student_snapshots", "snapshot_schedule")}
     return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -108,25 +119,33 @@ def reward_seed(path: Path) -> dict:
 # --- checkpoints -----------------------------------------------------------------------------
 
 
-def read_checkpoint(path: Path) -> Optional[dict]:
-    if not path.is_file():
+def read_checkpoint(root: Path) -> Optional[dict]:
+    """The checkpoint latest.json names (meta, rows, initial_student, and `dir` for load_checkpoint), or None."""
+    if (root / "state.pt").exists():
+        raise TndError(f"{root / 'state.pt'}: a checkpoint in the one-file format of an older tnd, which cannot be "
+                       f"resumed; {DELETE}")
+    latest = root / LATEST
+    if not latest.is_file():
         return None
     try:
-        ckpt = torch.load(io.BytesIO(path.read_bytes()), map_location="cpu", weights_only=True)
-        meta = ckpt["meta"]
-        if meta["format_version"] != CHECKPOINT_FORMAT or not {"trainer", "rows"} <= ckpt.keys():
-            raise ValueError(f"unknown checkpoint format {meta['format_version']!r}")
+        pointer = json.loads(latest.read_text())
+        if pointer.get("format_version") != CHECKPOINT_FORMAT:
+            raise ValueError(f"unknown checkpoint format {pointer.get('format_version')!r}")
+        directory = root / pointer["dir"]
+        ckpt = torch.load(io.BytesIO((directory / RUN_STATE).read_bytes()), map_location="cpu", weights_only=True)
+        if not {"meta", "rows"} <= ckpt.keys():
+            raise ValueError(f"{RUN_STATE} lacks meta or rows")
     except Exception as exc:
         raise TndError(
-            f"{path}: cannot be read as a train_ppo checkpoint (truncated or corrupted: "
+            f"{latest}: the checkpoint it names cannot be read (truncated or corrupted: "
             f"{' '.join(str(exc).split())[:120]}); {DELETE}"
         ) from None
-    return ckpt
+    return {**ckpt, "dir": directory}
 
 
-def check_checkpoint(path: Path, old: dict, new: dict) -> None:
+def check_checkpoint(where: str, old: dict, new: dict) -> None:
     """Refuse to resume an unfinished run under other params or inputs."""
-    where = f"{path}: checkpoint of an unfinished run (step {old['step']} of {old['steps']})"
+    where = f"{where}: checkpoint of an unfinished run (step {old['step']} of {old['steps']})"
     if old["params_fingerprint"] != new["params_fingerprint"]:
         raise TndError(
             f"{where} was written with different training params (fingerprint {old['params_fingerprint']}, "
@@ -144,15 +163,36 @@ def atomic_torch_save(path: Path, obj: Any) -> None:
     atomic_write_bytes(path, buffer.getvalue())
 
 
-def write_checkpoint(path: Path, trainer: CustomPPOTrainer, meta: dict, rows: list, initial: Optional[dict]) -> None:
-    state = {"meta": {**meta, "step": trainer.global_step}, "trainer": trainer.state_dict(), "rows": rows}
-    if initial is not None:
-        state["initial_student"] = initial
-    atomic_torch_save(path, state)
+def write_checkpoint(root: Path, trainer: CustomPPOTrainer, meta: dict, rows: list, initial: Optional[dict]) -> None:
+    """Every process: the trainer into step-NNNNNN/ (save_checkpoint), process 0 the stage's part beside it,
+    then latest.json names it and the older one goes. Until latest.json is replaced it names the previous,
+    complete checkpoint, so a crash or kill at any point leaves one to resume from."""
+    accelerator, main = trainer.accelerator, trainer.accelerator.is_main_process
+    target = root / f"step-{trainer.global_step:06d}"
+    try:
+        if main and target.exists():  # a save that was interrupted, which latest.json never named
+            shutil.rmtree(target)
+        accelerator.wait_for_everyone()
+        trainer.save_checkpoint(target)
+        if main:
+            state = {"meta": {**meta, "step": trainer.global_step}, "rows": rows, "initial_student": initial}
+            atomic_torch_save(target / RUN_STATE, state)
+        accelerator.wait_for_everyone()
+    except BaseException:
+        if main:
+            shutil.rmtree(target, ignore_errors=True)
+        raise
+    if main:
+        atomic_write_json(root / LATEST, {"format_version": CHECKPOINT_FORMAT, "step": trainer.global_step,
+                                          "dir": target.name})
+        drop_checkpoints(root, keep=target)
 
 
-def write_snapshot(step: int, student: torch.nn.Module) -> None:
-    atomic_torch_save(snapshot_path(step), {k: v.detach().cpu() for k, v in student.state_dict().items()})
+def drop_checkpoints(root: Path, keep: Optional[Path]) -> None:
+    """Every step-NNNNNN/ but `keep`: superseded, interrupted, or (keep None) of a finished earlier run."""
+    for directory in root.glob("step-*"):
+        if directory != keep:
+            shutil.rmtree(directory)
 
 
 def drop_snapshots_after(step: int) -> None:
@@ -236,20 +276,26 @@ def train_ppo(params: Params, run: Tracker) -> None:
     cache = TeacherCache(CACHE, meta["teacher_fingerprint"], meta["tokenizer_fingerprint"])
     meta["cache_fingerprint"] = hashlib.sha256((Path(CACHE) / "index.json").read_bytes()).hexdigest()
     config = CustomPPOConfig.from_params(params, **reward_seed(Path(METRICS) / "rewards.json"))
-    accelerator = accelerator_for(config)
+    # The warm-up trains on an accelerator of its own (tnd/trainers/fit.py), made first: accelerate keeps one
+    # gradient-accumulation setting per process, and the last Accelerator made sets it, the trainer's below.
+    accelerator = make_accelerator(params.engine.mixed_precision)
     main = accelerator.is_main_process
 
-    ckpt_path = Path(CHECKPOINTS) / "state.pt"
-    if main:
-        for stale in Path(CHECKPOINTS).rglob(".*.tmp"):  # checkpoint or snapshot temp left by a kill mid-write
-            stale.unlink()
-    ckpt = read_checkpoint(ckpt_path)
+    root = Path(CHECKPOINTS)
+    ckpt = read_checkpoint(root)
     if ckpt is not None and ckpt["meta"]["step"] >= ckpt["meta"]["steps"]:
         if main:
-            print(f"train_ppo: {ckpt_path} is from a finished run; starting afresh")
+            print(f"train_ppo: {ckpt['dir']} is from a finished run; starting afresh")
         ckpt = None
     if ckpt is not None:
-        check_checkpoint(ckpt_path, ckpt["meta"], meta)
+        check_checkpoint(str(ckpt["dir"]), ckpt["meta"], meta)
+    accelerator.wait_for_everyone()  # every process has read the checkpoint before process 0 tidies up
+    if main:
+        for stale in root.rglob(".*.tmp"):  # checkpoint or snapshot temp left by a kill mid-write
+            stale.unlink()
+        if ckpt is None:
+            (root / LATEST).unlink(missing_ok=True)
+        drop_checkpoints(root, keep=None if ckpt is None else ckpt["dir"])
 
     # The student training starts from (on resume: the one the checkpointed run started from).
     initial = None
@@ -261,7 +307,8 @@ def train_ppo(params: Params, run: Tracker) -> None:
         elif params.student.train.steps:
             eval_texts = [row["text"] for row in _read_rows(Path(PREPARED) / "eval.jsonl")]  # its validation
             pretrain_lm(student, tokenizer, texts, params.student.train, params.seed, desc="student warm-up",
-                        eval_texts=eval_texts, on_eval=validation_logger(run, []))
+                        eval_texts=eval_texts, on_eval=validation_logger(run, []), accelerator=accelerator,
+                        name="student")
         initial = {k: v.clone() for k, v in student.state_dict().items()}
     else:
         student = load_causal_lm(params.student.source, tokenizer, role="student")
@@ -278,16 +325,22 @@ def train_ppo(params: Params, run: Tracker) -> None:
 
     trainer = CustomPPOTrainer(
         teacher, student, reward_model, config, prompts,
-        demonstrations=cache, tokenizer=tokenizer, accelerator=accelerator,
+        demonstrations=cache, tokenizer=tokenizer, accelerator=accelerator_for(config),
         lm_dataset=encode_for_lm(tokenizer, texts, params.student.train.max_length)
         if params.tnd.lm_data == "corpus" else None,
     )
     rows: list[dict] = []
     if ckpt is not None:
-        trainer.load_state_dict(ckpt["trainer"])
+        try:
+            trainer.load_checkpoint(ckpt["dir"])
+        except Exception as exc:
+            raise TndError(
+                f"{ckpt['dir']}: the trainer's checkpoint cannot be read (truncated or corrupted: "
+                f"{' '.join(str(exc).split())[:120]}); {DELETE}"
+            ) from None
         rows = list(ckpt["rows"])
         if main:
-            print(f"train_ppo: resuming from {ckpt_path} at step {trainer.global_step} of {config.steps}")
+            print(f"train_ppo: resuming from {ckpt['dir']} at step {trainer.global_step} of {config.steps}")
     del ckpt
     if main:
         drop_snapshots_after(trainer.global_step)
@@ -300,20 +353,25 @@ def train_ppo(params: Params, run: Tracker) -> None:
         run.log_metrics({k: v for k, v in stats.items() if math.isfinite(v)}, step)
         progress.update(1)
         progress.set_postfix(reward=f"{stats['env/reward_mean']:.3f}", kl=f"{stats['objective/kl']:.3f}")
-        if main and (step % config.save_every == 0 or step == config.steps):
-            if params.ppo.keep_student_snapshots:  # before the checkpoint: a resume never lacks one
-                write_snapshot(step, trainer.student)
-            write_checkpoint(ckpt_path, trainer, meta, rows, initial)
-            write_csv(csv_path, rows)
+        if params.ppo.keep_student_snapshots and snapshot_due(step, config.steps, params.ppo.snapshot_schedule,
+                                                              config.save_every):
+            weights = trainer.student_state_dict()  # every process (FSDP gathers); before the checkpoint, so that
+            if main:  # a resume never lacks one (it drops those past its step and writes them again)
+                atomic_torch_save(snapshot_path(step), weights)
+        if step % config.save_every == 0 or step == config.steps:  # every process: FSDP gathers, saves shards
+            write_checkpoint(root, trainer, meta, rows, initial)
+            if main:
+                write_csv(csv_path, rows)
 
     trainer.train(on_step=on_step)
     progress.close()
+    weights = trainer.student_state_dict()
     if not main:
         return
 
     summary = {**summarise(rows, config.batch_size), "processes": trainer.accelerator.num_processes}
     write_csv(csv_path, rows)
-    save_model(trainer.student, tokenizer, STUDENT)
+    save_model(trainer.student, tokenizer, STUDENT, state_dict=weights)
     atomic_write_json(Path(METRICS) / "train.json", summary)
     run.log_metrics({f"{part}.{k}": v for part in ("final", "last10") for k, v in summary[part].items()
                      if v is not None})
@@ -327,7 +385,7 @@ def train_ppo(params: Params, run: Tracker) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    run_stage("train_ppo", train_ppo, argv, multi_process=True)
+    run_stage("train_ppo", train_ppo, argv, multi_process=True, sharded=True)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,8 @@ checked on fresh sentences, each corrupted with every kind.
 While it trains, the built-in model is validated every reward.train.eval_every steps on the
 first reward.train.eval_size held-out rows (eval pairs, or the held-out labelled texts), stops
 after reward.train.patience validations without a lower held-out loss, and ends on the weights
-of its best validation (reward.train.keep_best).
+of its best validation (reward.train.keep_best). It trains on the accelerator, with the mixed
+precision and in the processes of the `engine` params (as train_teacher and train_ppo).
 
 Writes models/reward/ (save_pretrained, with the tokenizer), metrics/reward.json and
 plots/reward_validation.csv (the validation curve, also logged to MLflow per step).
@@ -24,6 +25,7 @@ from pathlib import Path
 from tnd.config import Params
 from tnd.data import nursery
 from tnd.data.tokenizer import load_tokenizer
+from tnd.engine import make_accelerator
 from tnd.io import atomic_write_csv, atomic_write_json, read_jsonl
 from tnd.models import save_model
 from tnd.tracking import Tracker
@@ -65,11 +67,14 @@ def train_reward(params: Params, run: Tracker) -> None:
         model = build_reward_model(cfg.arch, tokenizer, params.seed)
     else:
         model = load_reward_model(cfg.source, tokenizer)
+    accelerator = make_accelerator(params.engine.mixed_precision)
     trainer = RewardTrainer(model, tokenizer, cfg, params.seed)
     metrics: dict = {"objective": cfg.objective, "n_train": len(train_rows)}
     curve: list[dict] = []
     metrics.update(trainer.train(train_rows, on_log=run.log_metrics, eval_rows=eval_rows,
-                                 on_eval=validation_logger(run, curve)))
+                                 on_eval=validation_logger(run, curve), accelerator=accelerator))
+    if not accelerator.is_main_process:  # the others helped train; process 0 evaluates and writes
+        return
     metrics.update(trainer.evaluate(eval_rows))
     metrics["n_parameters"] = sum(p.numel() for p in model.parameters())
 
@@ -107,7 +112,7 @@ def train_reward(params: Params, run: Tracker) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    run_stage("train_reward", train_reward, argv)
+    run_stage("train_reward", train_reward, argv, multi_process=True)
 
 
 if __name__ == "__main__":

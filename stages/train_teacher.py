@@ -7,6 +7,9 @@ validation curve: train and held-out loss every teacher.train.eval_every steps, 
 to MLflow per step). The built-in teacher is validated on the eval split while it trains,
 stops after teacher.train.patience validations without improvement, and is saved with the
 weights of its best validation (teacher.train.keep_best).
+
+It trains on the accelerator and with the mixed precision of the `engine` params, in
+engine.processes processes (the stage starts itself under `accelerate launch`, as train_ppo).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from pathlib import Path
 
 from tnd.config import Params
 from tnd.data.tokenizer import load_tokenizer
+from tnd.engine import make_accelerator
 from tnd.evaluation import grammaticality, sample_texts
 from tnd.io import atomic_write_csv, atomic_write_json, read_jsonl
 from tnd.models import build_causal_lm, load_causal_lm, save_model
@@ -37,20 +41,23 @@ def train_teacher(params: Params, run: Tracker) -> None:
 
     metrics: dict = {}
     curve: list[dict] = []
+    accelerator = make_accelerator(params.engine.mixed_precision)
     if cfg.source == "builtin":
         model = build_causal_lm(cfg.arch, tokenizer, params.seed)
         metrics.update(pretrain_lm(
             model, tokenizer, train_texts, cfg.train, params.seed, on_log=run.log_metrics, desc="teacher",
-            eval_texts=eval_texts, on_eval=validation_logger(run, curve),
+            eval_texts=eval_texts, on_eval=validation_logger(run, curve), accelerator=accelerator,
         ))
     else:
-        model = load_causal_lm(cfg.source, tokenizer, role="teacher")
+        model = load_causal_lm(cfg.source, tokenizer, role="teacher").to(accelerator.device)
+    if not accelerator.is_main_process:  # the others helped train; process 0 evaluates and writes
+        return
     metrics["n_parameters"] = sum(p.numel() for p in model.parameters())
-    metrics["eval_perplexity"] = perplexity(model, tokenizer, eval_texts, cfg.train.max_length)
-
-    samples = sample_texts(
-        model, tokenizer, prompts[: cfg.eval.n_samples], cfg.eval.max_new_tokens, params.seed, cfg.eval.temperature
-    )
+    with accelerator.autocast():
+        metrics["eval_perplexity"] = perplexity(model, tokenizer, eval_texts, cfg.train.max_length)
+        samples = sample_texts(
+            model, tokenizer, prompts[: cfg.eval.n_samples], cfg.eval.max_new_tokens, params.seed, cfg.eval.temperature
+        )
     # Grammaticality needs the nursery grammar; on other data it stays null.
     metrics["grammaticality"] = grammaticality(samples) if params.data.source == "nursery" else None
     metrics["mean_sample_length"] = sum(row["length"] for row in samples) / max(len(samples), 1)
@@ -66,7 +73,7 @@ def train_teacher(params: Params, run: Tracker) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    run_stage("train_teacher", train_teacher, argv)
+    run_stage("train_teacher", train_teacher, argv, multi_process=True)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 from tests.conftest import ROOT
 
@@ -25,18 +26,20 @@ def test_ppo_step_benchmark_smoke(tmp_path):
     assert "trl" not in record["results"]
 
 
-def test_trainer_backends_benchmark_smoke(tmp_path):
-    """Triton (interpreted) and torch backends through the whole trainer: the script runs and both agree."""
-    out = tmp_path / "backends.json"
-    proc = subprocess.run(
-        [sys.executable, "benchmarks/trainer_backends.py", "--smoke", "--device", "cpu", "--out", str(out)],
-        cwd=ROOT, capture_output=True, text=True, timeout=600, env={**os.environ, "TRITON_INTERPRET": "1"},
-    )
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    record = json.loads(out.read_text())
+def test_run_gpu_script_cpu_smoke():
+    """benchmarks/run_gpu.sh --cpu-smoke: the GPU script end to end on CPU at tiny sizes (interpreted kernels):
+    kernel tests, kernel sweep, and the trainer on the Triton and torch backends, which agree."""
+    proc = subprocess.run(["bash", "benchmarks/run_gpu.sh", "--cpu-smoke"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=1200, env={**os.environ, "PYTHON": sys.executable})
+    assert proc.returncode == 0 and "=== all parts passed" in proc.stdout, proc.stdout[-3000:]
+    out = Path(proc.stdout.split("=== log: ")[1].split()[0]).parent
+    assert set(json.loads((out / "kernels.json").read_text())) >= {"meta"}
+    record = json.loads((out / "backends.json").read_text())
     assert set(record["results"]) == {"triton", "torch"}
     first = record["per_step"][0]
     assert first["loss/total"]["rel_diff"] < 1e-3 and first["loss/distill"]["rel_diff"] < 1e-3
+    # on CPU a step after load_checkpoint repeats the step after save_checkpoint exactly
+    assert [record["results"][b]["checkpoint_roundtrip_max_rel_diff"] for b in ("triton", "torch")] == [0.0, 0.0]
 
 
 def test_ddp_sync_benchmark_smoke(tmp_path):

@@ -61,8 +61,45 @@ def test_two_processes_take_disjoint_shards_and_keep_one_student(tmp_path):
         assert r0["stats"][key] == r1["stats"][key], key
 
 
+def _warm_up_worker(rank: int, port: int, out_dir: str) -> None:
+    """The student's warm-up (tnd/trainers/fit.py) on 2 processes with validation, then the PPO trainer
+    on the same student, as train_ppo runs them."""
+    _join(rank, port)
+    from tnd.config import LMTrainParams
+    from tnd.engine import make_accelerator
+    from tnd.models import build_causal_lm
+    from tnd.trainers.lm import pretrain_lm
+    from tests.test_ppo import TINY
+
+    tokenizer = train_bpe(SENTENCES, vocab_size=300, min_frequency=1)
+    student = build_causal_lm(TINY, tokenizer, 2)
+    cfg = LMTrainParams(steps=6, batch_size=4, learning_rate=3e-3, warmup_steps=1, max_length=16, eval_every=2,
+                        eval_size=4)
+    curve = []
+    summary = pretrain_lm(student, tokenizer, SENTENCES, cfg, seed=0, eval_texts=SENTENCES[:4],
+                          accelerator=make_accelerator(), on_eval=curve.append)
+    warm = torch.cat([p.detach().flatten() for p in student.parameters()])
+    prompts = [[tokenizer.bos_token_id, *tokenizer(text, add_special_tokens=False)["input_ids"][:2]]
+               for text in SENTENCES[:8]]
+    trainer = make_trainer(tokenizer, prompts)
+    trainer.student.load_state_dict(student.state_dict())
+    trainer.train(1)
+    trained = torch.cat([p.detach().flatten() for p in trainer.trainable_parameters()])
+    torch.save({"warm": warm, "trained": trained, "curve": curve, "summary": summary},
+               os.path.join(out_dir, f"warm{rank}.pt"))
+
+
+def test_two_process_warm_up_then_ppo_keep_one_student(tmp_path):
+    mp.spawn(_warm_up_worker, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
+    r0, r1 = (torch.load(tmp_path / f"warm{r}.pt", weights_only=False) for r in (0, 1))
+    assert torch.equal(r0["warm"], r1["warm"])  # DDP averaged the warm-up's gradients
+    agreed = [[{k: v for k, v in row.items() if k != "train_loss"} for row in r["curve"]] for r in (r0, r1)]
+    assert agreed[0] == agreed[1] and len(agreed[0]) == 3  # validation metrics averaged: one decision
+    assert torch.equal(r0["trained"], r1["trained"])  # and the PPO trainer's DDP after it works alike
+
+
 def _resume_worker(rank: int, port: int, out_dir: str) -> None:
-    """3 steps straight, and 2 steps + process 0's state_dict (what the checkpoint holds) + 1 step."""
+    """3 steps straight, and 2 steps + save_checkpoint (every process) + load_checkpoint + 1 step."""
     _join(rank, port)
     tokenizer = train_bpe(SENTENCES, vocab_size=300, min_frequency=1)
     prompts = [[tokenizer.bos_token_id, *tokenizer(text, add_special_tokens=False)["input_ids"][:2]]
@@ -71,12 +108,11 @@ def _resume_worker(rank: int, port: int, out_dir: str) -> None:
     straight.train(3)
     first = make_trainer(tokenizer, prompts)
     first.train(2)
-    checkpoint = os.path.join(out_dir, "state.pt")
-    if rank == 0:
-        torch.save(first.state_dict(), checkpoint)
+    checkpoint = os.path.join(out_dir, "checkpoint")
+    first.save_checkpoint(checkpoint)
     dist.barrier()
     resumed = make_trainer(tokenizer, prompts)
-    resumed.load_state_dict(torch.load(checkpoint, weights_only=False))
+    resumed.load_checkpoint(checkpoint)
     resumed.train(1)
     flat = lambda t: torch.cat([p.detach().flatten() for p in t.trainable_parameters()])  # noqa: E731
     torch.save({"straight": flat(straight), "resumed": flat(resumed)}, os.path.join(out_dir, f"resume{rank}.pt"))

@@ -19,6 +19,7 @@ from tnd.evaluation import (
     mean_word_surprisal,
     perplexity_from_logprobs,
     sequence_logprobs,
+    target_logprobs,
     token_kl,
     word_category,
     word_surprisal,
@@ -123,11 +124,19 @@ def test_kl_of_a_model_to_itself_is_zero_and_to_another_positive(tokenizer):
     texts = nursery.generate_sentences(6, seed=1)
     a = build_causal_lm(TINY_ARCH, tokenizer, seed=0).eval()
     b = build_causal_lm(TINY_ARCH, tokenizer, seed=1).eval()
-    assert token_kl(a, a, tokenizer, texts, max_length=48, batch_size=4) == pytest.approx(0.0, abs=1e-6)
-    kl = token_kl(a, b, tokenizer, texts, max_length=48, batch_size=4)
-    assert kl > 0
+    kl = token_kl({"self": a, "other": b}, a, tokenizer, texts, max_length=48, batch_size=4)
+    assert kl["self"] == pytest.approx(0.0, abs=1e-6) and kl["other"] > 0
     # mean per token: the batch size does not change it
-    assert token_kl(a, b, tokenizer, texts, max_length=48, batch_size=1) == pytest.approx(kl, rel=1e-5)
+    assert token_kl({"other": b}, a, tokenizer, texts, max_length=48, batch_size=1)["other"] == pytest.approx(
+        kl["other"], rel=1e-5)
+
+
+def test_target_logprobs_in_chunks_are_log_softmax():
+    logits = torch.randn(37, 11, dtype=torch.bfloat16)
+    targets = torch.randint(11, (37,))
+    exact = torch.log_softmax(logits.float(), -1).gather(-1, targets[:, None]).squeeze(-1)
+    for chunk in (1, 5, 37, 100):
+        assert torch.allclose(target_logprobs(logits, targets, chunk=chunk), exact, atol=1e-6)
 
 
 # --- the stage end to end --------------------------------------------------------------------------
@@ -143,11 +152,16 @@ def test_evaluate_stage_end_to_end(project):
     from stages import evaluate, prepare_data, train_teacher
     from tnd.config import load_params
     from tnd.data.tokenizer import load_tokenizer
-    from stages.train_ppo import write_snapshot
+    from stages.common import snapshot_path
     from tnd.models import load_causal_lm, save_model
     from tnd.trainers.reward import build_reward_model
 
     project.write(eval={"n_prompts": 6, "max_new_tokens": 8}, ppo={"steps": 10})
+
+    def write_snapshot(step, model):  # as train_ppo keeps them
+        snapshot_path(step).parent.mkdir(parents=True, exist_ok=True)
+        torch.save(model.state_dict(), snapshot_path(step))
+
     prepare_data.main([])
     train_teacher.main([])
     p = project.path
@@ -167,7 +181,14 @@ def test_evaluate_stage_end_to_end(project):
 
     evaluate.main([])
     metrics = json.loads((p / "metrics/eval.json").read_text())
-    assert set(metrics) == {"student", "initial_student", "teacher"}
+    assert set(metrics) == {"student", "initial_student", "teacher", "naoa"}
+    # nAoA: the initial and the final student are the same, so no word was learned; and steps 5 and 10
+    # are too few snapshots for a fit anyway, which the note says
+    naoa = metrics.pop("naoa")
+    assert set(naoa) == {"overall", "noun", "verb", "adjective", "name", "note"}
+    assert "ppo.snapshot_schedule: log" in naoa["note"]
+    assert naoa["overall"]["not_learned"] == naoa["overall"]["words"] > 0 and naoa["overall"]["t50"] is None
+    assert sum(naoa[c]["words"] for c in evaluate.WORD_CATEGORIES) == naoa["overall"]["words"]
     keys = set(evaluate.KEYS)
     for name, m in metrics.items():
         assert keys <= set(m), name
@@ -208,13 +229,17 @@ def test_evaluate_stage_end_to_end(project):
     by_hand = word_surprisal(midway, tokenizer, texts, content, params.eval.max_length)
     assert float(curve[1]["mean"]) == pytest.approx(mean_word_surprisal(by_hand))
     assert float(curve[0][f"word:{words[0]['word']}"]) == pytest.approx(float(words[0]["initial_student"]))
+    naoa_words = _read_csv(p / "plots/eval_naoa_words.csv")
+    assert [r["word"] for r in naoa_words] == [r["word"] for r in words]
+    assert {r["status"] for r in naoa_words} == {"not_learned"} and naoa_words[0]["t50"] == ""
+    assert [r["threshold"] for r in _read_csv(p / "plots/eval_naoa.csv")] == ["0.5", "0.6", "0.7", "0.8", "0.9", "0.95"]
     for png in ("eval_models.png", "eval_word_surprisal.png", "train_curves.png", "word_curve.png"):
         assert (p / "eval" / png).read_bytes()[:4] == b"\x89PNG", png
 
     # Reruns agree exactly.
     outputs = {name: (p / name).read_bytes() for name in (
         "metrics/eval.json", "plots/eval_models.csv", "plots/eval_word_surprisal.csv", "plots/eval_word_curve.csv",
-        "eval/samples.jsonl")}
+        "plots/eval_naoa.csv", "plots/eval_naoa_words.csv", "eval/samples.jsonl")}
     evaluate.main([])
     assert {name: (p / name).read_bytes() for name in outputs} == outputs
 

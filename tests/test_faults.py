@@ -24,7 +24,7 @@ def test_kill_9_during_train_ppo_then_dvc_repro_gives_the_uninterrupted_result(d
     dvc("repro", "train_ppo")
     uninterrupted = outputs(dvc_project)
 
-    checkpoint = dvc_project / "checkpoints/ppo/state.pt"
+    checkpoint = dvc_project / "checkpoints/ppo/latest.json"
     checkpoint.unlink()
     process = subprocess.Popen(
         ["dvc", "repro", "--force", "train_ppo"],

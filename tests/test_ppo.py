@@ -369,8 +369,10 @@ def test_missing_demonstrations_is_a_clear_error(tokenizer, prompts):
         (dict(mode="trials_and_demos", distill_online=True, lm_steps_per_ppo_step=1,
               kl_reference="initial_student", gradient_accumulation_steps=2, early_stopping=True),
          COMMON + PPO_KEYS + ("loss/distill", "loss/online_distill", "loss/lm")),
+        (dict(mode="lm_only", lm_data="corpus", lm_steps_per_ppo_step=1, lm_dataset=[[1, 50, 60, 2], [1, 70, 2]]),
+         COMMON + ("loss/lm",)),
     ],
-    ids=["trials_and_demos", "trials_only", "demos_only", "demos_as_ppo", "online_lm_accum"],
+    ids=["trials_and_demos", "trials_only", "demos_only", "demos_as_ppo", "online_lm_accum", "lm_only"],
 )
 def test_step_runs_in_each_mode(tokenizer, prompts, overrides, expect):
     trainer = make_trainer(tokenizer, prompts, **overrides)
@@ -381,8 +383,10 @@ def test_step_runs_in_each_mode(tokenizer, prompts, overrides, expect):
     assert stats["skipped"] == 0.0 and stats["nonfinite_rewards"] == 0.0
     changed = any(not torch.equal(before[k], v) for k, v in trainer.student.state_dict().items())
     assert changed
-    if overrides["mode"] == "demos_only":
-        assert math.isnan(stats["loss/policy"])  # no PPO update in demos_only
+    if overrides["mode"] in ("demos_only", "lm_only"):
+        assert math.isnan(stats["loss/policy"])  # no PPO update in demos_only, lm_only
+    if overrides["mode"] == "lm_only":  # nor any demonstration (tests/test_naoa.py: only the LM steps move it)
+        assert math.isnan(stats["loss/distill"]) and stats["ppo/epochs"] == 0
     if overrides["mode"] == "trials_only":
         assert math.isnan(stats["loss/distill"])
 
@@ -517,7 +521,7 @@ def test_teacher_demonstrations_continue_the_trials_prompts_and_scores_fall_by_l
         CustomPPOConfig(demos_from="teacher")
 
 
-def test_lm_steps_on_the_corpus_with_their_own_optimizer(tokenizer, prompts):
+def test_lm_steps_on_the_corpus_with_their_own_optimizer(tokenizer, prompts, tmp_path):
     """lm_data = corpus: the LM steps read the corpus (in every mode), on their own AdamW with warm-up; the
     value head and the PPO optimizer are not touched by them."""
     corpus = [[tokenizer.bos_token_id, 50 + i, 60 + i, tokenizer.eos_token_id] for i in range(5)]
@@ -541,12 +545,12 @@ def test_lm_steps_on_the_corpus_with_their_own_optimizer(tokenizer, prompts):
     lm_state = trainer.lm_optimizer.state_dict()["state"]
     assert len(lm_state) == len([p for p in trainer.student.parameters() if p.requires_grad])
     # a checkpoint holds the LM optimizer too: a resumed run continues bit-exactly
-    state = trainer.state_dict()
+    trainer.save_checkpoint(tmp_path)
     step2 = _strip(trainer.step(trainer.next_prompts()))
     resumed = make_trainer(tokenizer, prompts, mode="trials_only", with_demos=False, lm_steps_per_ppo_step=2,
                            lm_data="corpus", lm_batch_size=3, lm_learning_rate=0.1, lm_warmup_steps=2,
                            lm_on_rollout=True, lm_dataset=corpus)
-    resumed.load_state_dict(state)
+    resumed.load_checkpoint(tmp_path)
     _same(step2, _strip(resumed.step(resumed.next_prompts())))
 
 
@@ -713,16 +717,16 @@ def test_same_seed_same_stats(tokenizer, prompts, mode):
         _same(a, b)
 
 
-def test_resume_is_bit_exact(tokenizer, prompts):
+def test_resume_is_bit_exact(tokenizer, prompts, tmp_path):
     overrides = dict(seed=5, use_score_norm=True, reward_mean=0.0, reward_std=1.0, scheduler_name="cosine",
                      warmup_steps=1, lm_steps_per_ppo_step=1)
     full = make_trainer(tokenizer, prompts, **overrides)
     full.train(steps=1)
-    state = full.state_dict()
+    full.save_checkpoint(tmp_path)
     step2 = _strip(full.train(steps=1)[0])
 
     resumed = make_trainer(tokenizer, prompts, **overrides)
-    resumed.load_state_dict(state)
+    resumed.load_checkpoint(tmp_path)
     assert resumed.global_step == 1
     step2_resumed = _strip(resumed.train(steps=1)[0])
     _same(step2, step2_resumed)

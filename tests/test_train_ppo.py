@@ -149,7 +149,7 @@ def test_stage_writes_every_output_and_a_finished_checkpoint_is_not_resumed(read
     run_stage()
     p = ready.path
     for name in ("models/student/model.safetensors", "models/initial_student/model.safetensors",
-                 "models/student/tokenizer.json", "checkpoints/ppo/state.pt"):
+                 "models/student/tokenizer.json", "checkpoints/ppo/latest.json", "checkpoints/ppo/step-000004/run.pt"):
         assert (p / name).is_file(), name
     train = json.loads((p / "metrics/train.json").read_text())
     assert train["steps"] == 4
@@ -173,12 +173,12 @@ def test_a_crashed_run_resumes_bit_exactly(ready, monkeypatch, capsys):
     clear_outputs(ready.path)
 
     crash_after(monkeypatch, 3)  # the step-2 checkpoint is on disk, step 3 is lost
-    assert (ready.path / "checkpoints/ppo/state.pt").is_file()
+    assert json.loads((ready.path / "checkpoints/ppo/latest.json").read_text())["dir"] == "step-000002"
     assert not (ready.path / "models/student").exists()
     shutil.rmtree(ready.path / "models/initial_student")  # as `dvc repro` removes outs before a rerun
     capsys.readouterr()
     run_stage()
-    assert "resuming from checkpoints/ppo/state.pt at step 2 of 4" in capsys.readouterr().out
+    assert "resuming from checkpoints/ppo/step-000002 at step 2 of 4" in capsys.readouterr().out
     assert outputs(ready.path) == uninterrupted
 
 
@@ -187,7 +187,7 @@ def test_an_unfinished_checkpoint_from_other_params_is_refused(ready, monkeypatc
     crash_after(monkeypatch, 3)
     ready.write(**merge(PPO, {"ppo": {"learning_rate": 1e-5}}))
     err = refused(capsys)
-    assert "checkpoints/ppo/state.pt" in err and "different training params" in err and "rm -r checkpoints/ppo" in err
+    assert "checkpoints/ppo/step-000002" in err and "different training params" in err and "rm -r checkpoints/ppo" in err
     # Tracking and evaluation settings do not affect training: the run resumes.
     ready.write(**merge(PPO, {"eval": {"n_prompts": 3}}))
     run_stage()
@@ -197,12 +197,19 @@ def test_an_unfinished_checkpoint_from_other_params_is_refused(ready, monkeypatc
 @pytest.mark.slow
 def test_a_corrupted_checkpoint_is_refused(ready, monkeypatch, capsys):
     crash_after(monkeypatch, 3)
-    state = ready.path / "checkpoints/ppo/state.pt"
+    for part in ("model.safetensors", "optimizer.bin"):  # the trainer's part, read by accelerate
+        state = ready.path / "checkpoints/ppo/step-000002" / part
+        whole = state.read_bytes()
+        state.write_bytes(whole[: len(whole) // 2])
+        err = refused(capsys)
+        assert "checkpoints/ppo/step-000002: the trainer's checkpoint cannot be read" in err and "corrupted" in err
+        state.write_bytes(whole)
+    state = ready.path / "checkpoints/ppo/step-000002/run.pt"  # the stage's part
     state.write_bytes(state.read_bytes()[: state.stat().st_size // 2])
     err = refused(capsys)
-    assert "checkpoints/ppo/state.pt: cannot be read" in err and "corrupted" in err
-    state.write_bytes(b"")
-    assert "checkpoints/ppo/state.pt: cannot be read" in refused(capsys)
+    assert "checkpoints/ppo/latest.json: the checkpoint it names cannot be read" in err and "corrupted" in err
+    (ready.path / "checkpoints/ppo/latest.json").write_text("{")
+    assert "checkpoints/ppo/latest.json: the checkpoint it names cannot be read" in refused(capsys)
 
 
 @pytest.mark.slow
@@ -238,7 +245,7 @@ def test_disk_full_while_checkpointing_keeps_the_last_checkpoint_and_resumes(rea
     real_write, calls = train_ppo.atomic_write_bytes, []
 
     def second_write_hits_a_full_disk(path, data):
-        if Path(path).name == "state.pt":
+        if Path(path).name == "run.pt":
             calls.append(path)
         with monkeypatch.context() as patch:
             if len(calls) == 2:  # the step-4 checkpoint; the step-2 one is on disk
@@ -254,8 +261,9 @@ def test_disk_full_while_checkpointing_keeps_the_last_checkpoint_and_resumes(rea
     err = capsys.readouterr().err
     message = err[err.index("error: "):]
     assert message.count("\n") == 1 and "No space left on device" in message, message
-    assert sorted(p.name for p in (ready.path / "checkpoints/ppo").iterdir()) == ["state.pt", "students"]  # no temp
-    assert train_ppo.read_checkpoint(ready.path / "checkpoints/ppo/state.pt")["meta"]["step"] == 2
+    assert sorted(p.name for p in (ready.path / "checkpoints/ppo").iterdir()) == [
+        "latest.json", "step-000002", "students"]  # no temp, no half-written step-000004
+    assert train_ppo.read_checkpoint(ready.path / "checkpoints/ppo")["meta"]["step"] == 2
 
     run_stage()  # space freed: resumes from step 2 and ends as if nothing happened
     assert outputs(ready.path) == uninterrupted

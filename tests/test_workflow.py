@@ -34,7 +34,8 @@ def test_repro_metrics_plots_and_the_mode_ablation_as_experiments(dvc_project):
     metrics = json.loads(dvc("metrics", "show", "--json"))
     workspace = next(iter(metrics.values()))["data"]
     eval_json = workspace["metrics/eval.json"]["data"]
-    assert set(eval_json) == {"student", "initial_student", "teacher"}
+    assert set(eval_json) == {"student", "initial_student", "teacher", "naoa"}
+    assert {"t50", "t95", "fitted", "not_learned"} <= set(eval_json["naoa"]["overall"])
     assert {"reward", "grammaticality", "perplexity", "kl_to_teacher", "distinct_2", "mean_length"} <= set(
         eval_json["student"])
     health_json = workspace["metrics/health.json"]["data"]  # the health checks, one true/false each
@@ -45,7 +46,7 @@ def test_repro_metrics_plots_and_the_mode_ablation_as_experiments(dvc_project):
     for plot in ("word_surprisal_by_category", "ppo_kl", "ppo_losses", "eval_grammaticality", "plots_train_csv",
                  "plots_eval_models_csv", "plots_eval_word_surprisal_csv", "plots_eval_word_curve_csv",
                  "teacher_validation", "reward_validation", "plots_teacher_validation_csv",
-                 "plots_reward_validation_csv"):
+                 "plots_reward_validation_csv", "naoa_by_category", "plots_eval_naoa_csv", "plots_eval_naoa_words_csv"):
         assert f"vegaEmbed('#{plot}'" in html, plot  # every declared plot is rendered
 
     subprocess.run(["git", "add", "-A"], check=True)

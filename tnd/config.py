@@ -185,7 +185,9 @@ class PPOParams(Section):
     top_k: NonNegativeInt = 0
     top_p: typing.Annotated[float, Field(gt=0, le=1)] = 1.0
     save_every: PositiveInt = 25
-    keep_student_snapshots: bool = True  # student weights at every checkpoint, for evaluate's word curve
+    keep_student_snapshots: bool = True  # student weights at snapshot_schedule's steps, for evaluate's word curve
+    # log: 5 log-spaced steps per decade (1, 2, 3, 4, 6, 10, 16, ..., and the last; evaluate's nAoA); every: each checkpoint
+    snapshot_schedule: Literal["log", "every"] = "log"
     max_nonfinite_reward_fraction: Probability = 0.5
 
     @model_validator(mode="after")
@@ -213,7 +215,8 @@ class DistillParams(Section):
 
 
 class TnDParams(Section):
-    mode: Literal["trials_and_demos", "trials_only", "demos_only"] = "trials_and_demos"
+    # lm_only: the paper's baseline, only lm_steps_per_ppo_step LM steps on the corpus per step
+    mode: Literal["trials_and_demos", "trials_only", "demos_only", "lm_only"] = "trials_and_demos"
     demos_as: Literal["distill", "ppo"] = "distill"  # "ppo": the paper's recipe, demos join the PPO batch
     demo_batch_size: PositiveInt = 16
     demo_score: float = 1.0  # demos_as=ppo: the fixed score a demonstration gets
@@ -232,7 +235,7 @@ class KernelParams(Section):
 
 
 class EngineParams(Section):
-    processes: PositiveInt = 1  # train_ppo's processes; dvc repro starts them (stages/common.py: launch_command)
+    processes: PositiveInt = 1  # processes of the training stages (teacher, reward, train_ppo); dvc repro starts them
     config: Optional[str] = None  # an accelerate config file (configs/ddp.yaml, fsdp.yaml, zero3.yaml)
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"  # autocast; trainable weights stay fp32
     gradient_checkpointing: bool = False  # recompute the student's activations in the backward
@@ -305,10 +308,17 @@ class Params(Section):
                 "distribution cannot be re-tempered exactly; set both (changing cache.temperature reruns "
                 "cache_teacher_logits)"
             )
-        if self.tnd.mode == "trials_only" and self.distill.online:
+        if self.tnd.mode in ("trials_only", "lm_only") and self.distill.online:
             raise ValueError(
-                "distill.online learns from the teacher, which tnd.mode: trials_only excludes; "
+                f"distill.online learns from the teacher, which tnd.mode: {self.tnd.mode} excludes; "
                 "set distill.online: false or tnd.mode: trials_and_demos"
+            )
+        if self.tnd.mode == "lm_only" and (self.tnd.lm_data != "corpus" or not self.tnd.lm_steps_per_ppo_step):
+            raise ValueError(
+                "tnd.mode: lm_only (the paper's baseline: no trials, no demonstrations) learns only through LM steps "
+                f"on the training corpus, but tnd.lm_data is {self.tnd.lm_data} and tnd.lm_steps_per_ppo_step "
+                f"{self.tnd.lm_steps_per_ppo_step}; set tnd.lm_data: corpus and tnd.lm_steps_per_ppo_step >= 1 "
+                "(the paper: 3)"
             )
         return self
 

@@ -26,8 +26,10 @@ dependency and installs on neither the CI machine nor the GPU image.
 from __future__ import annotations
 
 import contextlib
+import functools
 from typing import Iterator, Optional
 
+import accelerate.optimizer
 import torch
 from accelerate import Accelerator, DistributedDataParallelKwargs, DistributedType
 from torch import nn
@@ -35,6 +37,11 @@ from torch import nn
 from tnd.trainers.packing import forward_at
 
 MIXED_PRECISION = ("no", "bf16", "fp16")
+
+# accelerate's AcceleratedOptimizer.step asks importlib, twice per optimizer step, whether the optional
+# `lomo_optim` package is installed: a search of sys.path on disk that costs a small model's PPO update
+# a noticeable share of its time (benchmarks/ppo_step.py). The answer cannot change during a run: ask once.
+accelerate.optimizer.is_lomo_available = functools.cache(accelerate.optimizer.is_lomo_available)
 
 
 def make_accelerator(

@@ -12,13 +12,16 @@ inputs come from (file layout) is the stages' business.
   in texts and which tokens spell them, `sequence_logprobs` scores every token of those texts
   under a model, and `word_surprisals` sums each occurrence's token surprisals (bits) and
   averages them per word.
+* the age at which each word is acquired over training (nAoA): `word_acquisition` fits a
+  sigmoid to a word's surprisal curve over the student snapshots, `word_naoa` does it for every
+  word and `naoa_summary` averages per word category (method in `word_acquisition`).
 """
 
 from __future__ import annotations
 
 import math
 import re
-from typing import Iterable, Mapping, NamedTuple, Sequence
+from typing import Iterable, Mapping, NamedTuple, Optional, Sequence
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -125,40 +128,41 @@ def _shared_vocab(a: torch.Tensor, b: torch.Tensor, vocab: int) -> tuple[torch.T
 
 @torch.no_grad()
 def token_kl(
-    model: PreTrainedModel,
+    models: Mapping[str, PreTrainedModel],
     reference: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
     texts: list[str],
     max_length: int,
     batch_size: int = 64,
     backend: str = "auto",
-) -> float:
-    """Mean per-token KL(reference || model) in nats on bos + text + eos.
+) -> dict[str, float]:
+    """Per model, the mean per-token KL(reference || model) in nats on bos + text + eos.
 
-    Both models read the same ids; the positions averaged over are those that predict a
-    real next token (the tokens perplexity counts: every non-pad position but the last).
-    Computed with `tnd_kernels.distill_loss(loss="forward_kl", reduction="sum")` / count.
+    Every model reads the same ids, and each batch's reference logits are computed once for all of
+    them. The positions averaged over are those that predict a real next token (the tokens perplexity
+    counts: every non-pad position but the last). Computed with
+    `tnd_kernels.distill_loss(loss="forward_kl", reduction="sum")` / count.
     """
     from tnd_kernels import distill_loss
 
-    model.eval()
     reference.eval()
-    device = next(model.parameters()).device
+    device = next(reference.parameters()).device
     data = encode_for_lm(tokenizer, texts, max_length)
-    total, count = 0.0, 0
+    totals, count = dict.fromkeys(models, 0.0), 0
     for start in range(0, len(data), batch_size):
         batch = collate(data[start : start + batch_size], tokenizer.pad_token_id)
         ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
         keep = (batch["labels"][:, 1:] != IGNORE_INDEX).to(device).flatten()
-        q = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
-        p = reference(input_ids=ids.to(reference.device), attention_mask=mask.to(reference.device)).logits[:, :-1]
-        q, p = _shared_vocab(q, p.to(device), len(tokenizer))
-        kl = distill_loss(
-            q.flatten(0, 1), p.flatten(0, 1), loss="forward_kl", mask=keep, reduction="sum", backend=backend
-        )
-        total += float(kl)
+        p = reference(input_ids=ids, attention_mask=mask).logits[:, :-1]
+        for name, model in models.items():
+            model.eval()
+            q = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
+            q, p_ = _shared_vocab(q, p, len(tokenizer))
+            kl = distill_loss(q.flatten(0, 1), p_.flatten(0, 1), loss="forward_kl", mask=keep, reduction="sum",
+                              backend=backend)
+            totals[name] += float(kl)
         count += int(keep.sum())
-    return total / max(count, 1)
+    return {name: total / max(count, 1) for name, total in totals.items()}
 
 
 # --- word acquisition: surprisal of words in context ---------------------------------------------
@@ -170,6 +174,7 @@ class WordOccurrence(NamedTuple):
     positions: tuple[int, ...]  # positions in the sequence (bos + text + eos) of the word's tokens
 
 
+LOGPROB_CHUNK = 4096  # rows of logits turned into float32 log-probs at a time (memory: LOGPROB_CHUNK x V floats)
 _WORD = re.compile(r"[A-Za-z]+")
 
 
@@ -239,12 +244,20 @@ def sequence_logprobs(
         chunk = [list(s) for s in sequences[start : start + batch_size]]
         batch = collate(chunk, pad_id)
         ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
-        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
-        logp = torch.log_softmax(logits, dim=-1).gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
-        logp = logp.double().cpu()
+        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
+        logp = target_logprobs(logits.flatten(0, 1), ids[:, 1:].flatten()).view(ids.shape[0], -1).double().cpu()
         for row, seq in enumerate(chunk):
             out.append(torch.cat([torch.zeros(1, dtype=torch.float64), logp[row, : len(seq) - 1]]))
     return out
+
+
+def target_logprobs(logits: torch.Tensor, targets: torch.Tensor, chunk: int = LOGPROB_CHUNK) -> torch.Tensor:
+    """float32 [N]: log_softmax(logits)[i, targets[i]] for logits [N, V] in any dtype, `chunk` rows at a time,
+    so the float32 copy is [chunk, V] and never [N, V]."""
+    return torch.cat([
+        rows.gather(-1, t[:, None]).squeeze(-1).float() - torch.logsumexp(rows.float(), dim=-1)
+        for rows, t in zip(logits.split(chunk), targets.split(chunk))
+    ]) if len(logits) else logits.new_zeros(0, dtype=torch.float32)
 
 
 def perplexity_from_logprobs(logprobs: Sequence[torch.Tensor]) -> float:
@@ -295,3 +308,206 @@ def word_category(word: str, categories: Mapping[str, Iterable[str]] = nursery.W
         if word in members:
             return name
     return None
+
+
+# --- neural age of acquisition (nAoA) ---------------------------------------------------------
+
+NAOA_THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
+NAOA_MIN_DROP = 0.1  # bits: a word whose surprisal fell by less was not learned (no nAoA)
+NAOA_MIN_POINTS = 3  # snapshots at steps >= 1 (the last included) needed to fit the two parameters
+NAOA_MAX_RMSE = 0.25  # in fractions of the way: a sigmoid further off than this does not describe the curve
+_MAX_SLOPE = 1e3  # per decade of steps: a jump between two snapshots fits as a (near) step function
+
+
+class WordAcquisition(NamedTuple):
+    """One word's fit (`word_acquisition`). status: "fitted", or why there is no nAoA: "not_learned",
+    "too_few_points", "fit_failed". naoa[t]: log10 step (None unless fitted); censored[t]: the fitted
+    curve covers fraction t only after the last step, so naoa[t] is that step's log10."""
+
+    status: str
+    initial: float  # surprisal (bits) at the first step of the curve (step 0: the initial student)
+    final: float  # at the last step (the final student)
+    midpoint: Optional[float]  # m: log10 step where the fitted curve is half-way
+    slope: Optional[float]  # k: per decade of steps
+    rmse: Optional[float]  # of the fit, in fractions of the way from initial to final
+    naoa: dict[float, Optional[float]]
+    censored: dict[float, bool]
+
+
+def threshold_key(t: float) -> str:
+    """0.5 -> "t50", 0.95 -> "t95": metric names without a dot (DVC reads dots as nesting)."""
+    return f"t{round(t * 100)}"
+
+
+def _sigmoid(z: float) -> float:
+    if z >= 0:
+        return 1.0 / (1.0 + math.exp(-z))
+    e = math.exp(z)
+    return e / (1.0 + e)
+
+
+def _sse(xs: Sequence[float], ys: Sequence[float], m: float, k: float) -> float:
+    return sum((_sigmoid(k * (x - m)) - y) ** 2 for x, y in zip(xs, ys))
+
+
+def _levenberg_marquardt(xs, ys, m: float, k: float, iterations: int = 200) -> tuple[float, float, float]:
+    """Least squares of sigmoid(k (x - m)) against ys, from (m, k); returns (m, k, sum of squares)."""
+    current = _sse(xs, ys, m, k)
+    damping = 1e-3
+    for _ in range(iterations):
+        a = b = c = g_m = g_k = 0.0
+        for x, y in zip(xs, ys):
+            s = _sigmoid(k * (x - m))
+            d, r = s * (1.0 - s), s - y
+            j_m, j_k = -k * d, (x - m) * d
+            a, b, c = a + j_m * j_m, b + j_m * j_k, c + j_k * j_k
+            g_m, g_k = g_m + j_m * r, g_k + j_k * r
+        accepted = False
+        while damping < 1e12:
+            big_a, big_c = a + damping * max(a, 1e-12), c + damping * max(c, 1e-12)
+            det = big_a * big_c - b * b
+            if det > 0:
+                new_m = m - (big_c * g_m - b * g_k) / det
+                new_k = min(max(k - (big_a * g_k - b * g_m) / det, -_MAX_SLOPE), _MAX_SLOPE)
+                new = _sse(xs, ys, new_m, new_k)
+                if math.isfinite(new) and new < current:
+                    gain = current - new
+                    m, k, current = new_m, new_k, new
+                    damping = max(damping / 10, 1e-12)
+                    accepted = gain > 1e-14 * (1.0 + current) and current > 1e-28
+                    break
+            damping *= 10
+        if not accepted:
+            break
+    return m, k, current
+
+
+def _fit_fraction(xs: list[float], ys: list[float]) -> Optional[tuple[float, float, float]]:
+    """The best (m, k, sse) over several starts (Chang & Bergen restart theirs too), or None."""
+    lo, hi = min(xs), max(xs)
+    width = max(hi - lo, 1e-6)
+    starts = [(lo + f * width, 8.0 / width) for f in (0.1, 0.3, 0.5, 0.7, 0.9)]
+    inner = [(x, math.log(y / (1 - y))) for x, y in zip(xs, ys) if 0.02 < y < 0.98]
+    if len(inner) >= 2:  # a line through logit(fraction) against x: logit = k (x - m)
+        mx = sum(x for x, _ in inner) / len(inner)
+        my = sum(z for _, z in inner) / len(inner)
+        var = sum((x - mx) ** 2 for x, _ in inner)
+        if var > 0:
+            k = sum((x - mx) * (z - my) for x, z in inner) / var
+            if k > 0:
+                starts.insert(0, (mx - my / k, k))
+    best = None
+    for m, k in starts:
+        m, k, sse = _levenberg_marquardt(xs, ys, m, k)
+        if math.isfinite(m) and math.isfinite(k) and math.isfinite(sse) and (best is None or sse < best[2]):
+            best = (m, k, sse)
+    return best
+
+
+def word_acquisition(
+    steps: Sequence[int],
+    surprisals: Sequence[Optional[float]],
+    thresholds: Sequence[float] = NAOA_THRESHOLDS,
+    min_drop: float = NAOA_MIN_DROP,
+) -> WordAcquisition:
+    """A word's neural age of acquisition (nAoA) from its surprisal curve over training.
+
+    The measure is Chang & Bergen's (2022, "Word acquisition in neural language models", TACL),
+    as the TnD paper (Ma, Wang & Chai, NAACL 2025) uses it, at several thresholds:
+
+    * the curve: the word's mean surprisal (bits, `word_surprisals`) at steps[i]; steps[0] is the
+      start (step 0, the initial student) and steps[-1] the end (the final student). Points
+      without a finite surprisal are left out.
+    * initial = the surprisal at the first step, final = at the last; the fraction of the way
+      covered at a step is (initial - surprisal) / (initial - final).
+    * the fit: a sigmoid in x = log10(step) from the initial to the final value,
+      surprisal(x) = initial - (initial - final) / (1 + exp(-k (x - m))), fitted by least squares
+      on the fractions at the steps >= 1 (step 0 lies at x = -inf, where the sigmoid equals the
+      initial value exactly, so it adds nothing to the fit): Levenberg-Marquardt over (m, k) from
+      several starting points, the best kept. m is the log10 step half-way, k the steepness
+      per decade.
+    * nAoA@t = m + ln(t / (1 - t)) / k: the log10 step where the fitted curve has covered
+      fraction t of the way from initial to final surprisal (t = 0.5: m, the paper's AoA).
+      It is clamped to [log10 first step >= 1, log10 last step]: a crossing before the first
+      snapshot is reported at it (the curve's resolution), one after the last step is reported at
+      the last step and marked `censored` (by the fit the word had not got that far when training
+      ended; counted per threshold by `naoa_summary`).
+
+    Words without an nAoA, left out of the means and counted (`status`):
+    * "not_learned": the surprisal fell by less than `min_drop` bits from initial to final (flat
+      or rising curves: nothing was acquired, so no step of acquisition exists);
+    * "too_few_points": fewer than NAOA_MIN_POINTS snapshots at steps >= 1 (two parameters);
+    * "fit_failed": no finite fit with k > 0, or one whose root-mean-square error exceeds
+      NAOA_MAX_RMSE (0.25 of the way from initial to final): the sigmoid does not describe the
+      curve (noise as large as the drop; a curve that overshoots the final value and comes back).
+    """
+    points = [(int(s), float(v)) for s, v in zip(steps, surprisals) if v is not None and math.isfinite(v)]
+    initial, final = (points[0][1], points[-1][1]) if points else (math.nan, math.nan)
+
+    def failed(status: str) -> WordAcquisition:
+        return WordAcquisition(status, initial, final, None, None, None, {t: None for t in thresholds},
+                               {t: False for t in thresholds})
+
+    if not points:
+        return failed("too_few_points")
+    if not initial - final >= min_drop:
+        return failed("not_learned")
+    fit_points = [(math.log10(s), (initial - v) / (initial - final)) for s, v in points if s >= 1]
+    if len(fit_points) < NAOA_MIN_POINTS or len({x for x, _ in fit_points}) < 2:
+        return failed("too_few_points")
+    xs, ys = [x for x, _ in fit_points], [y for _, y in fit_points]
+    best = _fit_fraction(xs, ys)
+    if best is None or not best[1] > 0 or math.sqrt(best[2] / len(xs)) > NAOA_MAX_RMSE:
+        return failed("fit_failed")
+    m, k, sse = best
+    lo, hi = xs[0], xs[-1]
+    naoa: dict[float, Optional[float]] = {}
+    censored: dict[float, bool] = {}
+    for t in thresholds:
+        x = m + math.log(t / (1 - t)) / k
+        censored[t] = x > hi
+        naoa[t] = min(max(x, lo), hi)
+    return WordAcquisition("fitted", initial, final, m, k, math.sqrt(sse / len(xs)), naoa, censored)
+
+
+def fitted_surprisal(fit: WordAcquisition, step: float) -> float:
+    """The fitted curve of `word_acquisition` at `step` (> 0); NaN when the word has no fit."""
+    if fit.status != "fitted":
+        return math.nan
+    return fit.initial - (fit.initial - fit.final) * _sigmoid(fit.slope * (math.log10(step) - fit.midpoint))
+
+
+def word_naoa(
+    steps: Sequence[int],
+    curves: Mapping[str, Sequence[Optional[float]]],
+    thresholds: Sequence[float] = NAOA_THRESHOLDS,
+    min_drop: float = NAOA_MIN_DROP,
+) -> dict[str, WordAcquisition]:
+    """`word_acquisition` of every word: curves[word][i] is its surprisal at steps[i]."""
+    return {word: word_acquisition(steps, curve, thresholds, min_drop) for word, curve in curves.items()}
+
+
+def naoa_summary(
+    fits: Mapping[str, WordAcquisition],
+    categories: Mapping[str, Optional[str]],
+    names: Sequence[str],
+    thresholds: Sequence[float] = NAOA_THRESHOLDS,
+) -> dict[str, dict]:
+    """Per word category (`names`, in order, each word's from `categories`) and "overall" (every
+    word): the mean nAoA (log10 step) at each threshold over the fitted words (threshold_key:
+    "t50", ...; None when no word was fitted), and how many words there were, were fitted, were
+    not learned, had too few points or failed to fit, and per threshold how many were censored
+    (reported at the last step)."""
+    groups = {"overall": list(fits), **{name: [w for w in fits if categories.get(w) == name] for name in names}}
+    out: dict[str, dict] = {}
+    for group, words in groups.items():
+        fitted = [fits[w] for w in words if fits[w].status == "fitted"]
+        entry: dict = {"words": len(words), "fitted": len(fitted)}
+        for status in ("not_learned", "too_few_points", "fit_failed"):
+            entry[status] = sum(fits[w].status == status for w in words)
+        for t in thresholds:
+            values = [f.naoa[t] for f in fitted]
+            entry[threshold_key(t)] = sum(values) / len(values) if values else None
+        entry["censored"] = {threshold_key(t): sum(f.censored[t] for f in fitted) for t in thresholds}
+        out[group] = entry
+    return out

@@ -10,7 +10,7 @@ model, or training runs on nonsense without a sign.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Optional
 
 import torch
 from transformers import (
@@ -103,8 +103,11 @@ def source_tokenizer(source: str | Path) -> PreTrainedTokenizerBase | None:
         return None
 
 
-def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, path: str | Path) -> None:
-    """save_pretrained into `path` atomically, with the tokenizer beside the weights."""
+def save_model(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, path: str | Path, state_dict: Optional[dict] = None
+) -> None:
+    """save_pretrained into `path` atomically, with the tokenizer beside the weights; `state_dict` (default:
+    the model's own) when the model's parameters are shards (FSDP, ZeRO-3) and the full weights were gathered."""
     with atomic_dir(path) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
+        model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
         tokenizer.save_pretrained(tmp)

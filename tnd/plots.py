@@ -143,9 +143,53 @@ def word_curve(rows: Sequence[Mapping], words: Sequence[str], path: str | Path) 
     ax.plot(steps, [_number(row["mean"]) for row in rows], color="black", linewidth=2.5, label="mean")
     for word in words:
         ax.plot(steps, [_number(row.get(f"word:{word}")) for row in rows], linewidth=1, marker=".", label=word)
+    ax.set_xscale("symlog", linthresh=1)  # log-spaced snapshots (ppo.snapshot_schedule: log); step 0 still shows
     ax.set_xlabel("PPO step")
     ax.set_ylabel("surprisal (bits)")
     ax.set_title("word acquisition: surprisal of the student over training")
     ax.legend(fontsize=7)
     fig.tight_layout()
     return _save(fig, path)
+
+
+def naoa(
+    thresholds: Sequence[float], groups: Mapping[str, Mapping], examples: Sequence[Mapping], path: str | Path
+) -> Path | None:
+    """Left: mean nAoA (log10 PPO step) against the threshold, one line per group ("overall" thick).
+    Right: a few words' surprisal against log10 step (dots), their fitted sigmoids, the initial
+    value (dashed) and nAoA@0.5 on the fit (cross).
+
+    groups: {name: [nAoA or None, one per threshold]}; examples: [{"word",
+    "initial", "points": [(step, bits)], "fitted": [(step, bits)], "marker": (log10 step, bits) or None}].
+    """
+    lines = {name: [_number(value) for value in values] for name, values in groups.items()}
+    lines = {name: ys for name, ys in lines.items() if any(math.isfinite(y) for y in ys)}
+    if not lines and not examples:
+        return None
+    plt = _pyplot()
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
+    for name, ys in lines.items():
+        left.plot(thresholds, ys, marker="o", linewidth=2.5 if name == "overall" else 1,
+                  color="black" if name == "overall" else None, label=name)
+    left.set_xlabel("threshold (fraction of the way from initial to final surprisal)")
+    left.set_ylabel("nAoA (log10 PPO step)")
+    left.set_title("age of acquisition by word category")
+    if lines:
+        left.legend(fontsize=7)
+    for i, example in enumerate(examples):
+        colour = f"C{i}"
+        right.scatter([math.log10(s) for s, _ in example["points"]], [v for _, v in example["points"]], s=10,
+                      color=colour, label=example["word"])
+        right.plot([math.log10(s) for s, _ in example["fitted"]], [v for _, v in example["fitted"]], color=colour,
+                   linewidth=1)
+        right.axhline(example["initial"], color=colour, linewidth=0.6, linestyle="--")
+        if example.get("marker") is not None:
+            right.scatter(*example["marker"], marker="x", s=40, color=colour)
+    right.set_xlabel("log10 PPO step")
+    right.set_ylabel("surprisal (bits)")
+    right.set_title("fitted acquisition curves (x: nAoA@0.5)")
+    if examples:
+        right.legend(fontsize=7)
+    fig.tight_layout()
+    return _save(fig, path)
+

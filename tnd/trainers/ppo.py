@@ -91,6 +91,7 @@ import dataclasses
 import difflib
 import inspect
 import math
+import os
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -117,7 +118,7 @@ from tnd.trainers.packing import chunks, supports_packing
 from tnd.trainers.reward import score_token_ids
 from tnd.trainers.value_head import ValueHead, hidden_size_of
 
-MODES = ("trials_and_demos", "trials_only", "demos_only")
+MODES = ("trials_and_demos", "trials_only", "demos_only", "lm_only")
 DEMOS_AS = ("distill", "ppo")
 DEMOS_FROM = ("cache", "teacher")
 LM_DATA = ("demonstrations", "corpus")
@@ -125,6 +126,7 @@ SCORE_OFFSETS = ("none", "log2_step")
 DISTILL_LOSSES = ("forward_kl", "reverse_kl", "jsd")
 SCHEDULERS = ("linear", "cosine", "constant")
 KL_REFERENCES = ("teacher", "initial_student")
+SNAPSHOT_SCHEDULES = ("log", "every")
 BACKENDS = ("auto", "triton", "torch")
 
 STAT_KEYS = (
@@ -211,6 +213,7 @@ class CustomPPOConfig:
     top_p: float = 1.0
     save_every: int = 25  # used by the stage, not the trainer
     keep_student_snapshots: bool = True  # used by the stage, not the trainer
+    snapshot_schedule: str = "log"  # used by the stage, not the trainer
     max_nonfinite_reward_fraction: float = 0.5
     seed: int = 1234
     # tnd
@@ -305,7 +308,7 @@ class CustomPPOConfig:
         for name, allowed in (("mode", MODES), ("demos_as", DEMOS_AS), ("distill_loss", DISTILL_LOSSES),
                               ("scheduler_name", SCHEDULERS), ("kl_reference", KL_REFERENCES),
                               ("kernel_backend", BACKENDS), ("demos_from", DEMOS_FROM), ("lm_data", LM_DATA),
-                              ("mixed_precision", MIXED_PRECISION),
+                              ("mixed_precision", MIXED_PRECISION), ("snapshot_schedule", SNAPSHOT_SCHEDULES),
                               ("score_offset", SCORE_OFFSETS)):
             if getattr(self, name) not in allowed:
                 fail(f"{name} = {getattr(self, name)!r} is not one of {', '.join(allowed)}")
@@ -320,9 +323,13 @@ class CustomPPOConfig:
         if self.demos_from == "teacher" and self.demos_as != "ppo":
             fail("demos_from = 'teacher' (the teacher continues each step's prompts) needs demos_as = 'ppo': "
                  "the distillation loss reads the cached top-k")
-        if self.mode == "trials_only" and self.distill_online:
-            fail("distill_online learns from the teacher, which mode = 'trials_only' excludes; "
+        if self.mode in ("trials_only", "lm_only") and self.distill_online:
+            fail(f"distill_online learns from the teacher, which mode = {self.mode!r} excludes; "
                  "set distill_online = False (distill.online: false) or choose mode = 'trials_and_demos'")
+        if self.mode == "lm_only" and (self.lm_data != "corpus" or not self.lm_steps_per_ppo_step):
+            fail(f"mode = 'lm_only' (the paper's baseline: no trials, no demonstrations) learns only through LM steps "
+                 f"on the training corpus, but lm_data = {self.lm_data!r} and lm_steps_per_ppo_step = "
+                 f"{self.lm_steps_per_ppo_step}; set lm_data = 'corpus' and lm_steps_per_ppo_step >= 1 (the paper: 3)")
 
     @property
     def num_mini_batches(self) -> int:
@@ -330,11 +337,14 @@ class CustomPPOConfig:
 
     @property
     def uses_trials(self) -> bool:
-        return self.mode != "demos_only"
+        """PPO updates on the trials. demos_only and lm_only still sample and score trials, for monitoring only."""
+        return self.mode in ("trials_and_demos", "trials_only")
 
     @property
     def uses_demos(self) -> bool:
-        return self.mode != "trials_only"
+        """lm_only (the paper's LM-only baseline) is the same schedule without trials or demonstrations: only
+        lm_steps_per_ppo_step LM steps on the corpus per step change the student."""
+        return self.mode in ("trials_and_demos", "demos_only")
 
     @property
     def demos_in_ppo_batch(self) -> bool:
@@ -609,6 +619,8 @@ def _scatter(flat: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 def _side_by_side(blocks: list[tuple[torch.Tensor, ...]], pad_id: int) -> tuple[torch.Tensor, ...]:
     """Blocks of (ids, attention mask, positions) [B_i, T_i] as one batch: right-padded to the widest, rows
     stacked in order. No rows at all: one row of a single pad token that marks no position."""
+    if len(blocks) == 1 and len(blocks[0][0]):
+        return blocks[0]
     width = max(ids.shape[1] for ids, _, _ in blocks)
     ids, mask, at = (torch.cat([F.pad(block[i], (0, width - block[i].shape[1]), value=fill) for block in blocks])
                      for i, fill in ((0, pad_id), (1, 0), (2, False)))
@@ -699,6 +711,7 @@ class CustomPPOTrainer:
         self.optimizer, self.lm_optimizer = optimizers[0], (optimizers[1] if len(optimizers) > 1 else None)
         bare = self.accelerator.unwrap_model(self.policy)
         self.student, self.value_head = bare.model, bare.value_head
+        self._clipped = list(self.policy.parameters())  # for clip_grad_norm_, listed once rather than every step
         # Frozen models: placed (and sharded under FSDP), never wrapped in DDP. The reference copies the
         # student as prepared (DDP has broadcast process 0's weights).
         self.teacher_at = prepare_frozen(self.accelerator, ForwardAt(teacher))
@@ -723,6 +736,7 @@ class CustomPPOTrainer:
             if config.adap_kl_ctrl
             else FixedKLController(config.init_kl_coef)
         )
+        self.accelerator.register_for_checkpointing(self)  # state_dict: what save_state does not hold already
 
     def _check_inputs(self) -> None:
         cfg = self.config
@@ -1056,7 +1070,8 @@ class CustomPPOTrainer:
                            demo["target_mask"][demo_rows].bool()))
         ids, mask, at = _side_by_side(blocks, self.pad_id)
         logits, values = self.get_student_logits(ids, mask, at, return_values=True, values=rollout is not None)
-        n_ppo = int(at[: len(index)].sum()) if rollout is not None else 0  # PPO rows come first
+        # PPO rows come first (the count costs a device sync: only when demonstrations follow them)
+        n_ppo = 0 if rollout is None else len(logits) if demo is None else int(at[: len(index)].sum())
         loss, stats = None, {}
         if rollout is not None and len(index):
             loss, stats = self.ppo_loss(rollout, index, logits[:n_ppo], values[:n_ppo])
@@ -1265,7 +1280,7 @@ class CustomPPOTrainer:
                     loss, parts = self.minibatch_loss(rollout, index.to(self.device), demo, rows.to(self.device))
                     accelerator.backward(loss)
                     if accelerator.sync_gradients:
-                        grad_norm = accelerator.clip_grad_norm_(self.policy.parameters(), cfg.max_grad_norm)
+                        grad_norm = accelerator.clip_grad_norm_(self._clipped, cfg.max_grad_norm)
                         if grad_norm is not None:  # DeepSpeed clips inside its engine and reports none
                             logs.setdefault("ppo/grad_norm", []).append(grad_norm.detach())
                     self.optimizer.step()
@@ -1327,7 +1342,7 @@ class CustomPPOTrainer:
                 loss = self.lm_loss(ids[rows], mask[rows], at[rows]) / n_tokens
                 self.accelerator.backward(loss * self.accelerator.gradient_accumulation_steps)  # a whole step
             total += loss.detach()
-        self.accelerator.clip_grad_norm_(self.policy.parameters(), self.config.max_grad_norm)
+        self.accelerator.clip_grad_norm_(self._clipped, self.config.max_grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return total.item()
@@ -1361,44 +1376,46 @@ class CustomPPOTrainer:
 
     # --- checkpointing ----------------------------------------------------------------------
 
+    def save_checkpoint(self, directory: str | os.PathLike) -> None:
+        """Everything a resumed run needs, into `directory`; every process calls it. accelerate's save_state
+        writes the policy and its optimizers (sharded under FSDP, each process its shards; otherwise process 0)
+        and each process's RNG states, and the trainer's own state (`state_dict`), registered for
+        checkpointing in __init__. On several nodes `directory` must be on storage that all of them see."""
+        self.accelerator.save_state(str(directory))
+
+    def load_checkpoint(self, directory: str | os.PathLike) -> None:
+        """Continue from a save_checkpoint of a trainer built the same way (same params, processes and initial
+        student: the KL reference is rebuilt from the student this trainer was given, not loaded)."""
+        self.accelerator.load_state(str(directory))
+
     def state_dict(self) -> dict[str, Any]:
-        state = {
+        """The trainer's own state, beside what save_state holds (weights, optimizers, RNGs): the step, the
+        learning-rate schedules, the KL controller, the score statistics, the non-finite counts and the prompt
+        generator (the data position). The same on every process."""
+        return copy.deepcopy({
             "global_step": self.global_step,
-            "student": self.student.state_dict(),
-            "value_head": self.value_head.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
-            "lm_optimizer": None if self.lm_optimizer is None else self.lm_optimizer.state_dict(),
             "lm_scheduler": None if self.lm_scheduler is None else self.lm_scheduler.state_dict(),
             "kl_ctl": self.kl_ctl.state_dict(),
             "score_stats": self.score_processor.state_dict(),
             "nonfinite": {"nonfinite_total": self.nonfinite_total, "scored_total": self.scored_total},
-            "rng": {
-                "generator": self.generator.get_state(),
-                "torch": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-            },
-        }
-        if self.reference is not None:
-            state["reference"] = self.reference.state_dict()
-        return copy.deepcopy(state)
+            "generator": self.generator.get_state(),
+        })
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.global_step = int(state["global_step"])
-        self.student.load_state_dict(state["student"])
-        self.value_head.load_state_dict(state["value_head"])
-        self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        if self.lm_optimizer is not None:
-            self.lm_optimizer.load_state_dict(state["lm_optimizer"])
+        if self.lm_scheduler is not None:
             self.lm_scheduler.load_state_dict(state["lm_scheduler"])
         self.kl_ctl.load_state_dict(state["kl_ctl"])
         self.score_processor.load_state_dict(state["score_stats"])
         self.nonfinite_total = int(state["nonfinite"]["nonfinite_total"])
         self.scored_total = int(state["nonfinite"]["scored_total"])
-        self.generator.set_state(state["rng"]["generator"])
-        torch.set_rng_state(state["rng"]["torch"])
-        if state["rng"].get("cuda") is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-        if self.reference is not None and "reference" in state:
-            self.reference.load_state_dict(state["reference"])
+        self.generator.set_state(state["generator"])
+
+    def student_state_dict(self) -> dict[str, torch.Tensor]:
+        """The student's full weights on CPU, for saving; every process calls it (FSDP and ZeRO-3 gather the
+        shards, and then only process 0's result is complete)."""
+        state = self.accelerator.get_state_dict(self.policy)
+        prefix = "model."
+        return {k[len(prefix):]: v.detach().cpu() for k, v in state.items() if k.startswith(prefix)}

@@ -10,9 +10,9 @@ right-padded, and the classifier reads the last non-pad token (HF finds it throu
 `config.pad_token_id`). Token-id sequences -- PPO's trials, the cached demonstrations,
 evaluate's samples -- all go through `score_token_ids`: bos in front when missing, scored
 whole, refused in one line when longer than the model's positions or holding an id it
-lacks. Training mirrors `tnd.trainers.lm`: AdamW, linear warm-up and
-cosine decay, seeded random mini-batches, gradient clipping, a progress bar, and the same
-held-out validation (`tnd.trainers.lm.Validation`: every cfg.train.eval_every steps, early
+lacks. Training runs in the loop the teacher's has (tnd/trainers/fit.py: AdamW, linear warm-up
+and cosine decay, seeded random mini-batches, gradient clipping, a progress bar, on accelerate's
+engine) with the same held-out validation (`Validation`: every cfg.train.eval_every steps, early
 stopping after cfg.train.patience, the best weights kept) on the eval rows, when given.
 """
 
@@ -27,20 +27,16 @@ from typing import TYPE_CHECKING, Callable, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
+from accelerate import Accelerator
 from torch import nn
-from tqdm.auto import tqdm
-from transformers import (
-    AutoModelForSequenceClassification,
-    LlamaForSequenceClassification,
-    PreTrainedModel,
-    PreTrainedTokenizerBase,
-    get_cosine_schedule_with_warmup,
-)
+from transformers import AutoModelForSequenceClassification, LlamaForSequenceClassification, PreTrainedModel, PreTrainedTokenizerBase
 
 from tnd.data.tokenizer import encode
 from tnd.errors import TndError
 from tnd.models import check_vocab, llama_config
-from tnd.trainers.lm import Validation, collate, encode_for_lm
+from tnd.engine import make_accelerator
+from tnd.trainers.fit import Validation, fit
+from tnd.trainers.lm import collate, encode_for_lm
 
 if TYPE_CHECKING:  # annotations only: the trainer runs without pydantic (the GPU image)
     from tnd.config import ArchParams, RewardParams
@@ -410,12 +406,14 @@ class RewardTrainer:
         desc: str = "reward model",
         eval_rows: Sequence[dict] | None = None,
         on_eval: Callable[[dict], None] | None = None,
+        accelerator: Accelerator | None = None,
     ) -> dict[str, float]:
-        """Train for at most cfg.train.steps; returns the final running loss (and batch accuracy for pairwise),
+        """Train for at most cfg.train.steps (`tnd.trainers.fit.fit`, on `accelerator`: default one process,
+        no mixed precision); returns the final running loss (and batch accuracy for pairwise),
         steps_run and stopped_early.
 
         With `eval_rows` and cfg.train.eval_every > 0, the first cfg.train.eval_size of them validate the
-        model every eval_every steps, at most an epoch apart (`tnd.trainers.lm.Validation`; the best is that
+        model every eval_every steps, at most an epoch apart (`Validation`; the best is that
         of the highest held-out accuracy, ties to the lowest eval_loss, for pairwise; of the lowest eval_loss,
         the MSE, for regression); each validation row ({step, train_loss, eval_loss, eval_accuracy or
         eval_pearson, best_step}) goes to `on_eval`, and the result adds best_step and best_eval_*.
@@ -436,62 +434,22 @@ class RewardTrainer:
             self._check_rows(held_out, "validation")
         evaluate = self._held_out_metrics(held_out) if held_out else dict
         pad_id = self.tokenizer.pad_token_id
-        model = self.model
-        validation = Validation(model, evaluate, cfg, score=_validation_score, on_eval=on_eval, enabled=bool(held_out),
-                                epoch_steps=math.ceil(n / cfg.batch_size))
-        generator = torch.Generator().manual_seed(self.seed)
-        torch.manual_seed(self.seed)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-        scheduler = get_cosine_schedule_with_warmup(optimizer, cfg.warmup_steps, max(cfg.steps, 1))
-        model.train()
-        running, running_acc = float("nan"), float("nan")
-        steps_run = 0
-        progress = tqdm(range(1, cfg.steps + 1), desc=desc, leave=False)
-        for step in progress:
-            index = torch.randint(n, (cfg.batch_size,), generator=generator).tolist()
+
+        def loss_fn(wrapped: nn.Module, index: list[int], device: torch.device):
             if pairwise:
                 batch = collate([chosen[i] for i in index] + [rejected[i] for i in index], pad_id)
-                scores = _forward_rewards(model, batch)
+                scores = _forward_rewards(wrapped, {k: v.to(device) for k, v in batch.items()})
                 r_chosen, r_rejected = scores[: len(index)], scores[len(index) :]
                 loss = bradley_terry_loss(r_chosen, r_rejected, self.cfg.margin)
-                acc = float((r_chosen > r_rejected).float().mean())
-            else:
-                batch = collate([texts[i] for i in index], pad_id)
-                loss = F.mse_loss(_forward_rewards(model, batch), labels[index])
-                acc = float("nan")
-            if not torch.isfinite(loss):
-                raise TndError(
-                    f"reward: training loss became {loss.item()} at step {step}; lower reward.train.learning_rate "
-                    "or check the labels for extreme values"
-                )
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            running = loss.item() if math.isnan(running) else 0.95 * running + 0.05 * loss.item()
-            if pairwise:
-                running_acc = acc if math.isnan(running_acc) else 0.95 * running_acc + 0.05 * acc
-            if step % log_every == 0 or step == cfg.steps:
-                shown = {"loss": f"{running:.3f}"}
-                if pairwise:
-                    shown["acc"] = f"{running_acc:.2f}"
-                progress.set_postfix(shown)
-                if on_log:
-                    logged = {"train_loss": loss.item(), "grad_norm": float(grad_norm), "lr": scheduler.get_last_lr()[0]}
-                    if pairwise:
-                        logged["train_batch_accuracy"] = acc
-                    on_log(logged, step)
-            steps_run = step
-            if validation.step(step, loss.item()):
-                break
-        progress.close()
-        summary = validation.finish(steps_run)
-        model.eval()
-        out = {"train_loss": running}
-        if pairwise:
-            out["train_accuracy"] = running_acc
-        return {**out, **summary}
+                return loss, {"accuracy": float((r_chosen > r_rejected).float().mean())}
+            batch = collate([texts[i] for i in index], pad_id)
+            scores = _forward_rewards(wrapped, {k: v.to(device) for k, v in batch.items()})
+            return F.mse_loss(scores, labels[index].to(device)), {}
+
+        validation = Validation(self.model, evaluate, cfg, score=_validation_score, on_eval=on_eval,
+                                enabled=bool(held_out), epoch_steps=math.ceil(n / cfg.batch_size))
+        return fit(self.model, loss_fn, n, cfg, self.seed, validation, accelerator or make_accelerator(), "reward",
+                   desc, on_log, log_every)
 
     def evaluate(self, rows: Sequence[dict], batch_size: int | None = None) -> dict:
         """pairwise: pairwise_accuracy (+ per kind); regression: mse and pearson."""
