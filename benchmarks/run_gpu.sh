@@ -61,15 +61,15 @@ if (( SMOKE )); then
   part "trainer backends" 300 "$PY" benchmarks/trainer_backends.py --smoke --device cpu --out "$OUT/backends.json"
 else
   "$PY" -c "import torch, triton; assert torch.cuda.is_available(), 'no CUDA device'; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())" || exit 1
-  part "trainer under FSDP, bf16" 150 "$PY" -m accelerate.commands.launch --num_processes 1 --num_machines 1 \
+  part "trainer under FSDP, bf16" 110 "$PY" -m accelerate.commands.launch --num_processes 1 --num_machines 1 \
     --mixed_precision bf16 --dynamo_backend no --config_file configs/fsdp.yaml \
     benchmarks/trainer_backends.py --mixed-precision bf16 --steps 3 --warmup 1
   # --confcutdir: only tests/kernels/conftest.py (the project-wide conftest needs the full app deps)
-  part "kernel tests (compiled)" 120 "$PY" -m pytest tests/kernels -q -m kernels --confcutdir=tests/kernels \
+  part "kernel tests (compiled)" 90 "$PY" -m pytest tests/kernels -q -m kernels --confcutdir=tests/kernels \
     -p no:cacheprovider
-  part "kernel sweep" 240 "$PY" benchmarks/kernel_ops.py "$@"
-  part "trainer backends" 90 "$PY" benchmarks/trainer_backends.py
-  part "trainer backends, bf16" 90 "$PY" benchmarks/trainer_backends.py --mixed-precision bf16
+  part "kernel sweep" 200 "$PY" benchmarks/kernel_ops.py "$@"
+  part "trainer backends" 60 "$PY" benchmarks/trainer_backends.py
+  part "trainer backends, bf16" 60 "$PY" benchmarks/trainer_backends.py --mixed-precision bf16
 fi
 
 echo "=== log: $LOG"

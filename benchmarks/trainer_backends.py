@@ -43,6 +43,7 @@ from tnd.cache import CacheWriter, TeacherCache  # noqa: E402
 from tnd.data.nursery import generate_sentences  # noqa: E402
 from tnd.data.prompts import make_prompts  # noqa: E402
 from tnd.data.tokenizer import train_bpe  # noqa: E402
+from tnd.engine import make_accelerator  # noqa: E402
 from tnd.generation import sample_continuations  # noqa: E402
 from tnd.models import build_causal_lm  # noqa: E402
 from tnd.trainers import CustomPPOConfig, CustomPPOTrainer  # noqa: E402
@@ -85,8 +86,10 @@ def build(raw: dict, args, device: torch.device):
     teacher_train = SimpleNamespace(**{**raw["teacher"]["train"], "steps": 5 if args.smoke else args.teacher_steps})
     student_train = SimpleNamespace(**{**raw["student"]["train"], **({"steps": 5} if args.smoke else {})})
     teacher.to(device), student.to(device), reward.to(device)
-    pretrain_lm(teacher, tokenizer, texts, teacher_train, seed, desc="teacher")
-    pretrain_lm(student, tokenizer, texts, student_train, seed, desc="student warm-up")
+    # accelerate fixes one mixed precision per process: the pretraining takes the trainer's
+    accelerator = make_accelerator(args.mixed_precision)
+    pretrain_lm(teacher, tokenizer, texts, teacher_train, seed, desc="teacher", accelerator=accelerator)
+    pretrain_lm(student, tokenizer, texts, student_train, seed, desc="student warm-up", accelerator=accelerator)
 
     prompts = [row["prompt_ids"] for row in make_prompts(
         tokenizer, texts, max(args.demos, 64), raw["data"]["prompt_tokens"], seed)]

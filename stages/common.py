@@ -11,13 +11,14 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, Mapping, Optional
 
 import torch
 
 from tnd import tracking
 from tnd.config import EngineParams, Params, load_params
 from tnd.errors import TndError
+from tnd.io import read_jsonl
 from tnd.tracking import Tracker
 
 EXIT_BAD_INPUT = 2
@@ -97,6 +98,23 @@ def validation_summary(metrics: dict) -> str:
     return f"; best validation at step {metrics['best_step']} of {metrics['steps_run']} run{stopped}"
 
 
+def fmt(value: Optional[float]) -> str:
+    """A figure in a stage's closing line: 3 decimals, or n/a when undefined (None)."""
+    return "n/a" if value is None else f"{value:.3f}"
+
+
+def check_positions(models: Mapping[str, Any], tokens: int, key: str, value: int, what: str) -> None:
+    """Refuse, in one line naming the param `key` (= `value`) to lower, sequences of `tokens` tokens (`what`
+    reach that many) that are longer than a model's max_position_embeddings; `models` by role."""
+    for role, model in models.items():
+        limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+        if limit and tokens > limit:
+            raise TndError(
+                f"{key} = {value}: {what} reach {tokens} tokens, more than the {role}'s max_position_embeddings "
+                f"({limit}); lower {key}"
+            )
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on right now (a launch's rendezvous; tests use it too)."""
     with socket.socket() as sock:
@@ -168,6 +186,14 @@ def run_labels(name: str, params: Params) -> dict:
         return {}
     mode = params.tnd.mode
     return {"tags": {"mode": mode}, "run_name": f"{name}: {tracking.pipeline_id(params)} ({mode})"}
+
+
+def prepared_rows(name: str) -> list[dict]:
+    """The rows of data/prepared/<name> (a .jsonl file that prepare_data writes)."""
+    path = Path(PREPARED) / name
+    if not path.is_file():
+        raise TndError(f"{path}: not found; run `dvc repro prepare_data`")
+    return read_jsonl(path)
 
 
 def snapshot_path(step: int) -> Path:

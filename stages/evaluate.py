@@ -55,7 +55,8 @@ from tnd.config import Params
 from tnd.data import nursery
 from tnd.data.tokenizer import load_tokenizer
 from tnd.engine import make_accelerator
-from tnd.errors import TndError
+from tnd.batching import encode_for_lm
+from tnd.errors import TndError, one_line
 from tnd.evaluation import (
     NAOA_MIN_POINTS,
     NAOA_THRESHOLDS,
@@ -77,15 +78,15 @@ from tnd.evaluation import (
     word_naoa,
     word_surprisals,
 )
-from tnd.io import atomic_dir, atomic_write_json, atomic_write_jsonl, atomic_write_text, read_jsonl
+from tnd.io import atomic_dir, atomic_write_json, atomic_write_jsonl, atomic_write_text
 from tnd.models import load_causal_lm
+from tnd.numbers import finite
 from tnd.tracking import Tracker
-from tnd.trainers.lm import encode_for_lm
 from tnd.trainers.reward import load_reward_model, reward_stats, score_token_ids
 
 from stages.common import (
-    EVAL, INITIAL_STUDENT, METRICS, PLOTS, PREPARED, REWARD, STUDENT, TEACHER, TOKENIZER, run_stage,
-    snapshot_path, snapshot_steps,
+    EVAL, INITIAL_STUDENT, METRICS, PLOTS, PREPARED, REWARD, STUDENT, TEACHER, TOKENIZER, check_positions, fmt,
+    prepared_rows, run_stage, snapshot_path, snapshot_steps,
 )
 
 MODELS = {"student": STUDENT, "initial_student": INITIAL_STUDENT, "teacher": TEACHER}
@@ -95,16 +96,6 @@ KEYS = (
 )
 WORD_CATEGORIES = ("noun", "verb", "adjective", "name")  # nursery.CONTENT_WORDS
 GRAMMAR_NOTE = "grammaticality needs the nursery grammar (data.source: nursery)"
-
-
-def _rows(path: Path) -> list[dict]:
-    if not path.is_file():
-        raise TndError(f"{path}: not found; run `dvc repro prepare_data`")
-    return read_jsonl(path)
-
-
-def _finite(value) -> float | None:
-    return float(value) if value is not None and math.isfinite(value) else None
 
 
 def _csv(header: list[str], rows: list[list]) -> str:
@@ -120,23 +111,11 @@ def _is_number(value) -> bool:
 
 
 def _check_lengths(models: dict, prompts: list[list[int]], params: Params) -> None:
-    longest = max(map(len, prompts)) + params.eval.max_new_tokens
-    for role, model in models.items():
-        limit = getattr(model.config, "max_position_embeddings", None)
-        if limit and longest > limit:
-            raise TndError(
-                f"eval.max_new_tokens = {params.eval.max_new_tokens}: prompts + samples reach {longest} tokens, "
-                f"more than the {role}'s max_position_embeddings ({limit}); lower eval.max_new_tokens"
-            )
-        if limit and role != "reward" and params.eval.max_length > limit:
-            raise TndError(
-                f"eval.max_length = {params.eval.max_length} is more than the {role}'s max_position_embeddings "
-                f"({limit}); lower eval.max_length"
-            )
-
-
-def _mean(values: list[float]) -> float | None:
-    return sum(values) / len(values) if values else None
+    cfg = params.eval
+    check_positions(models, max(map(len, prompts)) + cfg.max_new_tokens, "eval.max_new_tokens", cfg.max_new_tokens,
+                    "prompts + samples")
+    check_positions({role: m for role, m in models.items() if role != "reward"}, cfg.max_length, "eval.max_length",
+                    cfg.max_length, "eval texts (cut to it)")
 
 
 def word_curve(student, per_word_initial: dict, per_word_final: dict, sequences, occurrences,
@@ -152,7 +131,7 @@ def word_curve(student, per_word_initial: dict, per_word_final: dict, sequences,
             model.load_state_dict(state)
         except Exception as exc:
             raise TndError(
-                f"{snapshot_path(step)}: not a snapshot of this student ({' '.join(str(exc).split())[:120]}); "
+                f"{snapshot_path(step)}: not a snapshot of this student ({one_line(exc, 120)}); "
                 "rerun `dvc repro -f train_ppo`"
             ) from None
         logprobs = sequence_logprobs(model, sequences, model.config.pad_token_id, params.eval.batch_size)
@@ -162,7 +141,7 @@ def word_curve(student, per_word_initial: dict, per_word_final: dict, sequences,
     for step, per_word in points:
         row = {"step": step, "mean": mean_word_surprisal(per_word)}
         for category in WORD_CATEGORIES:
-            row[category] = _mean([v["surprisal"] for w, v in per_word.items() if word_category(w) == category])
+            row[category] = mean_word_surprisal({w: v for w, v in per_word.items() if word_category(w) == category})
         row.update({f"word:{w}": v["surprisal"] for w, v in per_word.items()})
         rows.append(row)
     return rows
@@ -189,7 +168,7 @@ def _naoa_tables(fits: dict[str, WordAcquisition], summary: dict) -> tuple[str, 
     by_threshold = [[t, *(summary[g][threshold_key(t)] for g in groups)] for t in NAOA_THRESHOLDS]
     keys = [threshold_key(t) for t in NAOA_THRESHOLDS]
     words = [
-        [w, word_category(w), f.status, _finite(f.initial), _finite(f.final), f.midpoint, f.slope, f.rmse,
+        [w, word_category(w), f.status, finite(f.initial), finite(f.final), f.midpoint, f.slope, f.rmse,
          *(f.naoa[t] for t in NAOA_THRESHOLDS)]
         for w, f in sorted(fits.items())
     ]
@@ -208,8 +187,8 @@ def evaluate_on(device: torch.device, params: Params, run: Tracker) -> None:
     tokenizer = load_tokenizer(TOKENIZER)
     models = {name: load_causal_lm(path, tokenizer, role=name).to(device).eval() for name, path in MODELS.items()}
     reward_model = load_reward_model(REWARD, tokenizer).to(device)
-    prompts = [list(row["prompt_ids"]) for row in _rows(Path(PREPARED) / "eval_prompts.jsonl")][: cfg.n_prompts]
-    texts = [row["text"] for row in _rows(Path(PREPARED) / "eval.jsonl")]
+    prompts = [list(row["prompt_ids"]) for row in prepared_rows("eval_prompts.jsonl")][: cfg.n_prompts]
+    texts = [row["text"] for row in prepared_rows("eval.jsonl")]
     if not prompts or not texts:
         raise TndError(f"{PREPARED}: no eval prompts or texts; run `dvc repro prepare_data`")
     _check_lengths({**models, "reward": reward_model}, prompts, params)
@@ -236,7 +215,7 @@ def evaluate_on(device: torch.device, params: Params, run: Tracker) -> None:
             reward_model, tokenizer, [r["prompt_ids"] + r["continuation_ids"] for r in rows], batch_size=cfg.batch_size
         )
         for row, reward in zip(rows, rewards.tolist()):
-            row["reward"] = _finite(reward)
+            row["reward"] = finite(reward)
             row["grammatical"] = is_grammatical_row(row) if nursery_data else None
         stats = reward_stats(rewards)
         logprobs = sequence_logprobs(model, sequences, tokenizer.pad_token_id, cfg.batch_size)
@@ -309,7 +288,6 @@ def evaluate_on(device: torch.device, params: Params, run: Tracker) -> None:
         for s in sample_table
     ]
     run.log_table(flat_samples, "eval_samples.json")
-    fmt = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
     for name in MODELS:
         m = metrics[name]
         print(

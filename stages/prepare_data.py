@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tnd.config import Params
+from tnd.config import CORRUPTION_KINDS, Params
 from tnd.data.pairs import make_pairs
 from tnd.data.prompts import make_prompts
 from tnd.data.sources import load_corpus
@@ -18,9 +18,6 @@ from tnd.io import atomic_dir, atomic_write_json, atomic_write_jsonl
 from tnd.tracking import Tracker
 
 from stages.common import PREPARED, TOKENIZER, run_stage
-
-ALL_CORRUPTIONS = ("agreement_swap", "adjacent_swap", "drop_word", "duplicate_word")
-
 
 def prepare(params: Params, run: Tracker) -> None:
     data = params.data
@@ -39,7 +36,7 @@ def prepare(params: Params, run: Tracker) -> None:
         )
     pairs_train = make_pairs(corpus.train, data.pair_corruptions, params.seed, use_grammar=nursery)
     # Eval pairs use every corruption kind, so a kind left out of training is a held-out test.
-    pairs_eval = make_pairs(corpus.eval, ALL_CORRUPTIONS, params.seed + 1, use_grammar=nursery)
+    pairs_eval = make_pairs(corpus.eval, CORRUPTION_KINDS, params.seed + 1, use_grammar=nursery)
     stats = {
         **corpus.stats,
         "n_train": len(corpus.train),

@@ -27,7 +27,7 @@ from tnd.io import atomic_write_json, read_jsonl
 from tnd.tracking import Tracker
 from tnd.trainers.reward import count_cut, load_reward_model, reward_stats, score_texts, score_token_ids
 
-from stages.common import CACHE, METRICS, PREPARED, REWARD, TOKENIZER, run_stage
+from stages.common import CACHE, METRICS, PREPARED, REWARD, TOKENIZER, fmt, run_stage
 
 
 def check_finite(name: str, stats: dict, limit: float) -> None:
@@ -83,10 +83,9 @@ def score_rewards(params: Params, run: Tracker) -> None:
             f"score_rewards: {eval_stats['truncated']} of {len(eval_texts)} eval texts are longer than "
             f"reward.train.max_length = {cfg.train.max_length} tokens and were scored cut to it, as in reward training"
         )
-    mean = lambda s: "n/a" if s["mean"] is None else f"{s['mean']:.3f}"  # noqa: E731
     print(
-        f"score_rewards: {len(demos)} demonstrations (mean reward {mean(demo_stats)}), "
-        f"{len(eval_texts)} eval texts (mean reward {mean(eval_stats)})"
+        f"score_rewards: {len(demos)} demonstrations (mean reward {fmt(demo_stats['mean'])}), "
+        f"{len(eval_texts)} eval texts (mean reward {fmt(eval_stats['mean'])})"
     )
 
 

@@ -51,22 +51,24 @@ from typing import Any, Optional
 import torch
 from tqdm.auto import tqdm
 
+from tnd.batching import encode_for_lm
 from tnd.cache import TeacherCache, fingerprint_model, fingerprint_tokenizer
 from tnd.config import Params
 from tnd.data.tokenizer import load_tokenizer
 from tnd.engine import make_accelerator
-from tnd.errors import TndError
-from tnd.io import atomic_write_bytes, atomic_write_json, atomic_write_text, read_jsonl
+from tnd.errors import TndError, one_line
+from tnd.io import atomic_write_bytes, atomic_write_json, atomic_write_text
 from tnd.models import build_causal_lm, load_causal_lm, save_model
+from tnd.numbers import finite, finite_mean
 from tnd.tracking import Tracker
 from tnd.trainers import CustomPPOConfig, CustomPPOTrainer
-from tnd.trainers.lm import encode_for_lm, pretrain_lm
+from tnd.trainers.lm import pretrain_lm
 from tnd.trainers.ppo import STAT_KEYS, accelerator_for
 from tnd.trainers.reward import load_reward_model
 
 from stages.common import (
-    CACHE, CHECKPOINTS, INITIAL_STUDENT, METRICS, PLOTS, PREPARED, REWARD, STUDENT, TEACHER, TOKENIZER, run_stage,
-    snapshot_due, snapshot_path, snapshot_steps, validation_logger,
+    CACHE, CHECKPOINTS, INITIAL_STUDENT, METRICS, PLOTS, PREPARED, REWARD, STUDENT, TEACHER, TOKENIZER,
+    check_positions, fmt, prepared_rows, run_stage, snapshot_due, snapshot_path, snapshot_steps, validation_logger,
 )
 
 CHECKPOINT_FORMAT = 3
@@ -97,14 +99,7 @@ def _read_json(path: Path, stage: str) -> Any:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
-        reason = " ".join(str(exc).split())[:120]
-        raise TndError(f"{path}: cannot be read ({reason}); run `dvc repro {stage}`") from None
-
-
-def _read_rows(path: Path) -> list[dict]:
-    if not path.is_file():
-        raise TndError(f"{path}: not found; run `dvc repro prepare_data`")
-    return read_jsonl(path)
+        raise TndError(f"{path}: cannot be read ({one_line(exc, 120)}); run `dvc repro {stage}`") from None
 
 
 def reward_seed(path: Path) -> dict:
@@ -138,7 +133,7 @@ def read_checkpoint(root: Path) -> Optional[dict]:
     except Exception as exc:
         raise TndError(
             f"{latest}: the checkpoint it names cannot be read (truncated or corrupted: "
-            f"{' '.join(str(exc).split())[:120]}); {DELETE}"
+            f"{one_line(exc, 120)}); {DELETE}"
         ) from None
     return {**ckpt, "dir": directory}
 
@@ -217,15 +212,6 @@ def write_csv(path: Path, rows: list[dict]) -> None:
     atomic_write_text(path, out.getvalue())
 
 
-def _finite(value: float) -> Optional[float]:
-    return value if math.isfinite(value) else None
-
-
-def _mean(values: list[float]) -> Optional[float]:
-    values = [v for v in values if math.isfinite(v)]
-    return sum(values) / len(values) if values else None
-
-
 def summarise(rows: list[dict], batch_size: int) -> dict:
     """Step-1 (the initial student's trials), final and mean-of-last-10 figures; time and throughput
     (time is the sum of the steps' wall times, so a resumed run counts only training)."""
@@ -234,9 +220,9 @@ def summarise(rows: list[dict], batch_size: int) -> dict:
     tokens = batch_size * sum(n for n in lengths if math.isfinite(n))
     return {
         "steps": len(rows),
-        "first": {name: _finite(rows[0][key]) for name, key in SUMMARY.items()},
-        "final": {name: _finite(rows[-1][key]) for name, key in SUMMARY.items()},
-        "last10": {name: _mean([row[key] for row in rows[-10:]]) for name, key in SUMMARY.items()},
+        "first": {name: finite(rows[0][key]) for name, key in SUMMARY.items()},
+        "final": {name: finite(rows[-1][key]) for name, key in SUMMARY.items()},
+        "last10": {name: finite_mean([row[key] for row in rows[-10:]]) for name, key in SUMMARY.items()},
         "skipped_steps": int(sum(row["skipped"] for row in rows)),
         "nonfinite_rewards": int(sum(row["nonfinite_rewards"] for row in rows)),
         "total_seconds": seconds,
@@ -264,7 +250,7 @@ def train_ppo(params: Params, run: Tracker) -> None:
     tokenizer = load_tokenizer(TOKENIZER)
     teacher = load_causal_lm(TEACHER, tokenizer, role="teacher").eval()
     reward_model = load_reward_model(REWARD, tokenizer)
-    prompts = [list(row["prompt_ids"]) for row in _read_rows(Path(PREPARED) / "prompts.jsonl")]
+    prompts = [list(row["prompt_ids"]) for row in prepared_rows("prompts.jsonl")]
     if not prompts:
         raise TndError(f"{PREPARED}/prompts.jsonl: no prompts; run `dvc repro prepare_data`")
     meta = {
@@ -299,13 +285,13 @@ def train_ppo(params: Params, run: Tracker) -> None:
 
     # The student training starts from (on resume: the one the checkpointed run started from).
     initial = None
-    texts = [row["text"] for row in _read_rows(Path(PREPARED) / "train.jsonl")]
+    texts = [row["text"] for row in prepared_rows("train.jsonl")]
     if params.student.source == "builtin":
         student = build_causal_lm(params.student.arch, tokenizer, params.seed)
         if ckpt is not None:
             student.load_state_dict(ckpt["initial_student"])
         elif params.student.train.steps:
-            eval_texts = [row["text"] for row in _read_rows(Path(PREPARED) / "eval.jsonl")]  # its validation
+            eval_texts = [row["text"] for row in prepared_rows("eval.jsonl")]  # its validation
             pretrain_lm(student, tokenizer, texts, params.student.train, params.seed, desc="student warm-up",
                         eval_texts=eval_texts, on_eval=validation_logger(run, []), accelerator=accelerator,
                         name="student")
@@ -314,14 +300,9 @@ def train_ppo(params: Params, run: Tracker) -> None:
         student = load_causal_lm(params.student.source, tokenizer, role="student")
     if main:
         save_model(student, tokenizer, INITIAL_STUDENT)
-    longest = max(map(len, prompts)) + params.ppo.max_new_tokens
-    for role, model in (("student", student), ("teacher", teacher), ("reward", reward_model)):
-        limit = getattr(model.config, "max_position_embeddings", None)
-        if limit and longest > limit:
-            raise TndError(
-                f"ppo.max_new_tokens = {params.ppo.max_new_tokens}: prompts + samples reach {longest} tokens, more "
-                f"than the {role}'s max_position_embeddings ({limit}); lower ppo.max_new_tokens"
-            )
+    check_positions({"student": student, "teacher": teacher, "reward": reward_model},
+                    max(map(len, prompts)) + params.ppo.max_new_tokens, "ppo.max_new_tokens", params.ppo.max_new_tokens,
+                    "prompts + samples")
 
     trainer = CustomPPOTrainer(
         teacher, student, reward_model, config, prompts,
@@ -336,7 +317,7 @@ def train_ppo(params: Params, run: Tracker) -> None:
         except Exception as exc:
             raise TndError(
                 f"{ckpt['dir']}: the trainer's checkpoint cannot be read (truncated or corrupted: "
-                f"{' '.join(str(exc).split())[:120]}); {DELETE}"
+                f"{one_line(exc, 120)}); {DELETE}"
             ) from None
         rows = list(ckpt["rows"])
         if main:
@@ -376,7 +357,6 @@ def train_ppo(params: Params, run: Tracker) -> None:
     run.log_metrics({f"{part}.{k}": v for part in ("final", "last10") for k, v in summary[part].items()
                      if v is not None})
     run.log_model(STUDENT, "student", task="text-generation", register=True)
-    fmt = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
     print(
         f"train_ppo: reward {fmt(summary['first']['reward'])} -> {fmt(summary['last10']['reward'])} (last 10), "
         f"kl {fmt(summary['first']['kl'])} -> {fmt(summary['last10']['kl'])}, "

@@ -18,16 +18,16 @@ plots/reward_validation.csv (the validation curve, also logged to MLflow per ste
 
 from __future__ import annotations
 
-import math
 import random
 from pathlib import Path
 
-from tnd.config import Params
+from tnd.config import CORRUPTION_KINDS, Params
 from tnd.data import nursery
 from tnd.data.tokenizer import load_tokenizer
 from tnd.engine import make_accelerator
 from tnd.io import atomic_write_csv, atomic_write_json, read_jsonl
 from tnd.models import save_model
+from tnd.numbers import finite
 from tnd.tracking import Tracker
 from tnd.trainers.reward import (
     RewardTrainer,
@@ -41,7 +41,6 @@ from stages.common import (
     METRICS, PLOTS, PREPARED, REWARD, TOKENIZER, run_stage, validation_logger, validation_summary,
 )
 
-ALL_CORRUPTIONS = ("agreement_swap", "adjacent_swap", "drop_word", "duplicate_word")
 N_FRESH = 500
 FRESH_SEED_OFFSET = 10_000
 
@@ -88,17 +87,17 @@ def train_reward(params: Params, run: Tracker) -> None:
                 model,
                 tokenizer,
                 fresh,
-                ALL_CORRUPTIONS,
+                CORRUPTION_KINDS,
                 nursery.corrupt,
                 params.seed + FRESH_SEED_OFFSET,
                 max_length=cfg.train.max_length,
             )
         )
-        held_out = [kind for kind in ALL_CORRUPTIONS if kind not in params.data.pair_corruptions]
+        held_out = [kind for kind in CORRUPTION_KINDS if kind not in params.data.pair_corruptions]
         metrics["held_out_kinds"] = ",".join(held_out) if cfg.objective == "pairwise" else ""
 
     # NaN is not JSON (dvc metrics would choke): an undefined figure is written as null.
-    metrics = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in metrics.items()}
+    metrics = {k: finite(v) if isinstance(v, float) else v for k, v in metrics.items()}
     save_model(model, tokenizer, REWARD)
     atomic_write_json(Path(METRICS) / "reward.json", metrics)
     held_out = "eval_accuracy" if cfg.objective == "pairwise" else "eval_pearson"

@@ -117,3 +117,13 @@ def init_git_dvc() -> None:
     subprocess.run(["git", "init", "-q"], check=True)
     dvc("init", "-q")
     dvc("config", "core.analytics", "false")
+
+
+@pytest.fixture
+def fresh_accelerate_state():
+    """accelerate keeps one process-wide state whose mixed precision cannot change: start and leave clean."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)

@@ -22,7 +22,6 @@ from tnd.evaluation import (
     target_logprobs,
     token_kl,
     word_category,
-    word_surprisal,
     word_surprisals,
 )
 from tnd.io import read_jsonl
@@ -87,12 +86,14 @@ def test_locate_words_finds_every_token_of_a_multi_token_word(tokenizer):
 def test_word_surprisal_matches_the_model_by_hand(tokenizer):
     model = build_causal_lm(TINY_ARCH, tokenizer, seed=0).eval()
     text = "the dog is big."
-    result = word_surprisal(model, tokenizer, [text], ["dog", "big"], max_length=48)
-    sequences, occurrences = locate_words(tokenizer, [text], ["dog"], 48)
+    # as the evaluate stage computes it: locate, score every token, sum per occurrence
+    sequences, occurrences = locate_words(tokenizer, [text, "nothing here"], ["dog", "big"], 48)
+    result = word_surprisals(sequence_logprobs(model, sequences, tokenizer.pad_token_id), occurrences)
     ids = torch.tensor([sequences[0]])
     with torch.no_grad():
         logp = torch.log_softmax(model(input_ids=ids).logits[0].double(), -1)
-    expected = -sum(float(logp[p - 1, sequences[0][p]]) for p in occurrences[0].positions) / math.log(2)
+    dog = next(occ for occ in occurrences if occ.word == "dog")
+    expected = -sum(float(logp[p - 1, sequences[0][p]]) for p in dog.positions) / math.log(2)
     assert result["dog"]["surprisal"] == pytest.approx(expected, rel=1e-5)
     assert result["dog"]["count"] == 1 and set(result) == {"dog", "big"}
     # scoring in a batch with padding gives the same numbers as alone
@@ -102,7 +103,8 @@ def test_word_surprisal_matches_the_model_by_hand(tokenizer):
 
 
 def test_perplexity_from_logprobs_matches_the_lm_perplexity(tokenizer):
-    from tnd.trainers.lm import encode_for_lm, perplexity
+    from tnd.batching import encode_for_lm
+    from tnd.trainers.lm import perplexity
 
     model = build_causal_lm(TINY_ARCH, tokenizer, seed=0).eval()
     texts = nursery.generate_sentences(5, seed=2)
@@ -226,7 +228,9 @@ def test_evaluate_stage_end_to_end(project):
     assert float(curve[2]["mean"]) == pytest.approx(metrics["student"]["word_surprisal"])
     texts = [row["text"] for row in read_jsonl(p / "data/prepared/eval.jsonl")]
     content = [w for c in evaluate.WORD_CATEGORIES for w in nursery.WORDS_BY_CATEGORY[c]]
-    by_hand = word_surprisal(midway, tokenizer, texts, content, params.eval.max_length)
+    sequences, occurrences = locate_words(tokenizer, texts, content, params.eval.max_length)
+    logprobs = sequence_logprobs(midway, sequences, tokenizer.pad_token_id, params.eval.batch_size)
+    by_hand = word_surprisals(logprobs, occurrences)
     assert float(curve[1]["mean"]) == pytest.approx(mean_word_surprisal(by_hand))
     assert float(curve[0][f"word:{words[0]['word']}"]) == pytest.approx(float(words[0]["initial_student"]))
     naoa_words = _read_csv(p / "plots/eval_naoa_words.csv")

@@ -24,9 +24,10 @@ for module in {modules!r}:
 """
 
 LIBRARY = ["tnd.config", "tnd.data.nursery", "tnd.data.tokenizer", "tnd.models", "tnd.cache", "tnd.generation",
-           "tnd.evaluation", "tnd.trainers", "tnd.trainers.reward", "tnd.trainers.lm", "tnd_kernels"]
+           "tnd.batching", "tnd.numbers", "tnd.evaluation", "tnd.trainers", "tnd.trainers.reward", "tnd.trainers.lm",
+           "tnd_kernels"]
 TRAINER = ["tnd.trainers", "tnd.trainers.reward", "tnd.trainers.lm", "tnd.models", "tnd.cache", "tnd.generation",
-           "tnd.data.nursery", "tnd.data.tokenizer", "tnd_kernels"]
+           "tnd.batching", "tnd.data.nursery", "tnd.data.tokenizer", "tnd_kernels"]
 
 
 @pytest.mark.parametrize("blocked,modules", [({"dvc", "mlflow"}, LIBRARY), ({"dvc", "mlflow", "pydantic"}, TRAINER)],

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from tnd.config import CORRUPTION_KINDS
 from tnd.data import nursery
 from tnd.data.nursery import CORRUPTIONS, VOCABULARY, WORDS_BY_CATEGORY, corrupt, generate_sentences, is_grammatical
 
@@ -228,7 +229,7 @@ def test_checker_rejects_non_strings():
 
 
 def test_corruption_kinds_are_exactly_the_four():
-    assert tuple(CORRUPTIONS) == KINDS
+    assert tuple(CORRUPTIONS) == KINDS == CORRUPTION_KINDS  # the grammar implements what params accept
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -13,6 +13,7 @@ import yaml
 from torch import nn
 
 from tests.conftest import ROOT
+from tnd.batching import lm_positions
 from tnd.config import ArchParams, Params, load_params
 from tnd.data.tokenizer import train_bpe
 from tnd.errors import TndError
@@ -456,16 +457,6 @@ def test_online_distillation_with_a_mini_batch_of_demonstrations_only(tokenizer,
 # --- the engine: fp32 trainable weights, mixed precision, gradient checkpointing ----------------------
 
 
-@pytest.fixture
-def fresh_accelerate_state():
-    """accelerate keeps one process-wide state whose mixed precision cannot change: start and leave clean."""
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
-
-
 def test_a_bf16_student_trains_in_fp32(tokenizer, prompts):
     """A bf16 checkpoint's small updates are not lost to bf16 rounding: the trainable weights are fp32."""
     student = build_causal_lm(TINY, tokenizer, 2).to(torch.bfloat16)
@@ -654,7 +645,7 @@ def test_pad_positions_do_not_affect_the_distill_loss(tokenizer, prompts, paddin
     pads = demo["attention_mask"] == 0
     other = dict(demo, input_ids=torch.where(pads, torch.randint(3, len(tokenizer), pads.shape), demo["input_ids"]))
     torch.testing.assert_close(trainer.demo_distill_loss(other), loss)
-    at = trainer.lm_positions(demo["attention_mask"], demo["target_mask"])
+    at = lm_positions(demo["attention_mask"], demo["target_mask"])
     torch.testing.assert_close(trainer.lm_loss(other["input_ids"], other["attention_mask"], at),
                                trainer.lm_loss(demo["input_ids"], demo["attention_mask"], at))
 

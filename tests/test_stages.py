@@ -9,7 +9,7 @@ import yaml
 from tnd.data import nursery
 from tnd.io import read_jsonl
 from stages import prepare_data, train_teacher
-from tests.conftest import dvc, init_git_dvc
+from tests.conftest import dvc, init_git_dvc, merge
 
 pytestmark = pytest.mark.slow
 
@@ -70,6 +70,33 @@ def test_teacher_with_a_too_small_vocabulary_is_refused(project, capsys):
         train_teacher.main([])
     assert exit_info.value.code == 2
     assert "smaller than the tokenizer's" in capsys.readouterr().err
+
+
+def test_every_stage_runs_under_bf16_autocast(project, fresh_accelerate_state, monkeypatch):
+    """engine.mixed_precision: bf16 on CPU: every stage that runs a model takes it (training under autocast on
+    fp32 weights, scoring and evaluation under autocast) and the pipeline completes with finite figures."""
+    from stages import cache_teacher_logits, evaluate, score_rewards, train_ppo, train_reward
+    from tests.test_train_ppo import PPO
+    from tnd.trainers import ppo
+
+    asked = set()
+    for module in (train_teacher, train_reward, score_rewards, train_ppo, evaluate, ppo):
+        def recording(mixed_precision="no", *args, _original=module.make_accelerator, _name=module.__name__, **kw):
+            asked.add((_name.split(".")[-1], mixed_precision))
+            return _original(mixed_precision, *args, **kw)
+        monkeypatch.setattr(module, "make_accelerator", recording)
+
+    project.write(**merge(PPO, {"engine": {"mixed_precision": "bf16"}, "ppo": {"steps": 2, "save_every": 2},
+                                "eval": {"n_prompts": 4}}))
+    for stage in (prepare_data, train_teacher, train_reward, cache_teacher_logits, score_rewards, train_ppo, evaluate):
+        stage.main([])
+    metrics = {name: json.loads((project.path / f"metrics/{name}.json").read_text())
+               for name in ("teacher", "reward", "train", "eval")}
+    assert metrics["teacher"]["eval_perplexity"] > 1 and metrics["train"]["steps"] == 2
+    assert all(metrics["eval"][m]["perplexity"] > 1 for m in ("student", "initial_student", "teacher"))
+    assert metrics["eval"]["student"]["reward"] is not None
+    assert asked == {(name, "bf16") for name in ("train_teacher", "train_reward", "score_rewards", "train_ppo",
+                                                  "evaluate", "ppo")}
 
 
 def test_stage_run_is_recorded_in_mlflow(project):

@@ -167,3 +167,22 @@ def test_the_stages_save_the_best_validation_and_its_curve(project):
     teacher_run = next(r for r in runs if r.data.tags["stage"] == "train_teacher")
     history = client.get_metric_history(teacher_run.info.run_id, "validation/eval_loss")
     assert [m.step for m in history] == [4, 8, 12]
+
+
+def test_training_under_bf16_autocast_keeps_fp32_weights_and_the_models_own_forward(
+        corpus, tokenizer, fresh_accelerate_state):
+    """engine.mixed_precision: bf16 in the teacher / warm-up / reward loop (tnd/trainers/fit.py), on CPU."""
+    from tnd.engine import make_accelerator
+
+    model = build_causal_lm(STUDENT, tokenizer, seed=0)
+    dtypes = []
+    model.model.layers[0].mlp.register_forward_hook(lambda module, args, out: dtypes.append(out.dtype))
+    out = pretrain_lm(model, tokenizer, corpus[0], lm_cfg(steps=3, eval_every=0), seed=0,
+                      accelerator=make_accelerator("bf16"))
+    assert dtypes and set(dtypes) == {torch.bfloat16}  # the forward ran under bf16 autocast ...
+    assert {p.dtype for p in model.parameters()} == {torch.float32}  # ... on fp32 weights
+    assert math.isfinite(out["train_loss"]) and out["steps_run"] == 3
+    dtypes.clear()
+    with torch.no_grad():  # after training, the model's own forward again: no autocast left patched in
+        model(input_ids=torch.tensor([[tokenizer.bos_token_id, 5, 6]]))
+    assert dtypes == [torch.float32]

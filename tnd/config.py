@@ -19,13 +19,16 @@ import annotated_types
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from tnd.errors import ParamsError
+from tnd.errors import ParamsError, one_line
 
 PositiveInt = typing.Annotated[int, Field(gt=0)]
 NonNegativeInt = typing.Annotated[int, Field(ge=0)]
 PositiveFloat = typing.Annotated[float, Field(gt=0)]
 NonNegativeFloat = typing.Annotated[float, Field(ge=0)]
 Probability = typing.Annotated[float, Field(ge=0, le=1)]
+# The ways a reward-model preference pair is made (tnd.data.pairs; nursery.CORRUPTIONS implements each).
+CorruptionKind = Literal["agreement_swap", "adjacent_swap", "drop_word", "duplicate_word"]
+CORRUPTION_KINDS: tuple[str, ...] = typing.get_args(CorruptionKind)
 
 
 class Section(BaseModel):
@@ -46,9 +49,9 @@ class DataParams(Section):
     prompt_tokens: PositiveInt = 2  # trial prompts are the first tokens of a text
     n_prompts: PositiveInt = 2000
     n_eval_prompts: PositiveInt = 200
-    pair_corruptions: list[
-        Literal["agreement_swap", "adjacent_swap", "drop_word", "duplicate_word"]
-    ] = Field(default=["agreement_swap", "drop_word", "duplicate_word"], min_length=1)
+    pair_corruptions: list[CorruptionKind] = Field(
+        default=["agreement_swap", "drop_word", "duplicate_word"], min_length=1
+    )
 
 
 class TokenizerParams(Section):
@@ -344,7 +347,7 @@ def load_params(path: str | Path = "params.yaml") -> Params:
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
         where = getattr(exc, "problem_mark", None)
         line = f" at line {where.line + 1}" if where else ""
-        raise ParamsError(f"{path}: not valid YAML{line}; fix the syntax ({_one_line(exc)})") from None
+        raise ParamsError(f"{path}: not valid YAML{line}; fix the syntax ({one_line(exc)})") from None
     return parse_params(raw, source=str(path))
 
 
@@ -458,7 +461,3 @@ def _jsonable(value: Any) -> bool:
     except (TypeError, ValueError):
         return False
     return True
-
-
-def _one_line(exc: Exception) -> str:
-    return " ".join(str(exc).split())

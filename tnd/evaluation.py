@@ -26,10 +26,10 @@ from typing import Iterable, Mapping, NamedTuple, Optional, Sequence
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from tnd.batching import IGNORE_INDEX, collate, encode_for_lm, lm_sequence
 from tnd.data import nursery
 from tnd.data.tokenizer import decode
 from tnd.generation import sample_continuations
-from tnd.trainers.lm import IGNORE_INDEX, collate, encode_for_lm
 
 LN2 = math.log(2.0)
 
@@ -195,7 +195,7 @@ def _owner_positions(text: str, offsets: Sequence[tuple[int, int]]) -> list[int]
 def locate_words(
     tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], words: Iterable[str], max_length: int
 ) -> tuple[list[list[int]], list[WordOccurrence]]:
-    """Encode texts as bos + text + eos (as `encode_for_lm`) and find every occurrence of `words`.
+    """Encode texts as `encode_for_lm` does (bos + text + eos) and find every occurrence of `words`.
 
     Words are maximal runs of letters, matched case-insensitively; an occurrence's tokens
     are those whose first non-space character lies inside it (so "Ġ" + "l" + "ittle" all
@@ -206,13 +206,12 @@ def locate_words(
     if not getattr(tokenizer, "is_fast", False):
         raise ValueError("locate_words needs a fast tokenizer (character offsets)")
     wanted = {w.lower() for w in words}
-    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
     sequences: list[list[int]] = []
     occurrences: list[WordOccurrence] = []
     for index, text in enumerate(texts):
         enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
         ids, offsets = enc["input_ids"], enc["offset_mapping"]
-        sequences.append(([bos] + list(ids) + [eos])[:max_length])
+        sequences.append(lm_sequence(tokenizer, ids, max_length))
         owners = _owner_positions(text, offsets)
         for match in _WORD.finditer(text):
             word = match.group().lower()
@@ -278,22 +277,6 @@ def word_surprisals(logprobs: Sequence[torch.Tensor], occurrences: Sequence[Word
         sums[occ.word] = sums.get(occ.word, 0.0) + bits
         counts[occ.word] = counts.get(occ.word, 0) + 1
     return {w: {"count": counts[w], "surprisal": sums[w] / counts[w]} for w in sorted(sums)}
-
-
-def word_surprisal(
-    model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    texts: Sequence[str],
-    words: Iterable[str],
-    max_length: int,
-    batch_size: int = 64,
-) -> dict[str, dict]:
-    """`word_surprisals` of `words` in `texts` under `model` (locate, score, sum) in one call."""
-    sequences, occurrences = locate_words(tokenizer, texts, words, max_length)
-    needed = sorted({occ.sequence for occ in occurrences})  # score only the texts that hold a word
-    slot = {index: k for k, index in enumerate(needed)}
-    logprobs = sequence_logprobs(model, [sequences[i] for i in needed], tokenizer.pad_token_id, batch_size)
-    return word_surprisals(logprobs, [o._replace(sequence=slot[o.sequence]) for o in occurrences])
 
 
 def mean_word_surprisal(per_word: Mapping[str, dict]) -> float | None:

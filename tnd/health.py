@@ -21,9 +21,10 @@ Inputs (plain dicts and lists, so the module needs no file layout and no torch):
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence
+from typing import Optional, Sequence
+
+from tnd.numbers import finite, finite_mean
 
 # --- thresholds -------------------------------------------------------------------------------
 
@@ -56,29 +57,16 @@ class Check:
     message: str  # one line: what was seen, and what to do when it fired
 
 
-def _number(value: Any) -> Optional[float]:
-    try:
-        value = float(value)
-    except (TypeError, ValueError):
-        return None
-    return value if math.isfinite(value) else None
-
-
 def _get(tree: Optional[dict], *keys: str) -> Optional[float]:
     for key in keys:
         if not isinstance(tree, dict):
             return None
         tree = tree.get(key)
-    return _number(tree)
+    return finite(tree)
 
 
 def _skip(name: str, why: str) -> Check:
     return Check(name, None, f"not checked: {why}")
-
-
-def _mean(values: Sequence[Optional[float]]) -> Optional[float]:
-    finite = [v for v in values if v is not None]
-    return sum(finite) / len(finite) if finite else None
 
 
 # --- data --------------------------------------------------------------------------------------
@@ -204,9 +192,9 @@ def student_perplexity_worse(evaluation: Optional[dict]) -> Check:
 
 
 def _window(rows: Sequence[dict], key: str) -> tuple[Optional[float], Optional[float]]:
-    values = [_number(row.get(key)) for row in rows]
+    values = [row.get(key) for row in rows]
     n = min(WINDOW, max(len(values) // 2, 1))
-    return _mean(values[:n]), _mean(values[-n:])
+    return finite_mean(values[:n]), finite_mean(values[-n:])
 
 
 def reward_hacking_length(train_rows: Sequence[dict]) -> Check:

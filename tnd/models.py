@@ -23,7 +23,7 @@ from transformers import (
 )
 
 from tnd.cache import fingerprint_vocabulary
-from tnd.errors import TndError
+from tnd.errors import TndError, one_line
 from tnd.io import atomic_dir
 
 if TYPE_CHECKING:  # annotations only: the trainer runs without pydantic (the GPU image)
@@ -59,7 +59,7 @@ def load_causal_lm(source: str | Path, tokenizer: PreTrainedTokenizerBase, role:
         model = AutoModelForCausalLM.from_pretrained(str(source))
     except Exception as exc:
         raise TndError(
-            f"{role}: could not load a causal LM from '{source}' ({' '.join(str(exc).split())[:200]}); "
+            f"{role}: could not load a causal LM from '{source}' ({one_line(exc, 200)}); "
             f"check {role}.source or rerun its stage"
         ) from None
     check_vocab(model, tokenizer, role, source)

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping, TypeVar
 
 from tnd.config import Params
+from tnd.errors import one_line
 
 try:
     import fcntl
@@ -605,8 +606,7 @@ def _git_commit() -> str:
 
 
 def _short(exc: Exception) -> str:
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    return text if len(text) <= 200 else text[:197] + "..."
+    return one_line(exc, 200) or type(exc).__name__
 
 
 def _warn(message: str) -> None:

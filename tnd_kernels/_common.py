@@ -138,6 +138,16 @@ def zero_row(g_row, n_cols, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def log_mixture(lp, lq, log_beta, log_1m_beta):
+    """log m for the generalised JSD's mixture m = beta p + (1 - beta) q, from log p and log q: a
+    log-sum-exp of (log beta + log p, log (1 - beta) + log q), stable for any magnitudes."""
+    a = lp + log_beta
+    b = lq + log_1m_beta
+    mx = tl.maximum(a, b)
+    return mx + tl.log(tl.exp(a - mx) + tl.exp(b - mx))
+
+
+@triton.jit
 def _scale_rows_kernel(
     grad_ptr,
     grad_row_stride,

@@ -24,7 +24,7 @@ import math
 import torch
 
 from . import _common as C
-from ._common import tl, triton, zero_row
+from ._common import log_mixture, tl, triton, zero_row
 from .reference import distill_loss_ref
 
 @triton.jit
@@ -112,10 +112,7 @@ def _distill_kernel(
             inb = offs < n_cols
             lq = (tl.load(s_row + offs, mask=inb, other=float("-inf")).to(tl.float32) * inv_t - m_s) - log_zs
             lp = (tl.load(t_row + offs, mask=inb, other=float("-inf")).to(tl.float32) * inv_t - m_t) - log_zt
-            a = lp + log_beta
-            b = lq + log_1m_beta
-            mx = tl.maximum(a, b)
-            lm = mx + tl.log(tl.exp(a - mx) + tl.exp(b - mx))
+            lm = log_mixture(lp, lq, log_beta, log_1m_beta)
             p = tl.exp(lp)
             q = tl.exp(lq)
             kl_pm += tl.sum(tl.where(p > 0, p * (lp - lm), 0.0), axis=0)
@@ -139,10 +136,7 @@ def _distill_kernel(
             elif LOSS == 1:
                 g = tl.where(q > 0, q * (lq - lp - div), 0.0)
             else:
-                a = lp + log_beta
-                b = lq + log_1m_beta
-                mx = tl.maximum(a, b)
-                lm = mx + tl.log(tl.exp(a - mx) + tl.exp(b - mx))
+                lm = log_mixture(lp, lq, log_beta, log_1m_beta)
                 g = (1.0 - beta) * tl.where(q > 0, q * (lq - lm - kl_qm), 0.0)
             tl.store(g_row + offs, (g * scale).to(g_ptr.dtype.element_ty), mask=inb)
 

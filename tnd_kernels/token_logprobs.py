@@ -149,9 +149,9 @@ class TokenLogprobsEntropyTorch(torch.autograd.Function):
 
     Built under autograd, the reference's entropy records about ten [N, V] ops per call even
     when only logp gets a gradient (PPO with ent_coef = 0 logs the entropy and never
-    differentiates it): at the default student's sizes that is a sixth of a mini-batch's forward
-    and backward. Here forward runs without a graph and saves log q; backward applies the
-    formula in the module docstring, skipping the entropy term when it has no gradient.
+    differentiates it), and for a small model those [N, V] ops are much of a mini-batch's work.
+    Here forward runs without a graph and saves log q; backward applies the formula in the
+    module docstring, skipping the entropy term when it has no gradient.
     """
 
     @staticmethod

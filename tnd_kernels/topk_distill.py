@@ -42,7 +42,7 @@ from __future__ import annotations
 import torch
 
 from . import _common as C
-from ._common import tl, triton, zero_row
+from ._common import log_mixture, tl, triton, zero_row
 from .distill import finish, jsd_logs, loss_id, mask_and_count
 from .reference import topk_distill_loss_ref
 
@@ -130,10 +130,7 @@ def _topk_distill_kernel(
         elif LOSS == 1:
             l_rev += tl.sum(tl.where(q > 0, q * (lq - lp), 0.0), axis=0)
         else:
-            a = lp + log_beta
-            b = lq + log_1m_beta
-            mx = tl.maximum(a, b)
-            lm = mx + tl.log(tl.exp(a - mx) + tl.exp(b - mx))
+            lm = log_mixture(lp, lq, log_beta, log_1m_beta)
             kl_pm += tl.sum(tl.where(p > 0, p * (lp - lm), 0.0), axis=0)
             kl_qm += tl.sum(tl.where(q > 0, q * (lq - lm), 0.0), axis=0)
         if WRITE_GRAD:
@@ -174,10 +171,7 @@ def _topk_distill_kernel(
         div = l_rev + tl.where(q_tail > 0, q_tail * (lq_tail - lp_tail), 0.0)
         c_tail = tl.where(q_tail > 0, lq_tail - lp_tail - div, 0.0)
     else:
-        a_t = lp_tail + log_beta
-        b_t = lq_tail + log_1m_beta
-        mx_t = tl.maximum(a_t, b_t)
-        lm_tail = mx_t + tl.log(tl.exp(a_t - mx_t) + tl.exp(b_t - mx_t))
+        lm_tail = log_mixture(lp_tail, lq_tail, log_beta, log_1m_beta)
         kl_pm += tl.where(p_tail > 0, p_tail * (lp_tail - lm_tail), 0.0)
         kl_qm += tl.where(q_tail > 0, q_tail * (lq_tail - lm_tail), 0.0)
         div = beta * kl_pm + (1.0 - beta) * kl_qm
@@ -210,10 +204,7 @@ def _topk_distill_kernel(
             elif LOSS == 1:
                 g = tl.where(q > 0, q * (lq - lp - div), 0.0)
             else:
-                a = lp + log_beta
-                b = lq + log_1m_beta
-                mx = tl.maximum(a, b)
-                lm = mx + tl.log(tl.exp(a - mx) + tl.exp(b - mx))
+                lm = log_mixture(lp, lq, log_beta, log_1m_beta)
                 g = (1.0 - beta) * tl.where(q > 0, q * (lq - lm - kl_qm), 0.0)
             tl.store(g_row + idx, (g * scale).to(g_ptr.dtype.element_ty), mask=ok)
 

@@ -17,6 +17,7 @@ pytestmark = [pytest.mark.kernels, pytest.mark.filterwarnings("ignore::RuntimeWa
 
 ROOT = Path(__file__).resolve().parents[2]
 CUDA = torch.cuda.is_available()
+ON = "cuda" if CUDA else "cpu"
 
 
 def _forbid(*_args, **_kwargs):
@@ -63,7 +64,8 @@ def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
         (lambda s, t: K.distill_loss(s, t, mask=torch.ones(3)), "mask must be a bool tensor"),
         (lambda s, t: K.distill_loss(s, t, mask=torch.ones(2, dtype=torch.bool)), r"mask must have shape \(3,\)"),
         (lambda s, t: K.distill_loss(s, t, backend="cuda"), "backend must be"),
-        (lambda s, t: K.distill_loss(s.double(), t.double(), backend="triton"), "float32, bfloat16 or float16"),
+        # on CUDA where there is one: on a CPU tensor without the interpreter the backend refuses first
+        (lambda s, t: K.distill_loss(s.double().to(ON), t.double().to(ON), backend="triton"), "float32, bfloat16 or float16"),
         (lambda s, t: K.distill_loss(s.long(), t.long()), "floating-point"),
         (lambda s, t: K.topk_distill_loss(s, t[:, :2], torch.zeros(3, 3, dtype=torch.long), torch.zeros(3)), "shape"),
         (lambda s, t: K.topk_distill_loss(s, t[:, :2], torch.zeros(3, 2), torch.zeros(3)), "int16, int32 or int64"),

@@ -17,9 +17,11 @@ DTYPES = [torch.float32, torch.bfloat16]
 
 
 def close(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype, what: str) -> None:
-    """fp32: tight. bf16 inputs: values are computed in fp32 on both sides; gradients are rounded to bf16."""
+    """fp32: tight. bf16 inputs: values are computed in fp32 on both sides; gradients are rounded to bf16.
+    The scale has a floor: a value that is exactly 0 in the reference (a one-token vocabulary) comes out of
+    the compiled kernel's exp2/log2 as a few 1e-9."""
     got, want = got.detach().float().cpu(), want.detach().float().cpu()
-    scale = max(want.abs().max().item(), 1e-6) if want.numel() else 1.0
+    scale = max(want.abs().max().item(), 1e-3) if want.numel() else 1.0
     if dtype == torch.float32:
         torch.testing.assert_close(got, want, rtol=1e-4, atol=2e-5 * scale, msg=lambda m: f"{what}: {m}")
     else:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from tnd.config import DataParams
 from tnd.data import nursery
-from tnd.errors import TndError
+from tnd.errors import TndError, one_line
 
 LOCAL_SUFFIXES = (".jsonl", ".csv", ".parquet", ".txt")
 
@@ -117,7 +117,7 @@ def _load_hub(data: DataParams) -> list:
         dataset = datasets.load_dataset(data.source, data.hub_config, split=data.hub_split)
     except Exception as exc:
         raise TndError(
-            f"data.source: could not load '{data.source}' from the datasets hub ({' '.join(str(exc).split())[:200]}); "
+            f"data.source: could not load '{data.source}' from the datasets hub ({one_line(exc, 200)}); "
             "check the id, data.hub_config and data.hub_split, or use a local file"
         ) from None
     if data.text_field not in dataset.column_names:

@@ -8,7 +8,7 @@ from typing import Iterable
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
-from tnd.errors import TndError
+from tnd.errors import TndError, one_line
 
 PAD, BOS, EOS = "<pad>", "<s>", "</s>"
 
@@ -37,7 +37,7 @@ def load_tokenizer(source: str | Path) -> PreTrainedTokenizerBase:
         tokenizer = AutoTokenizer.from_pretrained(str(source))
     except Exception as exc:
         raise TndError(
-            f"tokenizer: could not load '{source}' ({' '.join(str(exc).split())[:200]}); "
+            f"tokenizer: could not load '{source}' ({one_line(exc, 200)}); "
             "check tokenizer.source or rerun `dvc repro prepare_data`"
         ) from None
     if tokenizer.eos_token_id is None:

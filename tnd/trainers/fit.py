@@ -9,14 +9,16 @@ weights kept (`Validation`).
 
 On accelerate's engine, as train_ppo: the model and its optimizer are prepared by the accelerator the
 caller made (`tnd.engine.make_accelerator`: its device, mixed precision, and DDP across the processes
-`accelerate launch` started), the backward and the clipping go through it. Not FSDP or DeepSpeed: the
-models trained here fit one device, and validation and saving read whole weights. Validation runs on every
+`accelerate launch` started), the backward and the clipping go through it. Under FSDP or DeepSpeed it
+trains a replica per process instead (see `fit`): the models trained here fit one device, and validation
+and saving read whole weights. Validation runs on every
 process with the same weights and the metrics are averaged over the processes, so all of them take the
 same early-stopping decision.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Any, Callable, Optional
 
@@ -135,31 +137,40 @@ def fit(
     section (`teacher`, `student`, `reward`) that errors point at. Returns train_loss (a running mean),
     train_<extra> for each of loss_fn's extras, and validation.finish's summary. The model ends in eval
     mode on `accelerator.device`, unwrapped."""
-    n = accelerator.num_processes
-    if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
-        raise TndError(f"{name}: this training loop runs on one device or with DDP; its validation and saving read "
-                       "whole weights, which FSDP and DeepSpeed shard: launch it without an FSDP / DeepSpeed config")
-    if cfg.batch_size % n:
-        raise TndError(f"{name}.train.batch_size ({cfg.batch_size}) must be divisible by the number of processes ({n}): "
-                       "each process takes an equal share of every batch")
+    # Under FSDP or DeepSpeed (train_ppo's student warm-up when train_ppo runs sharded) this loop does not shard:
+    # each process trains a replica of the (small) model on whole batches, the same on every process, and
+    # train_ppo's prepare then starts every process from process 0's weights (fsdp_sync_module_states).
+    replicated = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+    share = 1 if replicated else accelerator.num_processes
+    if cfg.batch_size % share:
+        raise TndError(f"{name}.train.batch_size ({cfg.batch_size}) must be divisible by the number of processes "
+                       f"({share}): each process takes an equal share of every batch")
     validation.agree = lambda metrics: _mean_over_processes(accelerator, metrics)
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     scheduler = get_cosine_schedule_with_warmup(optimizer, cfg.warmup_steps, max(cfg.steps, 1))
-    wrapped, optimizer = accelerator.prepare(model, optimizer)
+    if replicated:
+        wrapped = model.to(accelerator.device)
+    else:
+        wrapped, optimizer = accelerator.prepare(model, optimizer)
     wrapped.train()
     running: dict[str, float] = {}
     steps_run = 0
     progress = tqdm(range(1, cfg.steps + 1), desc=desc, leave=False, disable=not accelerator.is_main_process)
     for step in progress:
-        rows = shard(accelerator, torch.randint(n_rows, (cfg.batch_size,), generator=generator).tolist())
-        loss, extras = loss_fn(wrapped, rows, accelerator.device)
+        rows = torch.randint(n_rows, (cfg.batch_size,), generator=generator).tolist()
+        with accelerator.autocast() if replicated else contextlib.nullcontext():  # prepared: autocast in forward
+            loss, extras = loss_fn(wrapped, rows if replicated else shard(accelerator, rows), accelerator.device)
         if not torch.isfinite(loss):
             raise TndError(f"{name}: training loss became {loss.item()} at step {step}; lower "
                            f"{name}.train.learning_rate or check the training data for extreme values")
-        accelerator.backward(loss)
-        grad_norm = accelerator.clip_grad_norm_(wrapped.parameters(), cfg.max_grad_norm)
+        if replicated:
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+        else:
+            accelerator.backward(loss)
+            grad_norm = accelerator.clip_grad_norm_(wrapped.parameters(), cfg.max_grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         scheduler.step()
@@ -174,6 +185,7 @@ def fit(
         if validation.step(step, loss.item()):
             break
     progress.close()
+    accelerator.unwrap_model(wrapped, keep_fp32_wrapper=False)  # the model's own forward back (no autocast patch)
     accelerator.free_memory()  # drops the wrapper (DDP's hooks go with it) before a later stage prepares the model
     summary = validation.finish(steps_run)
     model.eval()

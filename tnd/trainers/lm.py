@@ -21,28 +21,12 @@ import torch
 from accelerate import Accelerator
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from tnd.data.tokenizer import encode
+from tnd.batching import IGNORE_INDEX, collate, encode_for_lm
 from tnd.engine import make_accelerator
-from tnd.generation import right_pad
 from tnd.trainers.fit import Validation, fit
 
 if TYPE_CHECKING:  # annotations only: the trainer runs without pydantic (the GPU image)
     from tnd.config import LMTrainParams
-
-IGNORE_INDEX = -100
-
-
-def encode_for_lm(tokenizer: PreTrainedTokenizerBase, texts: list[str], max_length: int) -> list[list[int]]:
-    """bos + text + eos, truncated to max_length (the eos is dropped when truncated)."""
-    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
-    return [([bos] + encode(tokenizer, text) + [eos])[:max_length] for text in texts]
-
-
-def collate(sequences: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-padded batch; pad positions get no loss."""
-    input_ids, attention_mask = right_pad(sequences, pad_id)
-    labels = input_ids.masked_fill(attention_mask == 0, IGNORE_INDEX)
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
 def pretrain_lm(

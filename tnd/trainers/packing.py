@@ -2,8 +2,8 @@
 without the padding.
 
 A PPO batch is mostly padding once the student has learnt to stop at eos: prompts are
-left-padded and responses right-padded to the longest in the batch (benchmarks/ppo_step.py's
-mini-batches from the warm-started default student: 9 real tokens per row, 17 columns).
+left-padded and responses right-padded to the longest in the batch (tnd/batching.py), so one
+long sample widens every row.
 `forward_at` lays the real tokens of each row back to back into packed rows no wider than the
 batch (first fit: a short sequence fills a gap left in an earlier row), with position ids
 that restart at 0 for every sequence and no attention mask. transformers then builds a
@@ -30,10 +30,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-
-def positions(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Position ids that skip left padding: 0 at each row's first real token."""
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+from tnd.batching import positions
 
 
 def _place(used: list[int], n: int, width: int) -> int:

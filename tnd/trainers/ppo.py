@@ -1,86 +1,38 @@
 """PPO on the student's own samples ("trials") plus distillation on the teacher's cached
-demonstrations ("demonstrations"): the TnD trainer (Ma, Wang & Chai, NAACL 2025).
+demonstrations: the TnD trainer (Ma, Wang & Chai, NAACL 2025). What it does for a user, its modes,
+the paper's recipe and how it differs from TRL: README.md, "Training: Trials and Demonstrations".
 
-The PPO part is the PPO-for-language-models formulation of Ziegler et al. (2019), term by
-term as TRL's `PPOTrainer` computes it (trl/trainer/ppo_trainer.py, v0.11) and with the
-loop layout of cleanrl's ppo.py:
+One `step`, term by term as TRL's `PPOTrainer` (v0.11) computes it, laid out as cleanrl's ppo.py:
 
-  rollout     prompts -> student samples continuations (stop at eos; the response mask
-              covers the tokens up to and including the first eos)
-  score       reward model on bos + prompt + continuation -> score; optional scaling /
-              normalisation by running statistics and clipping (TRL `use_score_scaling`,
-              `use_score_norm`, `score_clip`); non-finite scores drop their sample
-  old policy  logp_old(t) = log pi_student(a_t | s_t),  V_old(t),  logp_ref(t)  (no grad;
-              logits divided by the sampling temperature, as TRL PPOv2 does)
-  rewards     kl_t = logp_old(t) - logp_ref(t);  r_t = -kl_coef * kl_t  (+ score on the last
-              response token)
-  GAE         delta_t = r_t + gamma V(t+1) - V(t),  A_t = delta_t + gamma lam A_(t+1),
-              V = 0 after the last response token;  returns R_t = A_t + V_old(t);
-              advantages whitened over the valid tokens (masked mean / unbiased var, TRL)
-  update      ppo_epochs passes over shuffled mini-batches (gradient accumulation):
-                ratio   = exp(logp - logp_old)
-                L_clip  = mean max(-A ratio, -A clip(ratio, 1 - eps, 1 + eps))
-                L_value = 0.5 mean max((V - R)^2, (V_old + clip(V - V_old, -eps_v, eps_v) - R)^2)
-                L       = L_clip + vf_coef L_value - ent_coef H  (+ distillation terms below)
-              gradients clipped at max_grad_norm; optional early stop of the epochs when an epoch
-              ends with the policy KL (k1, its last mini-batch) above 1.5 * target_kl
-  KL control  adaptive (Ziegler et al.): e = clip(KL / kl_target - 1, -0.2, 0.2),
-              kl_coef *= 1 + e * n / kl_horizon (n = samples in the batch), or fixed
+  rollout     one continuation per prompt (cut after the first eos); the reward model scores
+              prompt + continuation (`compute_scores`), then scaling / normalisation / clipping;
+              a non-finite score drops its sample
+  old policy  logp_old, V_old, logp_ref at the response tokens (no grad; logits / temperature)
+  rewards     r_t = -kl_coef (logp_old(t) - logp_ref(t)), plus the score on the last response token
+  GAE         delta_t = r_t + gamma V(t+1) - V(t), A_t = delta_t + gamma lam A_(t+1), R_t = A_t + V_old(t);
+              advantages whitened over the valid tokens
+  update      ppo_epochs over shuffled mini-batches: clipped policy loss + vf_coef clipped value loss
+              - ent_coef entropy (+ the demonstrations' distillation loss); gradients clipped; the
+              epochs stop early on the policy KL
+  KL control  adaptive (Ziegler et al.) or fixed
+  extras      online distillation on the trials; LM steps on the rollout and on lm_data
 
-Demonstrations (tnd.mode = trials_and_demos | demos_only), tnd.demos_as:
+Demonstrations (`demos_as`): "distill" adds distill_coef x their top-k distillation loss to every
+mini-batch's loss, in the same optimizer steps, so Adam, clipping and the schedule see one objective
+(demos_only runs the same loop without the PPO terms); "ppo" puts them into the PPO batch with the
+fixed score `demo_score`.
 
-* "distill" (default): one batch of `demo_batch_size` cached demonstrations is drawn per step
-  (seeded generator). In every PPO epoch it is shuffled and split into as many slices as
-  there are PPO mini-batches, and each mini-batch's loss gets
-  `distill_coef * topk_distill_loss(student logits at target positions, cached top-k)`.
-  So the distillation term sits in the *same* optimizer steps as the PPO loss and, like
-  every trial, each demonstration is used once per epoch. Why there and not as a separate
-  step: the student then follows the gradient of one objective L_PPO + coef * L_distill --
-  Adam's moment estimates, gradient clipping and the learning-rate schedule all see the
-  sum (separate steps would make Adam alternate between two objectives and clip each on its
-  own), and `distill_coef` has one clear meaning: the weight of the demonstrations relative
-  to the trials. `demos_only` runs exactly the same loop with the PPO terms removed, so the
-  two modes get the same amount of demonstration signal and compare cleanly (demos_only always
-  uses this KL loss, whatever demos_as says). With fewer demonstrations than mini-batches some
-  mini-batches simply get no distillation term.
-* "ppo" (the paper's recipe): demonstrations join the PPO batch as extra samples whose
-  score is the fixed `demo_score` (in processed-score units; not fed into the running
-  score statistics); they get the same KL penalty, values and GAE as the trials.
+Engine: accelerate (tnd/engine.py). The student and its value head are one prepared module
+(`ForwardAt`) that every training forward goes through (one forward per backward: a mini-batch's PPO
+rows and demonstrations side by side); generation runs on the unwrapped student. With N processes each
+works on 1/N of every batch; what steers training (score statistics, the KL for the controller and for
+early stopping, the non-finite count) is reduced over processes, the other stats are process 0's, and
+advantages are whitened per process, as in TRL.
 
-Optional extras: online distillation on the trials against the teacher's dense logits
-(`distill_online`, weight `distill_online_coef`; not in trials_only, which learns nothing from the
-teacher), and plain LM steps (next-token cross-entropy), both after each PPO update:
-`lm_on_rollout` (one step on the PPO batch's trials + demonstrations) and `lm_steps_per_ppo_step`
-steps of `lm_batch_size` sequences of `lm_data` -- demonstration continuations (only when the mode
-has demonstrations) or texts of the training corpus (`lm_dataset=`, in every mode). They use the PPO
-optimizer, or their own AdamW when `lm_learning_rate` is set. The paper's recipe (sled-group/TnD,
-the `params/tnd_original.yaml` preset) uses both on its own AdamW, with `demos_as = ppo`,
-`demos_from = teacher` (the teacher continues the step's prompts) and `score_offset = log2_step`
-(every score in the PPO batch minus log2(step)).
-
-The engine is accelerate's (tnd/engine.py), as in TRL: the student and its value head form one
-module (`ForwardAt`) that goes through `accelerator.prepare` with the optimizer, so one process,
-DDP, FSDP or DeepSpeed run the same code; every training forward goes through it (one forward per
-backward: a mini-batch's PPO rows and demonstrations run side by side), gradient accumulation
-through `accelerator.accumulate`, clipping through `accelerator.clip_grad_norm_`, and generation on
-the unwrapped student. Trainable weights are fp32 whatever the checkpoint's dtype; mixed precision
-is autocast. With N processes (`accelerate launch --num_processes N`) each samples, scores and
-updates on 1/N of every batch of prompts and demonstrations. What steers training is global (the
-score statistics, the KL fed to the controller, the early-stopping KL, the non-finite count and
-the skip decision, through accelerate's gather / reduce), while the other stats are process 0's.
-Advantages are whitened per process, as in TRL.
-
-Forward passes in the rollout and the update run padding-free (`padding_free`, on by default):
-the real tokens of several sequences share a row, kept apart by position ids, so the model
-never computes on padding, and the output head runs only where the losses read it
-(tnd/trainers/packing.py; a model that fails the packing check runs on the padded batch).
-The losses are then taken over the mini-batch's response tokens, flat.
-
-Stats: every step returns the same keys (`STAT_KEYS`); a quantity that was not computed in
-that step (no PPO update in demos_only, a skipped step, no demonstrations) is NaN.
-Dropout is switched off in the student for the whole run (the student stays in eval mode, as
-TRL PPOv2's `disable_dropout`), so the first mini-batch has ratio exactly 1 and a CPU run is
-bit-exactly resumable from `state_dict()`.
+Forwards run padding-free when `padding_free` (tnd/trainers/packing.py); the losses are over the
+mini-batch's response tokens, flat. Every step returns the keys of `STAT_KEYS`; one not computed in
+that step is NaN. Dropout is off in the student for the whole run, so the first mini-batch has ratio 1
+and a CPU run resumes bit-exactly from `state_dict()`.
 """
 
 from __future__ import annotations
@@ -108,11 +60,12 @@ from transformers import (
     get_linear_schedule_with_warmup,
 )
 
+from tnd.batching import lm_positions, prompt_response_batch, response_predictors, right_pad, stack_padded
 from tnd.engine import (
     MIXED_PRECISION, ForwardAt, make_accelerator, prepare_frozen, set_deepspeed_micro_batch, shard, unwrap_for_generation,
 )
 from tnd.errors import TndError
-from tnd.generation import left_pad, right_pad, sample_continuations
+from tnd.generation import sample_continuations
 from tnd.models import check_vocab
 from tnd.trainers.packing import chunks, supports_packing
 from tnd.trainers.reward import score_token_ids
@@ -616,19 +569,6 @@ def _scatter(flat: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _side_by_side(blocks: list[tuple[torch.Tensor, ...]], pad_id: int) -> tuple[torch.Tensor, ...]:
-    """Blocks of (ids, attention mask, positions) [B_i, T_i] as one batch: right-padded to the widest, rows
-    stacked in order. No rows at all: one row of a single pad token that marks no position."""
-    if len(blocks) == 1 and len(blocks[0][0]):
-        return blocks[0]
-    width = max(ids.shape[1] for ids, _, _ in blocks)
-    ids, mask, at = (torch.cat([F.pad(block[i], (0, width - block[i].shape[1]), value=fill) for block in blocks])
-                     for i, fill in ((0, pad_id), (1, 0), (2, False)))
-    if not len(ids):
-        ids, mask, at = ids.new_full((1, 1), pad_id), mask.new_ones((1, 1)), at.new_zeros((1, 1))
-    return ids, mask, at
-
-
 def accelerator_for(config: CustomPPOConfig) -> Any:
     """The Accelerator a trainer with `config` needs: its mixed precision and gradient accumulation, and DDP
     told when some backward passes leave the value head out."""
@@ -650,7 +590,8 @@ def _nan() -> float:
     return float("nan")
 
 
-def _mean(values: list[float]) -> float:
+def _mean_or_nan(values: list[float]) -> float:
+    """The plain mean; NaN when there is no value, as every stat not computed in a step (STAT_KEYS)."""
     return sum(values) / len(values) if values else float("nan")
 
 
@@ -825,8 +766,8 @@ class CustomPPOTrainer:
         optimizer_cls = getattr(torch.optim, cfg.optimizer_name)
         params = self.trainable_parameters()
         kwargs = dict(cfg.optimizer_kwargs)
-        # One fused kernel per step instead of a loop over the tensors: on CPU AdamW's step is 3-4x faster
-        # (0.28 against 1.0 ms on the default student), a tenth of a PPO update. optimizer_kwargs win.
+        # One fused kernel per step instead of a loop over the tensors: the optimizer step of a small model is
+        # launch-bound, and fusing removes most of that overhead. optimizer_kwargs win.
         if ("fused" in inspect.signature(optimizer_cls).parameters and not {"fused", "foreach"} & set(kwargs)
                 and all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)):
             kwargs["fused"] = True
@@ -962,28 +903,13 @@ class CustomPPOTrainer:
         step = self.global_step * self.accelerator.num_processes + self.accelerator.process_index
         return ((self.config.seed + stream) * 1_000_003 + step) % (2**63)
 
-    def _padded_batch(self, prompts: list[list[int]], responses: list[list[int]]):
-        """Prompts left-padded, responses right-padded after them: ids, attention mask, P, response mask."""
-        prompt_ids, prompt_mask = left_pad(prompts, self.pad_id)
-        response_ids, response_mask = right_pad(responses, self.pad_id)
-        ids = torch.cat([prompt_ids, response_ids], 1).to(self.device)
-        mask = torch.cat([prompt_mask, response_mask], 1).to(self.device)
-        return ids, mask, prompt_ids.shape[1], response_mask.bool().to(self.device)
-
-    @staticmethod
-    def _predictors(response_mask: torch.Tensor, prompt_width: int) -> torch.Tensor:
-        """[B, P + R] bool: the positions P-1 .. P+R-2 whose outputs predict the response tokens."""
-        at = torch.zeros(response_mask.shape[0], prompt_width + response_mask.shape[1], dtype=torch.bool,
-                         device=response_mask.device)
-        at[:, prompt_width - 1 : -1] = response_mask
-        return at
 
     @torch.no_grad()
     def _old_policy(self, ids, mask, prompt_width, response_mask):
         """logp_old, values, entropy, ref logp [B, R] (and teacher logits [B, R, V] for online distillation),
         in chunks no larger than a padded mini-batch."""
         out = {k: [] for k in ("logprobs", "values", "entropy", "ref_logprobs", "teacher_logits")}
-        at = self._predictors(response_mask, prompt_width)
+        at = response_predictors(response_mask, prompt_width)
         tokens = ids[:, prompt_width:]
         for sl in chunks(mask, self.config.mini_batch_size, all(self._packed.values())):
             rmask = response_mask[sl]
@@ -1036,7 +962,8 @@ class CustomPPOTrainer:
     ) -> Rollout:
         """Old-policy quantities, per-token rewards, GAE advantages and returns for a scored batch."""
         cfg = self.config
-        ids, mask, prompt_width, response_mask = self._padded_batch(prompts, responses)
+        ids, mask, prompt_width, response_mask = prompt_response_batch(prompts, responses, self.pad_id)
+        ids, mask, response_mask = ids.to(self.device), mask.to(self.device), response_mask.to(self.device)
         old = self._old_policy(ids, mask, prompt_width, response_mask)
         scores = raw_scores.to(self.device).float()
         rewards, kl = per_token_rewards(scores, old["logprobs"], old["ref_logprobs"], response_mask, self.kl_ctl.value)
@@ -1064,11 +991,11 @@ class CustomPPOTrainer:
         if rollout is not None:
             response_mask = rollout.response_mask[index]
             blocks.append((rollout.input_ids[index], rollout.attention_mask[index],
-                           self._predictors(response_mask, rollout.prompt_width)))
+                           response_predictors(response_mask, rollout.prompt_width)))
         if demo is not None:
             blocks.append((demo["input_ids"][demo_rows], demo["attention_mask"][demo_rows],
                            demo["target_mask"][demo_rows].bool()))
-        ids, mask, at = _side_by_side(blocks, self.pad_id)
+        ids, mask, at = stack_padded(blocks, self.pad_id)
         logits, values = self.get_student_logits(ids, mask, at, return_values=True, values=rollout is not None)
         # PPO rows come first (the count costs a device sync: only when demonstrations follow them)
         n_ppo = 0 if rollout is None else len(logits) if demo is None else int(at[: len(index)].sum())
@@ -1094,7 +1021,7 @@ class CustomPPOTrainer:
         cfg = self.config
         ids, response_mask = rollout.input_ids[index], rollout.response_mask[index]
         if logits is None:
-            at = self._predictors(response_mask, rollout.prompt_width)
+            at = response_predictors(response_mask, rollout.prompt_width)
             logits, values = self.get_student_logits(ids, rollout.attention_mask[index], at, return_values=True)
         # everything below is over the M response tokens of the mini-batch, flat and row-major
         logp, entropy = self._logprobs(logits, ids[:, rollout.prompt_width :][response_mask])
@@ -1183,7 +1110,7 @@ class CustomPPOTrainer:
         if ppo_batch is not None and cfg.lm_on_rollout:  # 4
             stats["loss/lm_rollout"] = self._lm_update(ppo_batch.input_ids, ppo_batch.attention_mask)
         if cfg.lm_steps:
-            stats["loss/lm"] = _mean([self._lm_update(*self._lm_batch()) for _ in range(cfg.lm_steps)])
+            stats["loss/lm"] = _mean_or_nan([self._lm_update(*self._lm_batch()) for _ in range(cfg.lm_steps)])
         if ppo_batch is not None:  # 5
             self.kl_ctl.update(stats["objective/kl"], ppo_batch.n_trials)
         self._finish_step(stats, start)
@@ -1314,16 +1241,8 @@ class CustomPPOTrainer:
         demo = self._demo_batch(shard(self.accelerator, self._draw(len(self.demonstrations), cfg.lm_batch_size)))
         return demo["input_ids"], demo["attention_mask"], demo["target_mask"].bool()
 
-    @staticmethod
-    def lm_positions(mask: torch.Tensor, at: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """[B, T] bool: the positions of `at` (default: every real token) whose next token is real."""
-        at = mask.bool() if at is None else at.bool().clone()
-        at[:, :-1] &= mask[:, 1:].bool()
-        at[:, -1] = False  # no next token after the last column
-        return at
-
     def lm_loss(self, ids: torch.Tensor, mask: torch.Tensor, at: torch.Tensor) -> torch.Tensor:
-        """Summed next-token cross-entropy of the student at the positions `at` (from lm_positions)."""
+        """Summed next-token cross-entropy of the student at the positions `at` (from tnd.batching.lm_positions)."""
         logits = self.get_student_logits(ids, mask, at)
         return F.cross_entropy(logits.float(), ids[:, 1:][at[:, :-1]], reduction="sum")
 
@@ -1331,7 +1250,7 @@ class CustomPPOTrainer:
         """One optimizer step (the LM optimizer when there is one) on the mean next-token cross-entropy at
         lm_positions(mask, at); rows in chunks of mini_batch_size, gradients accumulated and synchronised
         with the last chunk's backward. Returns the loss."""
-        at = self.lm_positions(mask, at)
+        at = lm_positions(mask, at)
         optimizer = self.lm_optimizer or self.optimizer
         n_tokens = at.sum().clamp_min(1)
         total = torch.zeros((), device=self.device)

@@ -5,7 +5,7 @@ Two objectives (reward.objective):
                 loss = -log sigmoid(r(chosen) - r(rejected) - margin)
   regression -- mean squared error to a numeric label, on rows {"text", "label"}
 
-Texts are always scored as bos + text + eos (as in `tnd.trainers.lm.encode_for_lm`),
+Texts are always scored as bos + text + eos (as in `tnd.batching.encode_for_lm`),
 right-padded, and the classifier reads the last non-pad token (HF finds it through
 `config.pad_token_id`). Token-id sequences -- PPO's trials, the cached demonstrations,
 evaluate's samples -- all go through `score_token_ids`: bos in front when missing, scored
@@ -31,12 +31,12 @@ from accelerate import Accelerator
 from torch import nn
 from transformers import AutoModelForSequenceClassification, LlamaForSequenceClassification, PreTrainedModel, PreTrainedTokenizerBase
 
+from tnd.batching import collate, encode_for_lm
 from tnd.data.tokenizer import encode
-from tnd.errors import TndError
-from tnd.models import check_vocab, llama_config
 from tnd.engine import make_accelerator
+from tnd.errors import TndError, one_line
+from tnd.models import check_vocab, llama_config
 from tnd.trainers.fit import Validation, fit
-from tnd.trainers.lm import collate, encode_for_lm
 
 if TYPE_CHECKING:  # annotations only: the trainer runs without pydantic (the GPU image)
     from tnd.config import ArchParams, RewardParams
@@ -61,7 +61,7 @@ def load_reward_model(source: str | Path, tokenizer: PreTrainedTokenizerBase) ->
         model = AutoModelForSequenceClassification.from_pretrained(str(source))
     except Exception as exc:
         raise TndError(
-            f"reward: could not load a sequence classifier from '{source}' ({' '.join(str(exc).split())[:200]}); "
+            f"reward: could not load a sequence classifier from '{source}' ({one_line(exc, 200)}); "
             "check reward.source or rerun `dvc repro train_reward`"
         ) from None
     num_labels = model.config.num_labels
@@ -336,9 +336,8 @@ def load_labelled_texts(path: str | Path, text_field: str, label_field: str) -> 
 
 def _validation_score(metrics: dict[str, float]) -> tuple[float, ...]:
     """Pairwise: held-out accuracy first (what PPO needs of a reward is the ranking), the loss to break its ties:
-    on nursery pairs the Bradley-Terry loss of held-out pairs swings with a few confident mistakes while the
-    accuracy still climbs, and stopping on the loss ended near step 1,000 with 2 to 4 points less held-out
-    accuracy than the full 3,000 steps. Regression: the MSE."""
+    the Bradley-Terry loss of held-out pairs swings with a few confident mistakes while the accuracy still
+    climbs, so stopping on the loss stops too early and keeps a less accurate model. Regression: the MSE."""
     if "eval_accuracy" in metrics:
         return (metrics["eval_accuracy"], -metrics["eval_loss"])
     return (-metrics["eval_loss"],)
