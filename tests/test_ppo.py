@@ -495,7 +495,8 @@ def test_gradient_checkpointing_changes_nothing_but_memory(tokenizer, prompts):
 
 def test_teacher_demonstrations_continue_the_trials_prompts_and_scores_fall_by_log2_step(tokenizer, prompts):
     trainer = make_trainer(tokenizer, prompts, demos_as="ppo", demos_from="teacher", demo_score=3.0,
-                           score_offset="log2_step", with_demos=False)  # no cache needed
+                           score_offset="log2_step", with_demos=False,  # no cache needed
+                           use_score_scaling=False, use_score_norm=False)  # trial scores: raw - log2(step)
     seen = []
     original = trainer.make_rollout
     trainer.make_rollout = lambda p, r, scores, is_demo: seen.append((p, r, scores, is_demo)) or original(
@@ -559,7 +560,8 @@ def test_kl_to_initial_student_starts_at_zero_and_controller_moves(tokenizer, pr
 @pytest.mark.parametrize("early_stopping, epochs", [(False, 3.0), (True, 1.0)])
 def test_early_stopping_ends_the_epochs(tokenizer, prompts, early_stopping, epochs):
     trainer = make_trainer(tokenizer, prompts, mode="trials_only", with_demos=False, ppo_epochs=3,
-                           early_stopping=early_stopping, target_kl=1e-12)
+                           early_stopping=early_stopping, target_kl=1e-12,
+                           use_score_scaling=False, use_score_norm=False)  # the k1 KL here > 0 on raw scores
     # the first mini-batch is on-policy (KL 0); the epoch's last one, after an update, sees KL > 1.5 * target_kl
     assert trainer.step(trainer.next_prompts())["ppo/epochs"] == epochs
 

@@ -169,12 +169,12 @@ class PPOParams(Section):
     init_kl_coef: NonNegativeFloat = 0.05
     adap_kl_ctrl: bool = True
     kl_target: PositiveFloat = 6.0
-    kl_horizon: PositiveInt = 10000
+    kl_horizon: PositiveInt = 640
     kl_reference: Literal["teacher", "initial_student"] = "teacher"
     early_stopping: bool = False
     target_kl: PositiveFloat = 1.0
-    use_score_scaling: bool = False
-    use_score_norm: bool = False
+    use_score_scaling: bool = True
+    use_score_norm: bool = True
     score_clip: Optional[PositiveFloat] = None
     optimizer_name: str = "AdamW"
     optimizer_kwargs: dict[str, Any] = {}

@@ -146,12 +146,12 @@ class CustomPPOConfig:
     init_kl_coef: float = 0.05
     adap_kl_ctrl: bool = True
     kl_target: float = 6.0
-    kl_horizon: int = 10000
+    kl_horizon: int = 640
     kl_reference: str = "teacher"
     early_stopping: bool = False
     target_kl: float = 1.0
-    use_score_scaling: bool = False
-    use_score_norm: bool = False
+    use_score_scaling: bool = True
+    use_score_norm: bool = True
     score_clip: Optional[float] = None
     optimizer_name: str = "AdamW"
     optimizer_kwargs: dict = field(default_factory=dict)
