@@ -53,3 +53,21 @@ def test_ddp_sync_benchmark_smoke(tmp_path):
     record = json.loads(out.read_text())
     assert record["meta"]["backend"] == "gloo" and record["meta"]["tensors"] > 1
     assert record["flat_allreduce_ms"] > 0 and record["per_param_ms"] > 0 and record["step_s"] > 0
+
+
+def test_cache_format_benchmark_smoke(tmp_path):
+    """Bytes per token of the old and new layouts at both vocabularies, and the reconstruction KL of a 32k-style
+    teacher (tiny here), come out of the script."""
+    out = tmp_path / "cache.json"
+    proc = subprocess.run(
+        [sys.executable, "benchmarks/cache_format.py", "--smoke", "--project", str(tmp_path), "--out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    record = json.loads(out.read_text())
+    sizes = {(row["vocab"], row["format"]): row["bytes_per_token"] for row in record["bytes_per_token"]}
+    assert set(sizes) == {(v, f) for v in (32000, 128256) for f in ("v2", "v3-compact", "v3-float16")}
+    assert sizes[(128256, "v2")] > 770 and sizes[(128256, "v3-compact")] < sizes[(128256, "v2")] / 2
+    teacher = record["reconstruction"][-1]
+    assert teacher["rows"] > 0 and set(teacher["kl"]) == {"compact", "float16", "bfloat16"}
+    assert all(stats["mean"] >= 0 for stats in teacher["kl"].values())

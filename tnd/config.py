@@ -146,9 +146,12 @@ class CacheParams(Section):
     sample_temperature: PositiveFloat = 1.0
     sample_top_k: NonNegativeInt = 0  # 0 = no top-k filtering
     sample_top_p: typing.Annotated[float, Field(gt=0, le=1)] = 1.0
-    dtype: Literal["float16", "bfloat16", "float32"] = "float16"
+    # the top-k log-probs on disk: compact (2.8125 bits a log-prob, ~329 bytes/token at V=128k, k=128;
+    # tnd/cache.py) | float16 | bfloat16 | float32 (exact)
+    dtype: Literal["compact", "float16", "bfloat16", "float32"] = "compact"
     batch_size: PositiveInt = 64
-    shard_tokens: PositiveInt = 65536
+    shard_tokens: PositiveInt = 65536  # about this many target tokens per shard (whole batches of prompts)
+    chunk_tokens: PositiveInt = 1024  # teacher logits [chunk_tokens, V] computed at a time (memory: not [B, T, V])
 
 
 class PPOParams(Section):
@@ -238,7 +241,7 @@ class KernelParams(Section):
 
 
 class EngineParams(Section):
-    processes: PositiveInt = 1  # processes of the training stages (teacher, reward, train_ppo); dvc repro starts them
+    processes: PositiveInt = 1  # processes of the training stages (teacher, reward, train_ppo) and cache_teacher_logits; dvc repro starts them
     config: Optional[str] = None  # an accelerate config file (configs/ddp.yaml, fsdp.yaml, zero3.yaml)
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"  # autocast; trainable weights stay fp32
     gradient_checkpointing: bool = False  # recompute the student's activations in the backward
