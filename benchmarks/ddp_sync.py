@@ -30,11 +30,11 @@ from types import SimpleNamespace
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from tnd.config import load_params  # noqa: E402
 from tnd.data.nursery import generate_sentences  # noqa: E402
 from stages.common import free_port  # noqa: E402
 from tnd.data.prompts import make_prompts  # noqa: E402
@@ -69,7 +69,8 @@ def worker(rank: int, port: int, args, out: str) -> None:
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)  # two processes on a 2-core machine
-    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params = load_params(ROOT / "params.yaml")
+    raw = params.model_dump()
     arch = lambda section: SimpleNamespace(**{**raw[section]["arch"], **(SMOKE_ARCH if args.smoke else {})})  # noqa: E731
     texts = generate_sentences(400 if args.smoke else 4000, raw["seed"])
     tokenizer = train_bpe(texts, 400 if args.smoke else raw["tokenizer"]["vocab_size"])
@@ -77,7 +78,7 @@ def worker(rank: int, port: int, args, out: str) -> None:
     overrides = dict(mode="trials_only", kernel_backend="torch")
     if args.smoke:
         overrides.update(batch_size=8, mini_batch_size=4, ppo_epochs=1, max_new_tokens=4)
-    config = CustomPPOConfig.from_params(raw, **overrides)
+    config = CustomPPOConfig.from_params(params, **overrides)
     trainer = CustomPPOTrainer(build_causal_lm(arch("teacher"), tokenizer, 1), build_causal_lm(arch("student"), tokenizer, 2),
                                build_reward_model(arch("reward"), tokenizer, 3), config, prompts, tokenizer=tokenizer)
     accelerator = trainer.accelerator

@@ -382,8 +382,6 @@ def make_trl(workdir: Path, settings: dict):
 
 def build_workdir(workdir: Path, args) -> dict:
     """Tokenizer, models, prompt batches and PPO settings, written for both sides to load."""
-    import dataclasses
-
     sys.path.insert(0, str(ROOT))
     from tnd.config import load_params
     from tnd.data.nursery import generate_sentences
@@ -424,7 +422,7 @@ def build_workdir(workdir: Path, args) -> dict:
     responses = sample_continuations(student, tokenizer, prompts, config.max_new_tokens, params.seed,
                                      config.temperature, config.top_k, config.top_p, batch_size=size)
     settings = {
-        "ppo": dataclasses.asdict(config), "threads": args.threads,
+        "ppo": config.model_dump(), "threads": args.threads,
         "batches": [prompts[i : i + size] for i in range(0, len(prompts), size)],
         "responses": [responses[i : i + size] for i in range(0, len(responses), size)],
         "special_tokens": {"pad_token": tokenizer.pad_token, "bos_token": tokenizer.bos_token,

@@ -5,8 +5,8 @@ Both runs start from the same models, prompts and demonstrations with the same s
 differ only in `kernels.backend`: their first-step losses agree to rounding, and later steps
 drift apart only as far as rounding differences grow through training.
 
-Runs where pydantic, dvc and mlflow are missing (the GPU image): params.yaml is read as plain
-YAML, the models are built from its `*.arch` sections (the student gets its `student.train`
+Runs where dvc and mlflow are missing (the GPU image; pydantic comes from wheels carried in .whl/, see
+benchmarks/run_gpu.sh): the models are built from params.yaml's `*.arch` sections (the student gets its `student.train`
 LM warm-up, the teacher `--teacher-steps` LM steps, the reward model stays random: speed does
 not depend on it), the tokenizer is trained on nursery sentences and `--demos` teacher
 demonstrations are cached into a temporary directory.
@@ -34,19 +34,19 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import torch
-import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from tnd.cache import CacheWriter, TeacherCache  # noqa: E402
+from tnd.config import CustomPPOConfig, Params, load_params  # noqa: E402
 from tnd.data.nursery import generate_sentences  # noqa: E402
 from tnd.data.prompts import make_prompts  # noqa: E402
 from tnd.data.tokenizer import train_bpe  # noqa: E402
 from tnd.engine import make_accelerator  # noqa: E402
 from tnd.generation import sample_continuations  # noqa: E402
 from tnd.models import build_causal_lm  # noqa: E402
-from tnd.trainers import CustomPPOConfig, CustomPPOTrainer  # noqa: E402
+from tnd.trainers import CustomPPOTrainer  # noqa: E402
 from tnd.trainers.lm import pretrain_lm  # noqa: E402
 from tnd.trainers.reward import build_reward_model  # noqa: E402
 
@@ -106,13 +106,13 @@ def build(raw: dict, args, device: torch.device):
     return tokenizer, teacher, student, reward, TeacherCache(cache_dir), prompts
 
 
-def run_backend(backend: str, raw: dict, models, args, device: torch.device) -> dict:
+def run_backend(backend: str, params: Params, models, args, device: torch.device) -> dict:
     tokenizer, teacher, student, reward, cache, prompts = models
     overrides = {"kernel_backend": backend, "mixed_precision": args.mixed_precision}
     if args.smoke:
         overrides.update(batch_size=8, mini_batch_size=4, ppo_epochs=1, max_new_tokens=4, demo_batch_size=4)
-    config = CustomPPOConfig.from_params(raw, **overrides)
-    torch.manual_seed(raw["seed"])
+    config = CustomPPOConfig.from_params(params, **overrides)
+    torch.manual_seed(params.seed)
     trainer = CustomPPOTrainer(teacher, copy.deepcopy(student), reward, config, train_dataset=prompts,
                                demonstrations=cache, tokenizer=tokenizer)
     phase: dict = {}
@@ -196,10 +196,10 @@ def main() -> None:
     if args.smoke:
         args.steps, args.warmup = 1, 1
     device = torch.device(args.device)
-    raw = yaml.safe_load(Path(args.params).read_text())
-    torch.manual_seed(raw["seed"])
-    models = build(raw, args, device)
-    results = {backend: run_backend(backend, raw, models, args, device) for backend in ("triton", "torch")}
+    params = load_params(args.params)
+    torch.manual_seed(params.seed)
+    models = build(params.model_dump(), args, device)
+    results = {backend: run_backend(backend, params, models, args, device) for backend in ("triton", "torch")}
     diffs = compare(results["triton"], results["torch"])
     name = torch.cuda.get_device_name(device).replace(" ", "-") if device.type == "cuda" else "cpu"
     engine = results["torch"]["engine"].lower().removeprefix("distributedtype.")

@@ -15,11 +15,10 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 import torch
-import yaml
 from torch import nn
 
 from tests.conftest import ROOT
-from tnd.config import ArchParams
+from tnd.config import ArchParams, load_params
 from tnd.data.tokenizer import train_bpe
 from tnd.models import build_causal_lm
 from tnd.trainers import CustomPPOConfig, CustomPPOTrainer
@@ -55,9 +54,8 @@ def trials_only_rewards(seed: int, steps: int) -> list[float]:
         prompts.append([tokenizer.bos_token_id] + ids[: 1 + len(prompts) % 3])  # 2 to 4 tokens
     teacher = build_causal_lm(ARCH, tokenizer, 1)  # the KL reference (kl_reference: teacher)
     student = build_causal_lm(ARCH, tokenizer, 2)
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
     config = CustomPPOConfig.from_params(
-        {**params, "seed": seed}, mode="trials_only", steps=steps, batch_size=16, mini_batch_size=4,
+        load_params(ROOT / "params.yaml"), seed=seed, mode="trials_only", steps=steps, batch_size=16, mini_batch_size=4,
         max_new_tokens=6, kernel_backend="torch",
     )
     trainer = CustomPPOTrainer(teacher, student, SpreadReward(range(3, 60)), config, prompts, tokenizer=tokenizer)

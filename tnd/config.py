@@ -4,6 +4,9 @@ Every stage reads params through `load_params`, so a typo or a bad value fails t
 same way everywhere: one line naming the key, the value and what is allowed, raised
 as `ParamsError` (stages turn it into exit code 2). Sections forbid unknown keys, so
 `ppo.learnng_rate` is an error that suggests `ppo.learning_rate`, not a silent no-op.
+
+`CustomPPOConfig`, the trainer's settings for library users, is the same parameters flat (`TRAINER_FIELDS`):
+its fields are these sections' fields, so a type, default, bound or rule is written once.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from typing import Any, Literal, Optional
 
 import annotated_types
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
 
 from tnd.errors import ParamsError, one_line
 
@@ -314,18 +317,10 @@ class Params(Section):
                 "distribution cannot be re-tempered exactly; set both (changing cache.temperature reruns "
                 "cache_teacher_logits)"
             )
-        if self.tnd.mode in ("trials_only", "lm_only") and self.distill.online:
-            raise ValueError(
-                f"distill.online learns from the teacher, which tnd.mode: {self.tnd.mode} excludes; "
-                "set distill.online: false or tnd.mode: trials_and_demos"
-            )
-        if self.tnd.mode == "lm_only" and (self.tnd.lm_data != "corpus" or not self.tnd.lm_steps_per_ppo_step):
-            raise ValueError(
-                "tnd.mode: lm_only (the paper's baseline: no trials, no demonstrations) learns only through LM steps "
-                f"on the training corpus, but tnd.lm_data is {self.tnd.lm_data} and tnd.lm_steps_per_ppo_step "
-                f"{self.tnd.lm_steps_per_ppo_step}; set tnd.lm_data: corpus and tnd.lm_steps_per_ppo_step >= 1 "
-                "(the paper: 3)"
-            )
+        try:  # the trainer's own rules, checked here too so that a bad mix fails before any stage runs
+            CustomPPOConfig.from_params(self)
+        except PPOConfigError as exc:
+            raise ValueError(exc.problem) from None
         return self
 
     def flat(self) -> dict[str, Any]:
@@ -336,6 +331,150 @@ class Params(Section):
         """Short stable hash of all params (tagged on every tracked run)."""
         blob = json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:12]
+
+
+# --- the trainer's settings: params.yaml's sections, flat -------------------------------------------
+
+# Where CustomPPOConfig's fields come from: (section of Params, "" = top level; the prefix its keys take as
+# fields; the keys, None = all). ppo.* and tnd.* keep their names.
+TRAINER_FIELDS: tuple[tuple[str, str, Optional[tuple[str, ...]]], ...] = (
+    ("", "", ("seed",)),
+    ("ppo", "", None),
+    ("tnd", "", None),
+    ("distill", "distill_", None),
+    ("kernels", "kernel_", None),
+    ("engine", "", ("mixed_precision", "gradient_checkpointing")),
+)
+
+
+def _section(params: Any, name: str) -> Any:
+    return getattr(params, name) if name else params
+
+
+def _trainer_field_definitions() -> dict[str, Any]:
+    """pydantic field definitions copied from the sections (type, default, bounds), under the trainer's names."""
+    definitions: dict[str, Any] = {}
+    for name, prefix, keys in TRAINER_FIELDS:
+        model = Params.model_fields[name].annotation if name else Params
+        for key, info in model.model_fields.items():
+            if keys is None or key in keys:
+                definitions[prefix + key] = (info.annotation, info)
+    return definitions
+
+
+def trainer_values(params: Params) -> dict[str, Any]:
+    """A Params' values under CustomPPOConfig's field names."""
+    return {
+        prefix + key: value
+        for name, prefix, keys in TRAINER_FIELDS
+        for key, value in dict(_section(params, name)).items()
+        if keys is None or key in keys
+    }
+
+
+# One definition per parameter: the fields are the sections' own (PPOParams and TnDParams as bases, so their
+# validators apply; the others copied under their prefix), not a second list to keep in step.
+_TrainerFields = create_model(
+    "_TrainerFields", __base__=(PPOParams, TnDParams), __module__=__name__,
+    **{k: v for k, v in _trainer_field_definitions().items() if k not in PPOParams.model_fields | TnDParams.model_fields},
+)
+
+
+class PPOConfigError(ParamsError, ValueError):
+    """An invalid CustomPPOConfig value."""
+
+    def __init__(self, problem: str) -> None:
+        super().__init__(f"CustomPPOConfig: {problem}")
+        self.problem = problem
+
+
+class CustomPPOConfig(_TrainerFields):
+    """All trainer settings, flat: each params.yaml key of `TRAINER_FIELDS` under the name it has in its
+    section (`ppo.learning_rate` -> `learning_rate`, `tnd.mode` -> `mode`), prefixed for `distill.<key>` ->
+    `distill_<key>` and `kernels.backend` -> `kernel_backend`; same types, defaults and checks. A bad value
+    raises `PPOConfigError` with one line."""
+
+    # initial score statistics (e.g. from metrics/rewards.json) for use_score_scaling / use_score_norm;
+    # reward_count: how many scores they summarise (None: they weigh as one batch)
+    reward_mean: Optional[float] = None
+    reward_std: Optional[PositiveFloat] = None
+    reward_count: Optional[PositiveInt] = None
+
+    def __init__(self, **values: Any) -> None:
+        try:
+            super().__init__(**values)
+        except ValidationError as exc:
+            raise PPOConfigError(_describe(exc.errors()[0], CustomPPOConfig)) from None
+
+    @classmethod
+    def from_params(cls, params: Params, **overrides: Any) -> "CustomPPOConfig":
+        """The trainer's settings in `params`; keyword overrides (e.g. reward_mean=...) win."""
+        return cls(**{**trainer_values(params), **overrides})
+
+    @model_validator(mode="after")
+    def _modes_agree(self) -> "CustomPPOConfig":
+        # Written in params.yaml's words: Params checks these too, through this model.
+        if (self.reward_mean is None) != (self.reward_std is None):
+            raise ValueError("reward_mean and reward_std must be given together")
+        if self.demos_from == "teacher" and self.demos_as != "ppo":
+            raise ValueError(
+                "tnd.demos_from: teacher (the teacher continues each step's prompts) needs tnd.demos_as: ppo; "
+                "the distillation loss reads the cached top-k"
+            )
+        if self.mode in ("trials_only", "lm_only") and self.distill_online:
+            raise ValueError(
+                f"distill.online learns from the teacher, which tnd.mode: {self.mode} excludes; "
+                "set distill.online: false or tnd.mode: trials_and_demos"
+            )
+        if self.mode == "lm_only" and (self.lm_data != "corpus" or not self.lm_steps_per_ppo_step):
+            raise ValueError(
+                "tnd.mode: lm_only (the paper's baseline: no trials, no demonstrations) learns only through LM steps "
+                f"on the training corpus, but tnd.lm_data is {self.lm_data} and tnd.lm_steps_per_ppo_step "
+                f"{self.lm_steps_per_ppo_step}; set tnd.lm_data: corpus and tnd.lm_steps_per_ppo_step >= 1 "
+                "(the paper: 3)"
+            )
+        return self
+
+    @property
+    def num_mini_batches(self) -> int:
+        return self.batch_size // self.mini_batch_size
+
+    @property
+    def uses_trials(self) -> bool:
+        """PPO updates on the trials. demos_only and lm_only still sample and score trials, for monitoring only."""
+        return self.mode in ("trials_and_demos", "trials_only")
+
+    @property
+    def uses_demos(self) -> bool:
+        """lm_only (the paper's LM-only baseline) is the same schedule without trials or demonstrations: only
+        lm_steps_per_ppo_step LM steps on the corpus per step change the student."""
+        return self.mode in ("trials_and_demos", "demos_only")
+
+    @property
+    def demos_in_ppo_batch(self) -> bool:
+        """The paper's recipe: demonstrations join the PPO batch with a fixed score."""
+        return self.uses_trials and self.uses_demos and self.demos_as == "ppo"
+
+    @property
+    def demos_distilled(self) -> bool:
+        """Demonstrations through the top-k KL loss (demos_only always, whatever demos_as says)."""
+        return self.uses_demos and not self.demos_in_ppo_batch
+
+    @property
+    def lm_steps(self) -> int:
+        """Interleaved LM steps per trainer step: on the corpus in every mode, on demonstrations only when the
+        mode has demonstrations."""
+        return self.lm_steps_per_ppo_step if (self.lm_data == "corpus" or self.uses_demos) else 0
+
+    @property
+    def value_head_sometimes_unused(self) -> bool:
+        """Some backward passes leave the value head out (LM updates, a mini-batch of demonstrations only)."""
+        return not self.uses_trials or bool(self.lm_steps) or self.lm_on_rollout
+
+    @property
+    def reads_demo_cache(self) -> bool:
+        return (self.demos_distilled or (self.demos_in_ppo_batch and self.demos_from == "cache")
+                or (self.lm_steps > 0 and self.lm_data == "demonstrations"))
 
 
 # --- loading and error messages -----------------------------------------------------
@@ -367,15 +506,15 @@ def parse_params(raw: Any, source: str = "params.yaml") -> Params:
         raise ParamsError(f"{source}: {_describe(errors[0])}{more}") from None
 
 
-def _describe(error: dict) -> str:
+def _describe(error: dict, root: type[BaseModel] = Params) -> str:
     loc = tuple(str(part) for part in error["loc"] if not isinstance(part, int))
     key = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in error["loc"])[1:]
     if error["type"] == "extra_forbidden":
-        return _unknown_key(loc)
+        return _unknown_key(loc, root)
     if error["type"] in ("value_error", "assertion_error") and error.get("ctx", {}).get("error"):
         prefix = f"{key}: " if key else ""
         return f"{prefix}{error['ctx']['error']}"
-    allowed = _allowed(loc)
+    allowed = _allowed(loc, root)
     value = error.get("input")
     shown = json.dumps(value) if _jsonable(value) else repr(value)
     if error["type"] == "missing":
@@ -386,9 +525,9 @@ def _describe(error: dict) -> str:
     return f"{key} = {shown} is invalid: {reason}; allowed: {allowed}"
 
 
-def _unknown_key(loc: tuple[str, ...]) -> str:
+def _unknown_key(loc: tuple[str, ...], root: type[BaseModel]) -> str:
     parent, name = loc[:-1], loc[-1]
-    model = _model_at(parent)
+    model = _model_at(parent, root)
     valid = sorted(model.model_fields) if model else []
     close = difflib.get_close_matches(name, valid, n=1, cutoff=0.5)
     key = ".".join(loc)
@@ -399,8 +538,8 @@ def _unknown_key(loc: tuple[str, ...]) -> str:
     return f"unknown key '{key}'; {hint}"
 
 
-def _model_at(loc: tuple[str, ...]) -> type[BaseModel] | None:
-    model: Any = Params
+def _model_at(loc: tuple[str, ...], root: type[BaseModel] = Params) -> type[BaseModel] | None:
+    model: Any = root
     for part in loc:
         field = model.model_fields.get(part) if isinstance(model, type) else None
         if field is None:
@@ -409,9 +548,9 @@ def _model_at(loc: tuple[str, ...]) -> type[BaseModel] | None:
     return model if isinstance(model, type) and issubclass(model, BaseModel) else None
 
 
-def _allowed(loc: tuple[str, ...]) -> str:
+def _allowed(loc: tuple[str, ...], root: type[BaseModel] = Params) -> str:
     """What a field accepts, in words: its type, choices and bounds."""
-    model = _model_at(loc[:-1])
+    model = _model_at(loc[:-1], root)
     field = model.model_fields.get(loc[-1]) if model else None
     if field is None:
         return "see params.yaml"

@@ -36,7 +36,6 @@ from torch import nn
 
 from tnd.trainers.packing import forward_at
 
-MIXED_PRECISION = ("no", "bf16", "fp16")
 
 # accelerate's AcceleratedOptimizer.step asks importlib, twice per optimizer step, whether the optional
 # `lomo_optim` package is installed: a search of sys.path on disk that costs a small model's PPO update

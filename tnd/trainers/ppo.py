@@ -39,14 +39,13 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import dataclasses
 import difflib
 import inspect
 import math
 import os
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 import torch
@@ -62,25 +61,15 @@ from transformers import (
 
 from tnd.batching import lm_positions, prompt_response_batch, response_predictors, right_pad, stack_padded
 from tnd.engine import (
-    MIXED_PRECISION, ForwardAt, make_accelerator, prepare_frozen, set_deepspeed_micro_batch, shard, unwrap_for_generation,
+    ForwardAt, make_accelerator, prepare_frozen, set_deepspeed_micro_batch, shard, unwrap_for_generation,
 )
+from tnd.config import CustomPPOConfig, PPOConfigError
 from tnd.errors import TndError
 from tnd.generation import sample_continuations
 from tnd.models import check_vocab
 from tnd.trainers.packing import chunks, supports_packing
 from tnd.trainers.reward import score_token_ids
 from tnd.trainers.value_head import ValueHead, hidden_size_of
-
-MODES = ("trials_and_demos", "trials_only", "demos_only", "lm_only")
-DEMOS_AS = ("distill", "ppo")
-DEMOS_FROM = ("cache", "teacher")
-LM_DATA = ("demonstrations", "corpus")
-SCORE_OFFSETS = ("none", "log2_step")
-DISTILL_LOSSES = ("forward_kl", "reverse_kl", "jsd")
-SCHEDULERS = ("linear", "cosine", "constant")
-KL_REFERENCES = ("teacher", "initial_student")
-SNAPSHOT_SCHEDULES = ("log", "every")
-BACKENDS = ("auto", "triton", "torch")
 
 STAT_KEYS = (
     "objective/kl",  # mean over trials of the summed per-token KL (k1) to the reference
@@ -114,216 +103,6 @@ STAT_KEYS = (
     "lr",
     "time/step",
 )
-
-
-class PPOConfigError(TndError, ValueError):
-    """An invalid CustomPPOConfig value."""
-
-
-# --- configuration ----------------------------------------------------------------------
-
-
-@dataclass
-class CustomPPOConfig:
-    """All trainer settings. PPO names are the `ppo.*` params keys; the other sections map as
-    `tnd.<key>` -> `<key>`, `distill.<key>` -> `distill_<key>`, `kernels.backend` -> `kernel_backend`."""
-
-    # ppo (names and defaults as tnd.config.PPOParams)
-    steps: int = 100
-    learning_rate: float = 3e-4
-    batch_size: int = 32
-    mini_batch_size: int = 8
-    gradient_accumulation_steps: int = 1
-    ppo_epochs: int = 4
-    gamma: float = 1.0
-    lam: float = 0.95
-    cliprange: float = 0.2
-    cliprange_value: float = 0.2
-    vf_coef: float = 0.1
-    ent_coef: float = 0.0
-    max_grad_norm: float = 1.0
-    whiten_advantages: bool = True
-    init_kl_coef: float = 0.05
-    adap_kl_ctrl: bool = True
-    kl_target: float = 6.0
-    kl_horizon: int = 640
-    kl_reference: str = "teacher"
-    early_stopping: bool = False
-    target_kl: float = 1.0
-    use_score_scaling: bool = True
-    use_score_norm: bool = True
-    score_clip: Optional[float] = None
-    optimizer_name: str = "AdamW"
-    optimizer_kwargs: dict = field(default_factory=dict)
-    scheduler_name: str = "constant"
-    scheduler_kwargs: dict = field(default_factory=dict)
-    warmup_steps: int = 0
-    optimize_cuda_cache: bool = False
-    padding_free: bool = True
-    max_new_tokens: int = 24
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
-    save_every: int = 25  # used by the stage, not the trainer
-    keep_student_snapshots: bool = True  # used by the stage, not the trainer
-    snapshot_schedule: str = "log"  # used by the stage, not the trainer
-    max_nonfinite_reward_fraction: float = 0.5
-    seed: int = 1234
-    # tnd
-    mode: str = "trials_and_demos"
-    demos_as: str = "distill"
-    demo_batch_size: int = 16
-    demo_score: float = 1.0
-    demos_from: str = "cache"
-    lm_steps_per_ppo_step: int = 0
-    lm_data: str = "demonstrations"
-    lm_batch_size: int = 16
-    lm_learning_rate: Optional[float] = None
-    lm_warmup_steps: int = 0
-    lm_on_rollout: bool = False
-    score_offset: str = "none"
-    # distill
-    distill_loss: str = "forward_kl"
-    distill_temperature: float = 1.0
-    distill_beta: float = 0.5
-    distill_coef: float = 5.0
-    distill_online: bool = False
-    distill_online_coef: float = 0.5
-    # kernels
-    kernel_backend: str = "auto"
-    # engine (accelerate)
-    mixed_precision: str = "no"
-    gradient_checkpointing: bool = False
-    # initial score statistics (e.g. from metrics/rewards.json) for use_score_scaling / use_score_norm;
-    # reward_count: how many scores they summarise (None: they weigh as one batch)
-    reward_mean: Optional[float] = None
-    reward_std: Optional[float] = None
-    reward_count: Optional[int] = None
-
-    def __post_init__(self) -> None:
-        self.validate()
-
-    @classmethod
-    def from_params(cls, params: Any, **overrides: Any) -> "CustomPPOConfig":
-        """Build from a `tnd.config.Params`, or from params.yaml read as a plain dict (where pydantic is
-        missing: the GPU image); keyword overrides (e.g. reward_mean=...) win."""
-        raw = params if isinstance(params, dict) else params.model_dump()
-        values: dict[str, Any] = dict(raw["ppo"])
-        values["seed"] = raw["seed"]
-        values.update(raw["tnd"])
-        values.update({f"distill_{key}": value for key, value in raw["distill"].items()})
-        values["kernel_backend"] = raw["kernels"]["backend"]
-        values["mixed_precision"] = raw["engine"]["mixed_precision"] or "no"  # a bare YAML `no` reads as false
-        values["gradient_checkpointing"] = raw["engine"]["gradient_checkpointing"]
-        values.update(overrides)
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - names)
-        if unknown:
-            raise PPOConfigError(f"CustomPPOConfig has no field(s) {', '.join(unknown)}")
-        return cls(**values)
-
-    def validate(self) -> None:
-        def fail(message: str) -> None:
-            raise PPOConfigError(f"CustomPPOConfig: {message}")
-
-        for name in ("steps", "batch_size", "mini_batch_size", "gradient_accumulation_steps", "ppo_epochs",
-                     "kl_horizon", "max_new_tokens", "demo_batch_size", "lm_batch_size", "save_every"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                fail(f"{name} = {value!r} must be a positive integer")
-        for name in ("warmup_steps", "top_k", "lm_steps_per_ppo_step", "lm_warmup_steps"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                fail(f"{name} = {value!r} must be a non-negative integer")
-        for name in ("learning_rate", "cliprange", "cliprange_value", "max_grad_norm", "kl_target", "target_kl",
-                     "temperature", "distill_temperature"):
-            if not getattr(self, name) > 0:
-                fail(f"{name} = {getattr(self, name)!r} must be > 0")
-        for name in ("vf_coef", "ent_coef", "init_kl_coef", "distill_coef", "distill_online_coef"):
-            if not getattr(self, name) >= 0:
-                fail(f"{name} = {getattr(self, name)!r} must be >= 0")
-        for name in ("gamma", "lam", "distill_beta", "max_nonfinite_reward_fraction"):
-            if not 0 <= getattr(self, name) <= 1:
-                fail(f"{name} = {getattr(self, name)!r} must be in [0, 1]")
-        if not 0 < self.top_p <= 1:
-            fail(f"top_p = {self.top_p!r} must be in (0, 1]")
-        if self.score_clip is not None and not self.score_clip > 0:
-            fail(f"score_clip = {self.score_clip!r} must be > 0 or None")
-        if self.mini_batch_size > self.batch_size:
-            fail(f"mini_batch_size ({self.mini_batch_size}) must not exceed batch_size ({self.batch_size})")
-        if self.batch_size % (self.mini_batch_size * self.gradient_accumulation_steps):
-            fail(
-                f"batch_size ({self.batch_size}) must be divisible by mini_batch_size * gradient_accumulation_steps "
-                f"({self.mini_batch_size} * {self.gradient_accumulation_steps})"
-            )
-        if self.lm_learning_rate is not None and not self.lm_learning_rate > 0:
-            fail(f"lm_learning_rate = {self.lm_learning_rate!r} must be > 0 or None")
-        for name, allowed in (("mode", MODES), ("demos_as", DEMOS_AS), ("distill_loss", DISTILL_LOSSES),
-                              ("scheduler_name", SCHEDULERS), ("kl_reference", KL_REFERENCES),
-                              ("kernel_backend", BACKENDS), ("demos_from", DEMOS_FROM), ("lm_data", LM_DATA),
-                              ("mixed_precision", MIXED_PRECISION), ("snapshot_schedule", SNAPSHOT_SCHEDULES),
-                              ("score_offset", SCORE_OFFSETS)):
-            if getattr(self, name) not in allowed:
-                fail(f"{name} = {getattr(self, name)!r} is not one of {', '.join(allowed)}")
-        if not isinstance(self.optimizer_name, str) or not self.optimizer_name:
-            fail(f"optimizer_name = {self.optimizer_name!r} must be the name of a torch.optim optimizer")
-        if self.reward_std is not None and not self.reward_std > 0:
-            fail(f"reward_std = {self.reward_std!r} must be > 0")
-        if (self.reward_mean is None) != (self.reward_std is None):
-            fail("reward_mean and reward_std must be given together")
-        if self.reward_count is not None and not self.reward_count > 0:
-            fail(f"reward_count = {self.reward_count!r} must be > 0")
-        if self.demos_from == "teacher" and self.demos_as != "ppo":
-            fail("demos_from = 'teacher' (the teacher continues each step's prompts) needs demos_as = 'ppo': "
-                 "the distillation loss reads the cached top-k")
-        if self.mode in ("trials_only", "lm_only") and self.distill_online:
-            fail(f"distill_online learns from the teacher, which mode = {self.mode!r} excludes; "
-                 "set distill_online = False (distill.online: false) or choose mode = 'trials_and_demos'")
-        if self.mode == "lm_only" and (self.lm_data != "corpus" or not self.lm_steps_per_ppo_step):
-            fail(f"mode = 'lm_only' (the paper's baseline: no trials, no demonstrations) learns only through LM steps "
-                 f"on the training corpus, but lm_data = {self.lm_data!r} and lm_steps_per_ppo_step = "
-                 f"{self.lm_steps_per_ppo_step}; set lm_data = 'corpus' and lm_steps_per_ppo_step >= 1 (the paper: 3)")
-
-    @property
-    def num_mini_batches(self) -> int:
-        return self.batch_size // self.mini_batch_size
-
-    @property
-    def uses_trials(self) -> bool:
-        """PPO updates on the trials. demos_only and lm_only still sample and score trials, for monitoring only."""
-        return self.mode in ("trials_and_demos", "trials_only")
-
-    @property
-    def uses_demos(self) -> bool:
-        """lm_only (the paper's LM-only baseline) is the same schedule without trials or demonstrations: only
-        lm_steps_per_ppo_step LM steps on the corpus per step change the student."""
-        return self.mode in ("trials_and_demos", "demos_only")
-
-    @property
-    def demos_in_ppo_batch(self) -> bool:
-        """The paper's recipe: demonstrations join the PPO batch with a fixed score."""
-        return self.uses_trials and self.uses_demos and self.demos_as == "ppo"
-
-    @property
-    def demos_distilled(self) -> bool:
-        """Demonstrations through the top-k KL loss (demos_only always, whatever demos_as says)."""
-        return self.uses_demos and not self.demos_in_ppo_batch
-
-    @property
-    def lm_steps(self) -> int:
-        """Interleaved LM steps per trainer step: on the corpus in every mode, on demonstrations only when the
-        mode has demonstrations."""
-        return self.lm_steps_per_ppo_step if (self.lm_data == "corpus" or self.uses_demos) else 0
-
-    @property
-    def value_head_sometimes_unused(self) -> bool:
-        """Some backward passes leave the value head out (LM updates, a mini-batch of demonstrations only)."""
-        return not self.uses_trials or bool(self.lm_steps) or self.lm_on_rollout
-
-    @property
-    def reads_demo_cache(self) -> bool:
-        return (self.demos_distilled or (self.demos_in_ppo_batch and self.demos_from == "cache")
-                or (self.lm_steps > 0 and self.lm_data == "demonstrations"))
 
 
 # --- the PPO math, as small functions -------------------------------------------------------
