@@ -80,8 +80,8 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 TRL_VENV = ROOT / ".venv-trl"
 # torch pinned so pip takes the local CPU build (an unpinned torch is a multi-GB CUDA download);
-# trl 0.11.4 imports rich without declaring it.
-TRL_REQUIREMENTS = ["torch==2.13.0", "trl==0.11.4", "transformers==4.46.3", "rich"]
+# trl 0.11.4 imports rich without declaring it; pydantic: our trainer's config, for --ours-tf4.
+TRL_REQUIREMENTS = ["torch==2.13.0", "trl==0.11.4", "transformers==4.46.3", "rich", "pydantic"]
 SMOKE_ARCH = {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "intermediate_size": 64}
 
 
@@ -213,7 +213,7 @@ def step_record(batch, generated, responses, times: dict, peaks: dict, epochs_ru
 
 
 def make_ours(workdir: Path, settings: dict, portable: bool = False):
-    """Our trainer; portable: loaded without tnd's loaders (they need pydantic), to run in the TRL venv."""
+    """Our trainer; portable: the models loaded with transformers' own loaders, to run in the TRL venv."""
     sys.path.insert(0, str(ROOT))
     from tnd.trainers import CustomPPOConfig, CustomPPOTrainer
 

@@ -19,7 +19,7 @@ from pathlib import Path
 from tnd.config import Params
 from tnd.data.tokenizer import load_tokenizer
 from tnd.engine import make_accelerator
-from tnd.evaluation import grammaticality, sample_texts
+from tnd.evaluation import grammaticality, sample_rows
 from tnd.io import atomic_write_csv, atomic_write_json, read_jsonl
 from tnd.models import build_causal_lm, load_causal_lm, save_model
 from tnd.trainers.lm import perplexity, pretrain_lm
@@ -30,6 +30,7 @@ from stages.common import (
 )
 
 CURVE_COLUMNS = ("step", "train_loss", "eval_loss", "eval_perplexity", "best_step")
+SAMPLE_COLUMNS = ("prompt", "text", "length", "ended")  # the logged samples: text, not token ids
 
 
 def train_teacher(params: Params, run: Tracker) -> None:
@@ -55,7 +56,7 @@ def train_teacher(params: Params, run: Tracker) -> None:
     metrics["n_parameters"] = sum(p.numel() for p in model.parameters())
     with accelerator.autocast():
         metrics["eval_perplexity"] = perplexity(model, tokenizer, eval_texts, cfg.train.max_length)
-        samples = sample_texts(
+        samples = sample_rows(
             model, tokenizer, prompts[: cfg.eval.n_samples], cfg.eval.max_new_tokens, params.seed, cfg.eval.temperature
         )
     # Grammaticality needs the nursery grammar; on other data it stays null.
@@ -66,7 +67,7 @@ def train_teacher(params: Params, run: Tracker) -> None:
     atomic_write_json(Path(METRICS) / "teacher.json", metrics)
     atomic_write_csv(Path(PLOTS) / "teacher_validation.csv", curve, CURVE_COLUMNS)
     run.log_metrics({k: v for k, v in metrics.items() if v is not None})
-    run.log_table(samples[:100], "teacher_samples.json")
+    run.log_table([{key: row[key] for key in SAMPLE_COLUMNS} for row in samples[:100]], "teacher_samples.json")
     run.log_model(TEACHER, "teacher", task="text-generation")
     print(f"train_teacher: perplexity {metrics['eval_perplexity']:.2f}, grammaticality {metrics['grammaticality']}"
           + validation_summary(metrics))

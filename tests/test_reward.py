@@ -100,8 +100,12 @@ def test_regression_reduces_mse(tokenizer, tmp_path):
 def test_labelled_texts_need_a_numeric_field(tmp_path):
     path = tmp_path / "data.csv"
     path.write_text("text,label\nthe cat runs,1.5\na dog,oops\n")
-    with pytest.raises(TndError, match=r"label = \"oops\", not a finite number"):
+    with pytest.raises(TndError, match=r"row 3 has label = \"oops\", not a finite number"):
         load_labelled_texts(path, "text", "label")
+    jsonl = tmp_path / "data.jsonl"
+    jsonl.write_text('{"text": "the cat runs", "label": 1}\n\n{"text": "a dog"}\n')
+    with pytest.raises(TndError, match="reward.label_field: .* has no field 'label' at line 3"):
+        load_labelled_texts(jsonl, "text", "label")
     with pytest.raises(TndError, match="no field 'score'.*reward.label_field"):
         load_labelled_texts(path, "text", "score")
     with pytest.raises(TndError, match="local .jsonl or .csv"):

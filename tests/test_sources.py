@@ -1,6 +1,9 @@
 """Text sources on local files (the hub loader shares the same code after loading), and the tokenizer."""
 
 import json
+import os
+import subprocess
+import sys
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -10,6 +13,7 @@ from tnd.config import DataParams
 from tnd.data.sources import load_corpus
 from tnd.data.tokenizer import decode, encode, load_tokenizer, train_bpe
 from tnd.errors import TndError
+from tests.conftest import ROOT
 
 TEXTS = [f"the dog number {i} runs to the park." for i in range(30)]
 
@@ -55,9 +59,16 @@ def test_long_texts_are_truncated_and_counted(tmp_path):
         (lambda p: write(p / "d.csv", "csv", field="body"), "no field 'text'"),
         (lambda p: write(p / "d.parquet", "parquet", field="body"), "no field 'text'"),
         (lambda p: (p / "d.txt").write_text("") and p / "d.txt" or p / "d.txt", "is empty"),
-        (lambda p: (p / "d.txt").write_bytes(b"ok line\n\xff\xfe bad\n") and p / "d.txt", "not valid UTF-8"),
+        (lambda p: (p / "d.txt").write_bytes(b"ok line\n\xff\xfe bad\n") and p / "d.txt", "not valid UTF-8 .*offset 8"),
+        (lambda p: (p / "d.jsonl").write_bytes(b'{"text": "a\xff"}\n') and p / "d.jsonl", "not valid UTF-8 .*offset 11"),
         (lambda p: p / "missing.jsonl", "not found"),
         (lambda p: (p / "d.jsonl").write_text('{"text": "a"}\n{oops\n') and p / "d.jsonl", "line 2 is not valid JSON"),
+        (lambda p: (p / "d.jsonl").write_text('{"text": "a"}\n\n["a"]\n') and p / "d.jsonl", "line 3 is not a JSON object"),
+        (lambda p: (p / "d.jsonl").write_text(" \n") and p / "d.jsonl", "is empty"),
+        (lambda p: (p / "d.csv").write_text("id,text\n") and p / "d.csv", "is empty"),
+        (lambda p: write(p / "d.parquet", "parquet", []), "is empty"),
+        (lambda p: (p / "d.parquet").write_text("not parquet") and p / "d.parquet", "not a readable .parquet file"),
+        (lambda p: (p / "d.xlsx").write_text("x") and p / "d.xlsx", "unsupported type"),
         (lambda p: write(p / "d.txt", "txt", ["only one"]), "need at least 2"),
     ],
 )
@@ -66,6 +77,37 @@ def test_bad_files_give_one_clear_line(tmp_path, setup, message):
     with pytest.raises(TndError, match=message) as info:
         load_corpus(DataParams(source=str(path)), seed=0)
     assert "\n" not in str(info.value)
+
+
+def test_csv_cells_are_read_as_the_strings_in_the_file(tmp_path):
+    path = tmp_path / "d.csv"
+    path.write_text("n,text\n" + "".join(f"{i},{t}\n" for i, t in enumerate(["01", "NA", "1e3", "null", "a, b"] * 2)))
+    path.write_text(path.read_text().replace("a, b", '"a, b"'))
+    corpus = load_corpus(DataParams(source=str(path)), seed=0)
+    assert sorted(corpus.train + corpus.eval) == sorted(["01", "NA", "1e3", "null", "a, b"] * 2)
+
+
+def test_csv_column_changing_type_after_the_first_chunk_loads(tmp_path):
+    # pandas (datasets' CSV reader) would read 10,000 rows at a time, guessing each chunk's types anew
+    path = tmp_path / "d.csv"
+    path.write_text("id,text\n" + "".join(f"{i if i < 10_000 else 'x'},text {i}\n" for i in range(10_010)))
+    corpus = load_corpus(DataParams(source=str(path), n_train=20_000), seed=0)
+    assert len(corpus.train + corpus.eval) == 10_010
+
+
+def test_a_local_file_loads_offline_and_writes_nothing_outside(tmp_path):
+    path = write(tmp_path / "data.jsonl", "jsonl")
+    home, temp = tmp_path / "home", tmp_path / "tmp"
+    home.mkdir(), temp.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "XDG_"))}
+    env.update(HOME=str(home), TMPDIR=str(temp), HF_DATASETS_OFFLINE="1", PYTHONPATH=str(ROOT))
+    code = ("import sys; from tnd.config import DataParams; from tnd.data.sources import load_corpus; "
+            "c = load_corpus(DataParams(source=sys.argv[1]), 0); print(len(c.train + c.eval))")
+    proc = subprocess.run([sys.executable, "-c", code, str(path)], env=env, cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split() == [str(len(TEXTS))]
+    assert list(home.rglob("*")) == [] and list(temp.rglob("*")) == []
 
 
 def test_tokenizer_round_trip_and_special_tokens(tmp_path):

@@ -35,6 +35,7 @@ def test_run_records_params_tags_and_step_metrics(tmp_path, monkeypatch):
     assert data.tags["dvc_exp"] == "exp-abc"
     assert "git_commit" in data.tags
     assert data.params["ppo.learning_rate"] == str(params.ppo.learning_rate)
+    assert len(data.params) == len(params.flat()) > 100  # more than the store takes in one call
     history = mlflow.tracking.MlflowClient().get_metric_history(runs[0].info.run_id, "loss")
     assert [m.step for m in history] == [0, 1, 2]
     assert runs[0].info.status == "FINISHED"
@@ -56,6 +57,22 @@ def test_unwritable_store_warns_and_the_stage_goes_on(tmp_path, capsys):
         run.log_metrics({"a": 1.0})  # must be a no-op, not an error
         assert not run.active
     assert "warning: MLflow" in capsys.readouterr().err
+
+
+def test_a_store_being_created_elsewhere_too_long_warns_and_the_stage_goes_on(tmp_path, monkeypatch, capsys):
+    from filelock import FileLock
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    monkeypatch.setattr(tracking, "RETRY_SECONDS", 0.3)
+    monkeypatch.setattr(tracking, "FileLock", lambda path: FileLock(tmp_path / "creation.lock"))
+    other = {}
+    holder = threading.Thread(target=lambda: other.setdefault("lock", FileLock(tmp_path / "creation.lock").acquire()))
+    holder.start(), holder.join()  # held by another thread: the stage's own FileLock must wait for it
+    started = time.monotonic()
+    with tracking.stage_run("x", params_for(uri)) as run:
+        assert not run.active
+    assert time.monotonic() - started < 5
+    assert f"another process held the lock on {tmp_path / 'mlflow.db'} for 0s" in capsys.readouterr().err
 
 
 def test_disabled_tracking_logs_nothing(tmp_path):

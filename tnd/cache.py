@@ -85,8 +85,9 @@ from safetensors import safe_open
 from safetensors.torch import save as safetensors_save
 from tqdm.auto import tqdm
 
-from tnd.errors import TndError
-from tnd.generation import right_pad, sample_continuations
+from tnd.batching import right_pad
+from tnd.errors import TndError, one_line
+from tnd.generation import sample_continuations
 from tnd.io import atomic_dir, atomic_write_bytes, atomic_write_json
 
 # 2: the tokenizer fingerprint covers merges, normalizer and pre-tokenizer (`tokenizer_content`).
@@ -789,7 +790,7 @@ class TeacherCache:
         try:
             index = json.loads(index_path.read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            self._fail(INDEX, f"not valid JSON ({' '.join(str(exc).split())})")
+            self._fail(INDEX, f"not valid JSON ({one_line(exc)})")
         if not isinstance(index, dict):
             self._fail(INDEX, "not valid: expected a JSON object")
         version = index.get("format_version")
@@ -862,7 +863,7 @@ class TeacherCache:
             try:
                 handle = safe_open(str(self.path / file), framework="pt")
             except Exception as exc:
-                self._fail(file, f"not a readable safetensors file ({' '.join(str(exc).split())[:120]})")
+                self._fail(file, f"not a readable safetensors file ({one_line(exc, 120)})")
             self._handles[number] = handle
             if number not in self._headers:
                 self._headers[number] = self._load_shard_header(number, handle)
@@ -960,9 +961,6 @@ class TeacherCache:
         return CachedSequence(input_ids=input_ids, prompt_len=prompt_len, topk_logprobs=logprobs,
                               topk_indices=indices, tail_logmass=tails)
 
-    def __iter__(self):
-        return (self[i] for i in range(len(self)))
-
     def batch(self, indices: Iterable[int], pad_id: int) -> dict[str, torch.Tensor]:
         """Right-padded tensors for sequences `indices`, aligned for the top-k distillation loss.
 
@@ -990,11 +988,11 @@ class TeacherCache:
         items = [self._raw(int(i)) for i in indices]
         if not items:
             raise ValueError("batch() needs at least one index")
-        width = max(ids.numel() for ids, _, _, _ in items)
-        size = len(items)
+        input_ids, attention_mask = right_pad([ids for ids, _, _, _ in items], pad_id)
+        size, width = input_ids.shape
         out = {
-            "input_ids": torch.full((size, width), int(pad_id), dtype=torch.long),
-            "attention_mask": torch.zeros((size, width), dtype=torch.long),
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
             "target_mask": torch.zeros((size, width), dtype=torch.bool),
             "topk_logprobs": torch.zeros((size, width, self.k), dtype=torch.float32),
             "topk_indices": torch.zeros((size, width, self.k), dtype=torch.long),
@@ -1002,10 +1000,7 @@ class TeacherCache:
             "prompt_lengths": torch.tensor([prompt_len for _, prompt_len, _, _ in items], dtype=torch.long),
         }
         for row, (ids, prompt_len, _, _) in enumerate(items):
-            length, start = ids.numel(), prompt_len - 1
-            out["input_ids"][row, :length] = ids
-            out["attention_mask"][row, :length] = 1
-            out["target_mask"][row, start : length - 1] = True  # positions start .. length - 2 predict the continuation
+            out["target_mask"][row, prompt_len - 1 : ids.numel() - 1] = True  # the positions that predict its continuation
         stored = {name: torch.cat([rows[name] for _, _, _, rows in items]) for name in items[0][3]}
         logprobs, topk_indices, tails = self._decode(stored, [file for _, _, file, _ in items])
         mask = out["target_mask"]  # row-major: sequence after sequence, as the rows were concatenated
@@ -1014,7 +1009,7 @@ class TeacherCache:
         out["tail_logmass"][mask] = tails
         return out
 
-    # --- lifetime (handles are reopened lazily, so the cache can go to DataLoader workers) ---
+    # --- lifetime (the memory maps are reopened lazily, on the next read) ---
 
     def close(self) -> None:
         self._handles.clear()
@@ -1024,11 +1019,6 @@ class TeacherCache:
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-    def __getstate__(self) -> dict:
-        state = self.__dict__.copy()
-        state["_handles"] = {}  # shards already verified here stay verified in the copy
-        return state
 
 
 def cache_bytes(path: str | Path) -> int:

@@ -3,7 +3,7 @@
 Everything here works on models, tokenizers and lists of texts or token ids; where the
 inputs come from (file layout) is the stages' business.
 
-* sampling: `sample_rows` (prompt + continuation, with token ids), `sample_texts` (text only)
+* sampling: `sample_rows` (prompt + continuation, as text and token ids)
 * `grammaticality` (nursery grammar), `distinct_n`, `mean_length`
 * `token_kl`: mean per-token KL(reference || model) on texts, via `tnd_kernels.distill_loss`
 * `perplexity_from_logprobs`: perplexity from `sequence_logprobs` (device-aware, unlike a
@@ -65,21 +65,6 @@ def sample_rows(
             }
         )
     return rows
-
-
-def sample_texts(
-    model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    prompts: list[list[int]],
-    max_new_tokens: int,
-    seed: int,
-    temperature: float = 1.0,
-    desc: str = "sampling",
-) -> list[dict]:
-    """prompt + continuation decoded to text, one row per prompt."""
-    rows = sample_rows(model, tokenizer, prompts, max_new_tokens, seed, temperature, desc)
-    keep = ("prompt", "text", "length", "ended")
-    return [{key: row[key] for key in keep} for row in rows]
 
 
 def is_grammatical_row(row: dict) -> bool:

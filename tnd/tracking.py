@@ -29,13 +29,10 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping, TypeVar
 
+from filelock import FileLock, Timeout
+
 from tnd.config import Params
 from tnd.errors import one_line
-
-try:
-    import fcntl
-except ImportError:  # Windows: no flock; store creation is then not serialised
-    fcntl = None
 
 DEFAULT_URI = "sqlite:///mlflow.db"
 
@@ -298,9 +295,8 @@ def _log_metrics(client: Any, run_id: str, numbers: Mapping[str, float], step: i
 def _log_params(client: Any, run_id: str, params: Mapping[str, Any]) -> None:
     from mlflow.entities import Param
 
-    keys = sorted(params)
-    for i in range(0, len(keys), 100):  # MLflow takes at most 100 params per call
-        client.log_batch(run_id, params=[Param(k, str(params[k])) for k in keys[i : i + 100]])
+    # MlflowClient.log_batch sends them 100 (the store's limit) at a time itself.
+    client.log_batch(run_id, params=[Param(k, str(v)) for k, v in sorted(params.items())])
 
 
 def _set_tags(client: Any, run_id: str, tags: Mapping[str, str]) -> None:
@@ -515,23 +511,20 @@ def _store_creation_lock(uri: str) -> Iterator[None]:
     MLflow creates and migrates a fresh database's schema without any lock, so two stages
     starting at once on a new mlflow.db both try, and one fails ("table runs already
     exists"); both would also create the experiment. The lock file lives in the temp dir so
-    the project stays clean; it is released when the file closes, even if the process dies.
+    the project stays clean; the lock (flock, through filelock) is released when the file closes,
+    even if the process dies.
     """
     path = _sqlite_path(uri)
-    if path is None or fcntl is None:
+    if path is None:
         yield
         return
     key = hashlib.sha256(path.encode()).hexdigest()[:16]
-    with open(Path(tempfile.gettempdir()) / f"tnd-mlflow-{key}.lock", "a") as handle:
-        deadline = time.monotonic() + RETRY_SECONDS
-        while True:
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"another process held the lock on {path} for {RETRY_SECONDS:.0f}s")
-                time.sleep(0.05)
+    lock = FileLock(Path(tempfile.gettempdir()) / f"tnd-mlflow-{key}.lock")
+    try:
+        held = lock.acquire(timeout=RETRY_SECONDS)
+    except Timeout:
+        raise TimeoutError(f"another process held the lock on {path} for {RETRY_SECONDS:.0f}s") from None
+    with held:
         yield
 
 

@@ -2,21 +2,25 @@
 
 All loaders return plain strings and fail with a `TndError` that names the file or
 field and the fix; texts longer than `data.max_chars` are truncated and counted.
+Hub ids are read by `datasets` (imported when first used); local files by `read_local_rows`,
+which also reads the reward model's labelled texts.
 """
 
 from __future__ import annotations
 
 import csv
+import io
 import json
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Mapping
 
-from tnd.config import DataParams
 from tnd.data import nursery
 from tnd.errors import TndError, one_line
 
-LOCAL_SUFFIXES = (".jsonl", ".csv", ".parquet", ".txt")
+if TYPE_CHECKING:  # annotations only: tnd.trainers.reward reads files through here without pydantic (the GPU image)
+    from tnd.config import DataParams
 
 
 @dataclass
@@ -47,9 +51,8 @@ def load_corpus(data: DataParams, seed: int) -> Corpus:
 def _load_raw(data: DataParams) -> list:
     path = Path(data.source)
     if path.suffix in LOCAL_SUFFIXES:
-        if not path.is_file():
-            raise TndError(f"data.source: file '{path}' not found; fix the path in params.yaml")
-        return _LOCAL_LOADERS[path.suffix](path, data.text_field)
+        column = "text" if path.suffix == ".txt" else data.text_field  # a .txt file's one column is its lines
+        return [row[column] for _, row in read_local_rows(path, {column: "data.text_field"})]
     if path.exists():
         raise TndError(
             f"data.source: '{path}' has an unsupported type; use one of {', '.join(LOCAL_SUFFIXES)}"
@@ -57,56 +60,82 @@ def _load_raw(data: DataParams) -> list:
     return _load_hub(data)
 
 
+# Local files are parsed here, not by datasets.load_dataset: a 200k-row .jsonl reads in a twelfth of the
+# time, an error names the line, and a JSON field whose type varies between rows is not a schema failure.
+def read_local_rows(path: str | Path, fields: Mapping[str, str]) -> list[tuple[str, dict]]:
+    """(where, {field: value}) for each row of the local .jsonl, .csv, .parquet or .txt file `path`, in file
+    order; `fields` maps each field read to the param that names it, for the error. JSON values as parsed, CSV
+    cells as the strings in the file, a .txt file as one field "text" per line. Anything wrong -- no such file,
+    not UTF-8, empty, a line that is not a JSON object, a row without a field -- is one TndError naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise TndError(f"data.source: file '{path}' not found; fix the path in params.yaml")
+    rows = _LOCAL_READERS[path.suffix](path)
+    if not rows:
+        raise _empty(path)
+    picked = []
+    for where, row in rows:
+        missing = next((name for name in fields if name not in row), None)
+        if missing is not None:
+            raise _missing_field(path, missing, fields[missing], list(row), where)
+        picked.append((where, {name: row[name] for name in fields}))
+    return picked
+
+
 def _read_text(path: Path) -> str:
     try:
-        text = path.read_bytes().decode("utf-8")
+        text = path.read_bytes().decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         raise TndError(
-            f"data.source: '{path}' is not valid UTF-8 (bad byte at offset {exc.start}); "
-            "re-encode the file as UTF-8"
+            f"data.source: '{path}' is not valid UTF-8 (bad byte at offset {exc.start}); re-encode the file as UTF-8"
         ) from None
     if not text.strip():
-        raise TndError(f"data.source: '{path}' is empty; point data.source at a file with texts")
+        raise _empty(path)
     return text
 
 
-def _load_jsonl(path: Path, text_field: str) -> list:
-    texts = []
-    for number, line in enumerate(_read_text(path).splitlines(), start=1):
+def _jsonl_rows(path: Path) -> list[tuple[str, dict]]:
+    rows = []
+    for number, line in enumerate(_read_text(path).split("\n"), start=1):  # not splitlines: JSON strings may hold U+2028
         if not line.strip():
             continue
         try:
             row = json.loads(line)
-        except json.JSONDecodeError:
+        except ValueError:
             raise TndError(f"data.source: '{path}' line {number} is not valid JSON; fix or remove it") from None
-        texts.append(_field(row, text_field, path, f"line {number}"))
-    return texts
+        if not isinstance(row, dict):
+            raise TndError(f"data.source: '{path}' line {number} is not a JSON object; fix or remove it")
+        rows.append((f"line {number}", row))
+    return rows
 
 
-def _load_csv(path: Path, text_field: str) -> list:
-    rows = list(csv.DictReader(_read_text(path).splitlines()))
-    return [_field(row, text_field, path, f"row {i + 2}") for i, row in enumerate(rows)]
+def _csv_rows(path: Path) -> list[tuple[str, dict]]:
+    reader = csv.DictReader(io.StringIO(_read_text(path), newline=""))
+    return [(f"row {number}", row) for number, row in enumerate(reader, start=2)]  # row 1 is the header
 
 
-def _load_parquet(path: Path, text_field: str) -> list:
+def _parquet_rows(path: Path) -> list[tuple[str, dict]]:
     import pyarrow.parquet as pq
 
     try:
         table = pq.read_table(path)
     except Exception as exc:
-        raise TndError(f"data.source: '{path}' is not a readable parquet file ({exc})") from None
-    if text_field not in table.column_names:
-        raise _missing_field(path, text_field, table.column_names)
-    if table.num_rows == 0:
-        raise TndError(f"data.source: '{path}' is empty; point data.source at a file with texts")
-    return table.column(text_field).to_pylist()
+        raise TndError(f"data.source: '{path}' is not a readable .parquet file ({one_line(exc, 200)}); fix or replace it") from None
+    if not table.num_rows:
+        raise _empty(path)
+    return [(f"row {number}", row) for number, row in enumerate(table.to_pylist(), start=1)]
 
 
-def _load_txt(path: Path, text_field: str) -> list:
-    return _read_text(path).splitlines()
+def _txt_rows(path: Path) -> list[tuple[str, dict]]:
+    return [(f"line {number}", {"text": line}) for number, line in enumerate(_read_text(path).splitlines(), start=1)]
 
 
-_LOCAL_LOADERS = {".jsonl": _load_jsonl, ".csv": _load_csv, ".parquet": _load_parquet, ".txt": _load_txt}
+_LOCAL_READERS = {".jsonl": _jsonl_rows, ".csv": _csv_rows, ".parquet": _parquet_rows, ".txt": _txt_rows}
+LOCAL_SUFFIXES = tuple(_LOCAL_READERS)
+
+
+def _empty(path: Path) -> TndError:
+    return TndError(f"data.source: '{path}' is empty; point data.source at a file with texts")
 
 
 def _load_hub(data: DataParams) -> list:
@@ -121,21 +150,15 @@ def _load_hub(data: DataParams) -> list:
             "check the id, data.hub_config and data.hub_split, or use a local file"
         ) from None
     if data.text_field not in dataset.column_names:
-        raise _missing_field(data.source, data.text_field, dataset.column_names)
+        raise _missing_field(data.source, data.text_field, "data.text_field", dataset.column_names)
     return list(dataset[data.text_field])
 
 
-def _field(row: dict, text_field: str, path: Path, where: str):
-    if not isinstance(row, dict) or text_field not in row:
-        raise _missing_field(path, text_field, list(row) if isinstance(row, dict) else [], where)
-    return row[text_field]
-
-
-def _missing_field(source, text_field: str, columns: list, where: str = "") -> TndError:
+def _missing_field(source, name: str, param: str, columns: list, where: str = "") -> TndError:
     at = f" at {where}" if where else ""
     return TndError(
-        f"data.text_field: '{source}' has no field '{text_field}'{at} (fields: {', '.join(map(str, columns)) or 'none'}); "
-        "set data.text_field to the column holding the text"
+        f"{param}: '{source}' has no field '{name}'{at} (fields: {', '.join(map(str, columns)) or 'none'}); "
+        f"set {param} to the column that holds it"
     )
 
 

@@ -18,7 +18,6 @@ stopping after cfg.train.patience, the best weights kept) on the eval rows, when
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 import random
@@ -32,6 +31,7 @@ from torch import nn
 from transformers import AutoModelForSequenceClassification, LlamaForSequenceClassification, PreTrainedModel, PreTrainedTokenizerBase
 
 from tnd.batching import collate, encode_for_lm
+from tnd.data.sources import read_local_rows
 from tnd.data.tokenizer import encode
 from tnd.engine import make_accelerator
 from tnd.errors import TndError, one_line
@@ -280,40 +280,17 @@ def corruption_separation(
 
 
 def load_labelled_texts(path: str | Path, text_field: str, label_field: str) -> list[dict]:
-    """Rows {"text", "label"} from a local .jsonl or .csv with a numeric label column."""
+    """Rows {"text", "label"} from a local .jsonl or .csv with a numeric label column (`read_local_rows`);
+    rows whose text is empty are left out."""
     path = Path(path)
     if path.suffix not in (".jsonl", ".csv"):
         raise TndError(
             f"reward.objective = regression reads labelled texts from data.source, which must be a local "
             f".jsonl or .csv file (got '{path}'); point data.source at one or use reward.objective: pairwise"
         )
-    if not path.is_file():
-        raise TndError(f"data.source: file '{path}' not found; fix the path in params.yaml")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise TndError(f"data.source: '{path}' is not valid UTF-8; re-encode the file as UTF-8") from None
-    if path.suffix == ".jsonl":
-        raw = []
-        for number, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                raw.append((f"line {number}", json.loads(line)))
-            except json.JSONDecodeError:
-                raise TndError(f"data.source: '{path}' line {number} is not valid JSON; fix or remove it") from None
-    else:
-        raw = [(f"row {i + 2}", row) for i, row in enumerate(csv.DictReader(text.splitlines()))]
     rows = []
-    for where, row in raw:
-        fields = list(row) if isinstance(row, dict) else []
-        for field, key in ((text_field, "data.text_field"), (label_field, "reward.label_field")):
-            if field not in fields:
-                raise TndError(
-                    f"{key}: '{path}' has no field '{field}' at {where} (fields: {', '.join(map(str, fields)) or 'none'}); "
-                    f"set {key} to the right column"
-                )
-        value = row[label_field]
+    for where, row in read_local_rows(path, {text_field: "data.text_field", label_field: "reward.label_field"}):
+        text, value = row[text_field], row[label_field]
         try:
             label = float(value) if not isinstance(value, bool) and value not in (None, "") else None
         except (TypeError, ValueError):
@@ -323,9 +300,9 @@ def load_labelled_texts(path: str | Path, text_field: str, label_field: str) -> 
                 f"reward.label_field: '{path}' {where} has {label_field} = {json.dumps(value, default=str)}, "
                 "not a finite number; fix the value or set reward.label_field to a numeric column"
             )
-        text_value = " ".join(str(row[text_field] or "").split())
-        if text_value:
-            rows.append({"text": text_value, "label": label})
+        text = " ".join(str(text or "").split())
+        if text:
+            rows.append({"text": text, "label": label})
     if len(rows) < 2:
         raise TndError(f"data.source: '{path}' has {len(rows)} labelled text(s); regression needs at least 2")
     return rows
