@@ -23,6 +23,7 @@ from pathlib import Path
 
 from tnd.config import CORRUPTION_KINDS, Params
 from tnd.data import nursery
+from tnd.data.sources import load_labelled_texts
 from tnd.data.tokenizer import load_tokenizer
 from tnd.engine import make_accelerator
 from tnd.io import atomic_write_csv, atomic_write_json, read_jsonl
@@ -33,7 +34,6 @@ from tnd.trainers.reward import (
     RewardTrainer,
     build_reward_model,
     corruption_separation,
-    load_labelled_texts,
     load_reward_model,
 )
 

@@ -13,6 +13,7 @@ import torch
 
 from tnd.config import ArchParams, RewardParams, RewardTrainParams
 from tnd.data.tokenizer import encode, train_bpe
+from tnd.data.sources import load_labelled_texts
 from tnd.errors import TndError
 from tnd.io import atomic_write_jsonl, read_jsonl
 from tnd.models import llama_config, save_model
@@ -20,7 +21,6 @@ from tnd.trainers.reward import (
     RewardTrainer,
     bradley_terry_loss,
     build_reward_model,
-    load_labelled_texts,
     load_reward_model,
     reward_stats,
     score_texts,

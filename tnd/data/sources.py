@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -80,6 +81,35 @@ def read_local_rows(path: str | Path, fields: Mapping[str, str]) -> list[tuple[s
             raise _missing_field(path, missing, fields[missing], list(row), where)
         picked.append((where, {name: row[name] for name in fields}))
     return picked
+
+
+def load_labelled_texts(path: str | Path, text_field: str, label_field: str) -> list[dict]:
+    """The regression reward model's data (reward.objective: regression): rows {"text", "label"} from a local
+    .jsonl or .csv with a numeric label column; rows whose text is empty are left out."""
+    path = Path(path)
+    if path.suffix not in (".jsonl", ".csv"):
+        raise TndError(
+            f"reward.objective = regression reads labelled texts from data.source, which must be a local "
+            f".jsonl or .csv file (got '{path}'); point data.source at one or use reward.objective: pairwise"
+        )
+    rows = []
+    for where, row in read_local_rows(path, {text_field: "data.text_field", label_field: "reward.label_field"}):
+        text, value = row[text_field], row[label_field]
+        try:
+            label = float(value) if not isinstance(value, bool) and value not in (None, "") else None
+        except (TypeError, ValueError):
+            label = None
+        if label is None or not math.isfinite(label):
+            raise TndError(
+                f"reward.label_field: '{path}' {where} has {label_field} = {json.dumps(value, default=str)}, "
+                "not a finite number; fix the value or set reward.label_field to a numeric column"
+            )
+        text = " ".join(str(text or "").split())
+        if text:
+            rows.append({"text": text, "label": label})
+    if len(rows) < 2:
+        raise TndError(f"data.source: '{path}' has {len(rows)} labelled text(s); regression needs at least 2")
+    return rows
 
 
 def _read_text(path: Path) -> str:

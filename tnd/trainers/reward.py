@@ -4,6 +4,7 @@ Two objectives (reward.objective):
   pairwise   -- Bradley-Terry on preference pairs {"chosen", "rejected", "kind"}:
                 loss = -log sigmoid(r(chosen) - r(rejected) - margin)
   regression -- mean squared error to a numeric label, on rows {"text", "label"}
+                (`tnd.data.sources.load_labelled_texts`)
 
 Texts are always scored as bos + text + eos (as in `tnd.batching.encode_for_lm`),
 right-padded, and the classifier reads the last non-pad token (HF finds it through
@@ -18,7 +19,6 @@ stopping after cfg.train.patience, the best weights kept) on the eval rows, when
 
 from __future__ import annotations
 
-import json
 import math
 import random
 from pathlib import Path
@@ -31,7 +31,6 @@ from torch import nn
 from transformers import AutoModelForSequenceClassification, LlamaForSequenceClassification, PreTrainedModel, PreTrainedTokenizerBase
 
 from tnd.batching import collate, encode_for_lm
-from tnd.data.sources import read_local_rows
 from tnd.data.tokenizer import encode
 from tnd.engine import make_accelerator
 from tnd.errors import TndError, one_line
@@ -274,38 +273,6 @@ def corruption_separation(
             metrics[f"{prefix}_accuracy_{kind}"] = float(wins[index].mean())
             metrics[f"{prefix}_pairs_{kind}"] = int(index.sum())
     return metrics
-
-
-# --- labelled data for regression -----------------------------------------------------
-
-
-def load_labelled_texts(path: str | Path, text_field: str, label_field: str) -> list[dict]:
-    """Rows {"text", "label"} from a local .jsonl or .csv with a numeric label column (`read_local_rows`);
-    rows whose text is empty are left out."""
-    path = Path(path)
-    if path.suffix not in (".jsonl", ".csv"):
-        raise TndError(
-            f"reward.objective = regression reads labelled texts from data.source, which must be a local "
-            f".jsonl or .csv file (got '{path}'); point data.source at one or use reward.objective: pairwise"
-        )
-    rows = []
-    for where, row in read_local_rows(path, {text_field: "data.text_field", label_field: "reward.label_field"}):
-        text, value = row[text_field], row[label_field]
-        try:
-            label = float(value) if not isinstance(value, bool) and value not in (None, "") else None
-        except (TypeError, ValueError):
-            label = None
-        if label is None or not math.isfinite(label):
-            raise TndError(
-                f"reward.label_field: '{path}' {where} has {label_field} = {json.dumps(value, default=str)}, "
-                "not a finite number; fix the value or set reward.label_field to a numeric column"
-            )
-        text = " ".join(str(text or "").split())
-        if text:
-            rows.append({"text": text, "label": label})
-    if len(rows) < 2:
-        raise TndError(f"data.source: '{path}' has {len(rows)} labelled text(s); regression needs at least 2")
-    return rows
 
 
 # --- training ------------------------------------------------------------------------
