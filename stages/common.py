@@ -23,6 +23,9 @@ from tnd.tracking import Tracker
 
 EXIT_BAD_INPUT = 2
 EXIT_ENVIRONMENT = 3
+# Set in the processes a stage starts again under `accelerate launch`: the starting process has printed the
+# params' notes (keys overriding the preset), so that a stage prints them once.
+LAUNCHED = "TND_STAGE_LAUNCHED"
 
 
 def run_stage(
@@ -37,11 +40,11 @@ def run_stage(
     args = parser.parse_args(argv)
     started = time.perf_counter()
     try:
-        params = load_params(args.params)
+        params = load_params(args.params, quiet=LAUNCHED in os.environ or not is_main_process())
         if multi_process and params.engine.processes > 1 and "WORLD_SIZE" not in os.environ:
             command = launch_command(name, params.engine, args.params, sharded)
             print(f"{name}: {params.engine.processes} processes: {' '.join(command[2:])}", file=sys.stderr, flush=True)
-            code = subprocess.run(command).returncode
+            code = subprocess.run(command, env={**os.environ, LAUNCHED: "1"}).returncode
             if code:
                 raise SystemExit(code)
             return

@@ -37,8 +37,11 @@ Every model, the reward model included, runs on the accelerator, under bf16 / fp
 engine.mixed_precision says so; the teacher's logits for the KL are computed once per batch for all
 three models, and log-probs are taken a few thousand rows of logits at a time (no float32 [B, T, V]).
 
-Not here: the paper's "practice makes perfect" figure (per word, how often the student produced it in
-its trials against its surprisal) needs the trials, which train_ppo does not keep.
+The paper's "practice makes perfect": per content word, its count in the student's trials over training
+(plots/train_trial_words.csv, from train_ppo) against its final surprisal and its nAoA@0.5, in
+plots/eval_practice.csv and eval/practice.png; metrics/eval.json "practice" holds the words counted, how
+many the student practised, and the Spearman rank correlations of the count with each (negative: the
+words practised more are known better).
 """
 
 from __future__ import annotations
@@ -70,6 +73,7 @@ from tnd.evaluation import (
     mean_word_surprisal,
     naoa_summary,
     perplexity_from_logprobs,
+    practice,
     sample_rows,
     sequence_logprobs,
     threshold_key,
@@ -176,6 +180,15 @@ def _naoa_tables(fits: dict[str, WordAcquisition], summary: dict) -> tuple[str, 
             _csv(["word", "category", "status", "initial", "final", "midpoint", "slope", "rmse", *keys], words))
 
 
+def read_trial_words(path: Path) -> dict[str, int]:
+    """plots/train_trial_words.csv (train_ppo) as word -> count."""
+    try:
+        with open(path, newline="", encoding="utf-8") as handle:
+            return {row["word"]: int(row["count"]) for row in csv.DictReader(handle)}
+    except (OSError, KeyError, ValueError) as exc:
+        raise TndError(f"{path}: cannot be read ({one_line(exc, 120)}); run `dvc repro train_ppo`") from None
+
+
 def evaluate(params: Params, run: Tracker) -> None:
     accelerator = make_accelerator(params.engine.mixed_precision)  # the device, and autocast where engine says
     with accelerator.autocast():
@@ -258,6 +271,8 @@ def evaluate_on(device: torch.device, params: Params, run: Tracker) -> None:
         models["student"], per_word["initial_student"], per_word["student"], sequences, occurrences, params
     )
     fits, metrics["naoa"] = naoa_from_curve(curve)
+    practice_rows, metrics["practice"] = practice(read_trial_words(Path(PLOTS) / "train_trial_words.csv"),
+                                                  per_word["student"], fits)
 
     plots = Path(PLOTS)
     atomic_write_json(Path(METRICS) / "eval.json", metrics)
@@ -271,10 +286,13 @@ def evaluate_on(device: torch.device, params: Params, run: Tracker) -> None:
     naoa_table, naoa_words = _naoa_tables(fits, metrics["naoa"])
     atomic_write_text(plots / "eval_naoa.csv", naoa_table)
     atomic_write_text(plots / "eval_naoa_words.csv", naoa_words)
+    practice_columns = ["word", "category", "trial_count", "surprisal", "naoa_t50"]
+    practice_table = [[row[k] for k in practice_columns] for row in practice_rows]
+    atomic_write_text(plots / "eval_practice.csv", _csv(practice_columns, practice_table))
     figures = []
     with atomic_dir(EVAL) as out:
         atomic_write_jsonl(out / "samples.jsonl", sample_table)
-        figures = _figures(out, metrics, word_rows, plots / "train.csv", curve, fits)
+        figures = _figures(out, metrics, word_rows, plots / "train.csv", curve, fits, practice_rows)
     figures = [Path(EVAL) / f.name for f in figures]
 
     run.log_metrics({f"{name}/{k}": v for name, m in metrics.items() for k, v in m.items() if _is_number(v)})
@@ -302,10 +320,16 @@ def evaluate_on(device: torch.device, params: Params, run: Tracker) -> None:
         f"{overall['fit_failed']} failed fits): "
         + ", ".join(f"@{t} {fmt(overall[threshold_key(t)])}" for t in NAOA_THRESHOLDS)
     )
+    practised = metrics["practice"]
+    print(
+        f"evaluate: practice: {practised['practised']} of {practised['words']} words occurred in the trials; "
+        f"Spearman rho of the count with final surprisal {fmt(practised['spearman_surprisal'])}, "
+        f"with nAoA@0.5 {fmt(practised['spearman_naoa_t50'])}"
+    )
 
 
 def _figures(out: Path, metrics: dict, word_rows: list[dict], train_csv: Path, curve: list[dict],
-             fits: dict[str, WordAcquisition]) -> list[Path]:
+             fits: dict[str, WordAcquisition], practice_rows: list[dict]) -> list[Path]:
     from tnd import plots
 
     made = [plots.model_comparison({name: metrics[name] for name in MODELS}, KEYS, out / "eval_models.png")]
@@ -326,6 +350,7 @@ def _figures(out: Path, metrics: dict, word_rows: list[dict], train_csv: Path, c
                          "marker": None if half is None else (half, fitted_surprisal(fit, 10 ** half))})
     lines = {g: [metrics["naoa"][g][threshold_key(t)] for t in NAOA_THRESHOLDS] for g in groups}
     made.append(plots.naoa(NAOA_THRESHOLDS, lines, examples, out / "naoa.png"))
+    made.append(plots.practice(practice_rows, metrics["practice"], out / "practice.png"))
     if train_csv.is_file():
         with open(train_csv, newline="", encoding="utf-8") as handle:
             made.append(plots.training_curves(list(csv.DictReader(handle)), out / "train_curves.png"))

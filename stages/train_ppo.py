@@ -8,13 +8,15 @@ warmed up for student.train.steps LM steps (0 = from scratch); otherwise it is l
 name/path. The student training starts from is saved to models/initial_student/.
 
 Writes models/student/, metrics/train.json (step-1 / final / mean-of-last-10 figures, time
-and tokens/s) and plots/train.csv (one row per step: `step` + every trainer stat). Every
+and tokens/s), plots/train.csv (one row per step: `step` + every trainer stat) and
+plots/train_trial_words.csv (each nursery content word's count in the student's trials over the run, the
+practice evaluate sets against how well the word is known). Every
 ppo.save_every steps and after the last one it checkpoints into checkpoints/ppo/:
 
     latest.json      names the checkpoint to resume from; replaced atomically once a new one is complete
     step-NNNNNN/     the trainer's save_checkpoint (accelerate's save_state: weights and optimizers,
                      sharded under FSDP; RNG states per process; the trainer's own state) and run.pt:
-                     the csv rows so far, the initial student (built-in students) and a meta block
+                     the csv rows so far, the trial word counts, the initial student (built-in students) and a meta block
                      (params fingerprint, step, fingerprints of teacher, reward model, tokenizer, cache)
 
 With ppo.keep_student_snapshots, the student's weights are also kept at the steps of
@@ -49,14 +51,17 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
+from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
 from tnd.batching import encode_for_lm
 from tnd.cache import TeacherCache, fingerprint_model, fingerprint_tokenizer
 from tnd.config import Params
+from tnd.data import nursery
 from tnd.data.tokenizer import load_tokenizer
 from tnd.engine import make_accelerator
 from tnd.errors import TndError, one_line
+from tnd.evaluation import word_counts
 from tnd.io import atomic_write_bytes, atomic_write_json, atomic_write_text
 from tnd.models import build_causal_lm, load_causal_lm, save_model
 from tnd.numbers import finite, finite_mean
@@ -71,9 +76,9 @@ from stages.common import (
     check_positions, fmt, prepared_rows, run_stage, snapshot_due, snapshot_path, snapshot_steps, validation_logger,
 )
 
-CHECKPOINT_FORMAT = 3
+CHECKPOINT_FORMAT = 4  # 4: run.pt holds trial_words
 LATEST = "latest.json"  # names the checkpoint to resume from; replaced, atomically, only once a new one is complete
-RUN_STATE = "run.pt"  # the stage's part of a checkpoint: meta, csv rows so far, the initial student
+RUN_STATE = "run.pt"  # the stage's part of a checkpoint: meta, csv rows so far, trial word counts, the initial student
 # The params that change what training computes (not tracking/eval, not kernels.backend, not save_every).
 TRAINING_SECTIONS = ("seed", "data", "tokenizer", "teacher", "reward", "cache", "student", "ppo", "distill", "tnd",
                      "engine")
@@ -128,8 +133,8 @@ def read_checkpoint(root: Path) -> Optional[dict]:
             raise ValueError(f"unknown checkpoint format {pointer.get('format_version')!r}")
         directory = root / pointer["dir"]
         ckpt = torch.load(io.BytesIO((directory / RUN_STATE).read_bytes()), map_location="cpu", weights_only=True)
-        if not {"meta", "rows"} <= ckpt.keys():
-            raise ValueError(f"{RUN_STATE} lacks meta or rows")
+        if not {"meta", "rows", "trial_words"} <= ckpt.keys():
+            raise ValueError(f"{RUN_STATE} lacks meta, rows or trial_words")
     except Exception as exc:
         raise TndError(
             f"{latest}: the checkpoint it names cannot be read (truncated or corrupted: "
@@ -158,7 +163,8 @@ def atomic_torch_save(path: Path, obj: Any) -> None:
     atomic_write_bytes(path, buffer.getvalue())
 
 
-def write_checkpoint(root: Path, trainer: CustomPPOTrainer, meta: dict, rows: list, initial: Optional[dict]) -> None:
+def write_checkpoint(root: Path, trainer: CustomPPOTrainer, meta: dict, rows: list, trial_words: dict,
+                     initial: Optional[dict]) -> None:
     """Every process: the trainer into step-NNNNNN/ (save_checkpoint), process 0 the stage's part beside it,
     then latest.json names it and the older one goes. Until latest.json is replaced it names the previous,
     complete checkpoint, so a crash or kill at any point leaves one to resume from."""
@@ -170,7 +176,8 @@ def write_checkpoint(root: Path, trainer: CustomPPOTrainer, meta: dict, rows: li
         accelerator.wait_for_everyone()
         trainer.save_checkpoint(target)
         if main:
-            state = {"meta": {**meta, "step": trainer.global_step}, "rows": rows, "initial_student": initial}
+            state = {"meta": {**meta, "step": trainer.global_step}, "rows": rows, "trial_words": trial_words,
+                     "initial_student": initial}
             atomic_torch_save(target / RUN_STATE, state)
         accelerator.wait_for_everyone()
     except BaseException:
@@ -287,7 +294,7 @@ def train_ppo(params: Params, run: Tracker) -> None:
     initial = None
     texts = [row["text"] for row in prepared_rows("train.jsonl")]
     if params.student.source == "builtin":
-        student = build_causal_lm(params.student.arch, tokenizer, params.seed)
+        student = build_causal_lm(params.student.arch, tokenizer, params.seed, params.tokenizer.pad_vocab_to)
         if ckpt is not None:
             student.load_state_dict(ckpt["initial_student"])
         elif params.student.train.steps:
@@ -311,6 +318,7 @@ def train_ppo(params: Params, run: Tracker) -> None:
         if params.tnd.lm_data == "corpus" else None,
     )
     rows: list[dict] = []
+    trial_words: dict[str, int] = {}  # content word -> times in the trials so far, over all processes
     if ckpt is not None:
         try:
             trainer.load_checkpoint(ckpt["dir"])
@@ -319,7 +327,7 @@ def train_ppo(params: Params, run: Tracker) -> None:
                 f"{ckpt['dir']}: the trainer's checkpoint cannot be read (truncated or corrupted: "
                 f"{one_line(exc, 120)}); {DELETE}"
             ) from None
-        rows = list(ckpt["rows"])
+        rows, trial_words = list(ckpt["rows"]), dict(ckpt["trial_words"])
         if main:
             print(f"train_ppo: resuming from {ckpt['dir']} at step {trainer.global_step} of {config.steps}")
     del ckpt
@@ -331,6 +339,11 @@ def train_ppo(params: Params, run: Tracker) -> None:
 
     def on_step(stats: dict, step: int) -> None:
         rows.append({"step": step, **stats})
+        practised = word_counts(tokenizer.batch_decode(trainer.last_trials, skip_special_tokens=True),
+                                nursery.CONTENT_WORDS)
+        for counts in gather_object([practised]):
+            for word, n in counts.items():
+                trial_words[word] = trial_words.get(word, 0) + n
         run.log_metrics({k: v for k, v in stats.items() if math.isfinite(v)}, step)
         progress.update(1)
         progress.set_postfix(reward=f"{stats['env/reward_mean']:.3f}", kl=f"{stats['objective/kl']:.3f}")
@@ -340,7 +353,7 @@ def train_ppo(params: Params, run: Tracker) -> None:
             if main:  # a resume never lacks one (it drops those past its step and writes them again)
                 atomic_torch_save(snapshot_path(step), weights)
         if step % config.save_every == 0 or step == config.steps:  # every process: FSDP gathers, saves shards
-            write_checkpoint(root, trainer, meta, rows, initial)
+            write_checkpoint(root, trainer, meta, rows, trial_words, initial)
             if main:
                 write_csv(csv_path, rows)
 
@@ -352,6 +365,8 @@ def train_ppo(params: Params, run: Tracker) -> None:
 
     summary = {**summarise(rows, config.batch_size), "processes": trainer.accelerator.num_processes}
     write_csv(csv_path, rows)
+    by_count = sorted(trial_words.items(), key=lambda item: (-item[1], item[0]))
+    atomic_write_text(Path(PLOTS) / "train_trial_words.csv", "word,count\n" + "".join(f"{w},{n}\n" for w, n in by_count))
     save_model(trainer.student, tokenizer, STUDENT, state_dict=weights)
     atomic_write_json(Path(METRICS) / "train.json", summary)
     run.log_metrics({f"{part}.{k}": v for part in ("final", "last10") for k, v in summary[part].items()

@@ -44,7 +44,7 @@ def train_teacher(params: Params, run: Tracker) -> None:
     curve: list[dict] = []
     accelerator = make_accelerator(params.engine.mixed_precision)
     if cfg.source == "builtin":
-        model = build_causal_lm(cfg.arch, tokenizer, params.seed)
+        model = build_causal_lm(cfg.arch, tokenizer, params.seed, params.tokenizer.pad_vocab_to)
         metrics.update(pretrain_lm(
             model, tokenizer, train_texts, cfg.train, params.seed, on_log=run.log_metrics, desc="teacher",
             eval_texts=eval_texts, on_eval=validation_logger(run, curve), accelerator=accelerator,

@@ -83,8 +83,8 @@ def project(tmp_path, monkeypatch):
 
 @pytest.fixture
 def dvc_project(tmp_path, monkeypatch):
-    """A git+dvc repo holding a copy of the pipeline code and tiny params (for `dvc repro` tests)."""
-    for name in ("tnd", "tnd_kernels", "stages", "dvc.yaml"):
+    """A git+dvc repo holding a copy of the pipeline code, the presets and tiny params (for `dvc repro` tests)."""
+    for name in ("tnd", "tnd_kernels", "stages", "params", "dvc.yaml"):
         src = ROOT / name
         if src.is_dir():
             shutil.copytree(src, tmp_path / name, ignore=shutil.ignore_patterns("__pycache__"))

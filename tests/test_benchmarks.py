@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import yaml
+
 from tests.conftest import ROOT
 
 
@@ -28,11 +30,19 @@ def test_ppo_step_benchmark_smoke(tmp_path):
 
 def test_run_gpu_script_cpu_smoke():
     """benchmarks/run_gpu.sh --cpu-smoke: the GPU script end to end on CPU at tiny sizes (interpreted kernels):
-    kernel tests, kernel sweep, and the trainer on the Triton and torch backends, which agree."""
+    every pipeline stage under the gpu_small preset shrunk (without dvc, mlflow or datasets), kernel tests,
+    kernel sweep, and the trainer on the Triton and torch backends, which agree."""
     proc = subprocess.run(["bash", "benchmarks/run_gpu.sh", "--cpu-smoke"], cwd=ROOT, capture_output=True, text=True,
                           timeout=1200, env={**os.environ, "PYTHON": sys.executable})
     assert proc.returncode == 0 and "=== all parts passed" in proc.stdout, proc.stdout[-3000:]
     out = Path(proc.stdout.split("=== log: ")[1].split()[0]).parent
+    pipeline = json.loads((out / "pipeline.json").read_text())
+    assert pipeline["meta"]["preset"] == "gpu_small" and pipeline["meta"]["smoke"] is True
+    stages = list(yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"])
+    assert [row["stage"] for row in pipeline["stages"]] == stages
+    assert all(row["exit_code"] == 0 and row["run_s"] > 0 and row["process_s"] >= row["run_s"]
+               for row in pipeline["stages"])
+    assert pipeline["summary"]["failed"] == [] and pipeline["summary"]["peak_gpu_bytes_max"] is None  # CPU
     assert set(json.loads((out / "kernels.json").read_text())) >= {"meta"}
     record = json.loads((out / "backends.json").read_text())
     assert set(record["results"]) == {"triton", "torch"}

@@ -19,6 +19,7 @@ from tnd.evaluation import (
     mean_word_surprisal,
     perplexity_from_logprobs,
     sequence_logprobs,
+    spearman,
     target_logprobs,
     token_kl,
     word_category,
@@ -150,7 +151,7 @@ def _read_csv(path):
 
 
 @pytest.mark.slow
-def test_evaluate_stage_end_to_end(project):
+def test_evaluate_stage_end_to_end(project, capsys):
     from stages import evaluate, prepare_data, train_teacher
     from tnd.config import load_params
     from tnd.data.tokenizer import load_tokenizer
@@ -180,13 +181,15 @@ def test_evaluate_stage_end_to_end(project):
         "step,env/reward_mean,objective/kl,objective/kl_coef,loss/policy,loss/value,loss/distill\n"
         "1,0.1,0.5,0.05,0.2,0.3,1.0\n2,0.2,0.4,0.05,0.1,0.2,0.9\n"
     )
+    (p / "plots/train_trial_words.csv").write_text("word,count\ndog,7\ncat,3\nfish,1\n")
 
     evaluate.main([])
     metrics = json.loads((p / "metrics/eval.json").read_text())
-    assert set(metrics) == {"student", "initial_student", "teacher", "naoa"}
+    assert set(metrics) == {"student", "initial_student", "teacher", "naoa", "practice"}
     # nAoA: the initial and the final student are the same, so no word was learned; and steps 5 and 10
     # are too few snapshots for a fit anyway, which the note says
     naoa = metrics.pop("naoa")
+    practised = metrics.pop("practice")
     assert set(naoa) == {"overall", "noun", "verb", "adjective", "name", "note"}
     assert "ppo.snapshot_schedule: log" in naoa["note"]
     assert naoa["overall"]["not_learned"] == naoa["overall"]["words"] > 0 and naoa["overall"]["t50"] is None
@@ -237,15 +240,33 @@ def test_evaluate_stage_end_to_end(project):
     assert [r["word"] for r in naoa_words] == [r["word"] for r in words]
     assert {r["status"] for r in naoa_words} == {"not_learned"} and naoa_words[0]["t50"] == ""
     assert [r["threshold"] for r in _read_csv(p / "plots/eval_naoa.csv")] == ["0.5", "0.6", "0.7", "0.8", "0.9", "0.95"]
-    for png in ("eval_models.png", "eval_word_surprisal.png", "train_curves.png", "word_curve.png"):
+    # practice: each word's count from train_ppo beside its final surprisal, and their rank correlation
+    practice = _read_csv(p / "plots/eval_practice.csv")
+    assert [r["word"] for r in practice] == [r["word"] for r in words]
+    counts = {r["word"]: int(r["trial_count"]) for r in practice}
+    assert {w: n for w, n in counts.items() if n} == {w: n for w, n in {"dog": 7, "cat": 3, "fish": 1}.items()
+                                                    if w in counts}
+    assert [float(r["surprisal"]) for r in practice] == pytest.approx([float(r["student"]) for r in words])
+    assert practised["words"] == len(words) and practised["practised"] == sum(n > 0 for n in counts.values())
+    assert practised["spearman_surprisal"] == pytest.approx(
+        spearman(list(counts.values()), [float(r["surprisal"]) for r in practice]))
+    assert practised["spearman_naoa_t50"] is None  # no word was learned, so none has an nAoA
+    for png in ("eval_models.png", "eval_word_surprisal.png", "train_curves.png", "word_curve.png", "practice.png"):
         assert (p / "eval" / png).read_bytes()[:4] == b"\x89PNG", png
 
     # Reruns agree exactly.
     outputs = {name: (p / name).read_bytes() for name in (
         "metrics/eval.json", "plots/eval_models.csv", "plots/eval_word_surprisal.csv", "plots/eval_word_curve.csv",
-        "plots/eval_naoa.csv", "plots/eval_naoa_words.csv", "eval/samples.jsonl")}
+        "plots/eval_naoa.csv", "plots/eval_naoa_words.csv", "plots/eval_practice.csv", "eval/samples.jsonl")}
     evaluate.main([])
     assert {name: (p / name).read_bytes() for name in outputs} == outputs
+
+    # Without train_ppo's word counts, the stage to run is named.
+    (p / "plots/train_trial_words.csv").unlink()
+    with pytest.raises(SystemExit) as exc:
+        evaluate.main([])
+    assert exc.value.code == 2 and "run `dvc repro train_ppo`" in capsys.readouterr().err
+    (p / "plots/train_trial_words.csv").write_text("word,count\n")
 
     # A snapshot of another architecture is refused with one line naming it.
     write_snapshot(7, build_causal_lm(TINY_ARCH, tokenizer, seed=7))

@@ -22,8 +22,11 @@ from tnd.evaluation import (
     WordAcquisition,
     fitted_surprisal,
     naoa_summary,
+    practice,
+    spearman,
     threshold_key,
     word_acquisition,
+    word_counts,
     word_naoa,
 )
 from tnd.models import build_causal_lm
@@ -295,4 +298,39 @@ def test_lm_only_pipeline_keeps_log_spaced_snapshots_and_evaluate_reports_naoa(t
     words = _read_csv(tmp_path / "plots/eval_naoa_words.csv")
     assert len(words) == overall["words"] and sum(w["status"] == "fitted" for w in words) == overall["fitted"]
     assert (tmp_path / "eval/naoa.png").read_bytes()[:4] == b"\x89PNG"
+    # the words the student practised in its (unused) trials, set against how well it knows them
+    trial_words = {r["word"]: int(r["count"]) for r in _read_csv(tmp_path / "plots/train_trial_words.csv")}
+    assert trial_words and sum(trial_words.values()) <= 12 * 4 * 6  # steps x trials x tokens
+    practised = json.loads((tmp_path / "metrics/eval.json").read_text())["practice"]
+    table = _read_csv(tmp_path / "plots/eval_practice.csv")
+    assert practised["words"] == len(table) == overall["words"]
+    assert all(int(r["trial_count"]) == trial_words.get(r["word"], 0) for r in table)
+    assert practised["spearman_surprisal"] is not None and -1 <= practised["spearman_surprisal"] <= 1
     assert os.path.getsize(tmp_path / "eval/word_curve.png") > 0
+
+
+# --- practice makes perfect ------------------------------------------------------------------
+
+
+def test_spearman_by_hand():
+    assert spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    # ties share their mean rank: x ranks 0, 1.5, 1.5, 3 against y ranks 0, 1, 2, 3 -> 0.9487 (scipy's value)
+    assert spearman([1, 2, 2, 3], [1, 2, 3, 4]) == pytest.approx(0.9486832980505138)
+    assert spearman([1, 2], [2, 1]) is None and spearman([5, 5, 5], [1, 2, 3]) is None
+
+
+def test_word_counts_find_words_as_locate_words_does():
+    assert word_counts(["The dog runs.", "dog-dog cat", "dogs"], ["dog", "runs", "bird"]) == {"dog": 3, "runs": 1}
+
+
+def test_practice_sets_each_words_trial_count_against_how_well_it_is_known():
+    final = {w: {"surprisal": s, "count": 1} for w, s in {"dog": 1.0, "cat": 2.0, "fish": 3.0, "ball": 4.0}.items()}
+    fit = lambda half: WordAcquisition("fitted", 8.0, 1.0, half, 1.0, 0.0, {0.5: half}, {0.5: False})  # noqa: E731
+    fits = {"dog": fit(0.2), "cat": fit(0.5), "fish": WordAcquisition("not_learned", 8.0, 7.95, None, None, None,
+                                                                        {0.5: None}, {0.5: False})}
+    rows, summary = practice({"dog": 30, "cat": 10, "fish": 2, "tree": 99}, final, fits)
+    assert [(r["word"], r["trial_count"], r["naoa_t50"]) for r in rows] == [
+        ("ball", 0, None), ("cat", 10, 0.5), ("dog", 30, 0.2), ("fish", 2, None)]
+    assert summary == {"words": 4, "practised": 3, "spearman_surprisal": pytest.approx(-1.0),
+                       "spearman_naoa_t50": None}  # two fitted words: too few for a correlation

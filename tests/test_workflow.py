@@ -34,7 +34,7 @@ def test_repro_metrics_plots_and_the_mode_ablation_as_experiments(dvc_project):
     metrics = json.loads(dvc("metrics", "show", "--json"))
     workspace = next(iter(metrics.values()))["data"]
     eval_json = workspace["metrics/eval.json"]["data"]
-    assert set(eval_json) == {"student", "initial_student", "teacher", "naoa"}
+    assert set(eval_json) == {"student", "initial_student", "teacher", "naoa", "practice"}
     assert {"t50", "t95", "fitted", "not_learned"} <= set(eval_json["naoa"]["overall"])
     assert {"reward", "grammaticality", "perplexity", "kl_to_teacher", "distinct_2", "mean_length"} <= set(
         eval_json["student"])

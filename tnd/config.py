@@ -14,6 +14,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
+import sys
 import typing
 from pathlib import Path
 from typing import Any, Literal, Optional
@@ -61,6 +62,20 @@ class TokenizerParams(Section):
     source: str = "train"  # "train": byte-level BPE on the train split; else a name/path
     vocab_size: typing.Annotated[int, Field(ge=300, le=1_000_000)] = 2048
     min_frequency: PositiveInt = 2
+    # The built-in teacher's and student's embedding and output rows: null = one per token; a number = that
+    # many, the rows beyond the tokenizer never sampled (tnd.generation), so a small tokenizer costs what a
+    # vocabulary of this size does in the output layer and the losses (nanoGPT pads GPT-2's 50257 to 50304)
+    pad_vocab_to: Optional[PositiveInt] = None
+
+    @model_validator(mode="after")
+    def _padding_holds_the_vocabulary(self) -> "TokenizerParams":
+        # A trained BPE may reach vocab_size tokens; another tokenizer's size is checked when a model is built.
+        if self.source == "train" and self.pad_vocab_to is not None and self.pad_vocab_to < self.vocab_size:
+            raise ValueError(
+                f"pad_vocab_to ({self.pad_vocab_to}) must be at least vocab_size ({self.vocab_size}), the tokens "
+                "the trained BPE may have; raise it or set null"
+            )
+        return self
 
 
 # --- models -----------------------------------------------------------------------
@@ -288,6 +303,7 @@ class TrackingParams(Section):
 
 
 class Params(Section):
+    preset: Optional[str] = None  # params/<preset>.yaml under params.yaml's own changes (load_params)
     seed: int = 1234
     data: DataParams = DataParams()
     tokenizer: TokenizerParams = TokenizerParams()
@@ -328,8 +344,9 @@ class Params(Section):
         return _flatten(self.model_dump(mode="json"))
 
     def fingerprint(self) -> str:
-        """Short stable hash of all params (tagged on every tracked run)."""
-        blob = json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()
+        """Short stable hash of all params (tagged on every tracked run): of the values in effect, so a preset
+        and the same values written out in params.yaml are one configuration."""
+        blob = json.dumps(self.model_dump(mode="json", exclude={"preset"}), sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:12]
 
 
@@ -480,30 +497,109 @@ class CustomPPOConfig(_TrainerFields):
 # --- loading and error messages -----------------------------------------------------
 
 
-def load_params(path: str | Path = "params.yaml") -> Params:
+PRESETS = "params"  # the folder of presets, beside params.yaml: params/<name>.yaml
+
+
+def load_params(path: str | Path = "params.yaml", quiet: bool = False) -> Params:
+    """params.yaml (or `path`), its preset applied (`parse_params`)."""
     path = Path(path)
     if not path.is_file():
         raise ParamsError(f"{path}: file not found; run from the project root or pass --params PATH")
+    return parse_params(_read_yaml(path), source=str(path), quiet=quiet)
+
+
+def _read_yaml(path: Path) -> Any:
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
         where = getattr(exc, "problem_mark", None)
         line = f" at line {where.line + 1}" if where else ""
         raise ParamsError(f"{path}: not valid YAML{line}; fix the syntax ({one_line(exc)})") from None
-    return parse_params(raw, source=str(path))
 
 
-def parse_params(raw: Any, source: str = "params.yaml") -> Params:
+def parse_params(raw: Any, source: str = "params.yaml", quiet: bool = False) -> Params:
+    """The params in `raw` (read from `source`). With `preset: <name>`, three layers, the later winning: the
+    schema's defaults, the overrides in params/<name>.yaml (beside `source`), and every key of `raw` whose value
+    differs from the schema's default -- so `dvc exp run -S preset=x -S ppo.learning_rate=1e-4` is preset x with
+    that learning rate. The keys where `raw` overrides the preset are noted in one line on stderr, unless `quiet`.
+    (A value equal to the schema's default cannot override a preset: it reads as unchanged.)"""
     if raw is None:
         raise ParamsError(f"{source}: file is empty; start from the params.yaml in the repository")
     if not isinstance(raw, dict):
         raise ParamsError(f"{source}: top level must be a mapping of sections, got {type(raw).__name__}")
+    if raw.get("preset") is None:
+        return _validate(raw, source)
+    name = raw["preset"]
+    merged, overridden = _apply_preset(raw, source)
+    params = _validate(merged, f"{source} + {Path(source).parent / PRESETS / name}.yaml")
+    if overridden and not quiet:
+        print(f"note: {source} overrides preset {name}: {'; '.join(overridden)}", file=sys.stderr, flush=True)
+    return params
+
+
+def _validate(raw: dict, source: str) -> Params:
     try:
         return Params.model_validate(raw)
     except ValidationError as exc:
         errors = exc.errors()
         more = f" (and {len(errors) - 1} more problem(s))" if len(errors) > 1 else ""
         raise ParamsError(f"{source}: {_describe(errors[0])}{more}") from None
+
+
+def _apply_preset(raw: dict, source: str) -> tuple[dict, list[str]]:
+    """`raw` over its preset (`parse_params`), and `key = value (preset: value)` for each key where `raw`
+    overrides the preset."""
+    name, folder = raw["preset"], Path(source).parent / PRESETS
+    available = sorted(path.stem for path in folder.glob("*.yaml"))
+    if name not in available:
+        close = difflib.get_close_matches(str(name), available, n=1, cutoff=0.5)
+        hint = f"did you mean '{close[0]}'? " if close else ""
+        choices = f"one of {', '.join(map(repr, available))}" if available else f"none ({folder} holds no *.yaml)"
+        raise ParamsError(f"{source}: preset = {json.dumps(name, default=str)} is not a preset; {hint}"
+                          f"allowed: null or {choices}")
+    path = folder / f"{name}.yaml"
+    overrides = _read_yaml(path)
+    if not isinstance(overrides, dict):
+        raise ParamsError(f"{path}: a preset is a mapping of the params it sets (e.g. ppo: {{learning_rate: 2.0e-5}}), "
+                          f"got {type(overrides).__name__}")
+    if "preset" in overrides:
+        raise ParamsError(f"{path}: unknown key 'preset'; a preset cannot apply another (copy that one's keys instead)")
+    defaults, preset = _leaves(Params().model_dump(mode="json")), _leaves(overrides)
+    _validate(_tree({**defaults, **preset}), str(path))  # a bad key or value is named in the preset's file
+    changed = {loc: value for loc, value in _leaves(raw).items() if loc not in defaults or value != defaults[loc]}
+    overridden = [
+        f"{'.'.join(loc)} = {json.dumps(value, default=str)} (preset: {json.dumps(preset[loc], default=str)})"
+        for loc, value in changed.items() if loc in preset and value != preset[loc]
+    ]
+    # on the whole defaults tree: a partial section would take its class's defaults, not the ones the section
+    # has where it sits (student.train.eval_every is 50, LMTrainParams' own 100)
+    return _tree({**defaults, **preset, **changed}), overridden
+
+
+def _leaves(tree: dict, loc: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
+    """{("ppo", "learning_rate"): 1e-4, ...}: a params tree's values by key, down to the schema's sections (so a
+    mapping value such as ppo.optimizer_kwargs is one value, replaced whole, never merged)."""
+    out: dict[tuple[str, ...], Any] = {}
+    for key, value in tree.items():
+        here = (*loc, str(key))
+        if isinstance(value, dict) and _model_at(here) is not None:
+            out.update(_leaves(value, here))
+        else:
+            out[here] = value
+    return out
+
+
+def _tree(leaves: dict[tuple[str, ...], Any]) -> dict:
+    """The params tree of `_leaves`' output; a later key replaces whatever an earlier one put at its place."""
+    tree: dict = {}
+    for loc, value in leaves.items():
+        node = tree
+        for part in loc[:-1]:
+            if not isinstance(node.get(part), dict):
+                node[part] = {}
+            node = node[part]
+        node[loc[-1]] = value
+    return tree
 
 
 def _describe(error: dict, root: type[BaseModel] = Params) -> str:

@@ -479,3 +479,64 @@ def naoa_summary(
         entry["censored"] = {threshold_key(t): sum(f.censored[t] for f in fitted) for t in thresholds}
         out[group] = entry
     return out
+
+
+# --- practice makes perfect (the paper's figure: a word's count in the trials against how well it is known) ---
+
+
+def word_counts(texts: Iterable[str], words: Iterable[str]) -> dict[str, int]:
+    """How often each of `words` occurs in `texts` (words found as `locate_words` finds them: runs of letters,
+    any case); words that do not occur are left out."""
+    wanted = {w.lower() for w in words}
+    counts: dict[str, int] = {}
+    for text in texts:
+        for match in _WORD.finditer(text):
+            word = match.group().lower()
+            if word in wanted:
+                counts[word] = counts.get(word, 0) + 1
+    return counts
+
+
+def spearman(xs: Sequence[float], ys: Sequence[float]) -> Optional[float]:
+    """Spearman's rank correlation, ties sharing their mean rank; None for fewer than 3 pairs or a side with
+    one value only."""
+    if len(xs) < 3:
+        return None
+
+    def ranks(values: Sequence[float]) -> torch.Tensor:
+        order = sorted(range(len(values)), key=values.__getitem__)
+        out = torch.empty(len(values), dtype=torch.float64)
+        i = 0
+        while i < len(order):
+            j = i
+            while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
+                j += 1
+            out[order[i : j + 1]] = (i + j) / 2
+            i = j + 1
+        return out
+
+    rx, ry = ranks(xs), ranks(ys)
+    rx, ry = rx - rx.mean(), ry - ry.mean()
+    norm = float(rx.norm() * ry.norm())
+    return float(rx @ ry) / norm if norm > 0 else None
+
+
+def practice(counts: Mapping[str, int], final: Mapping[str, dict], fits: Mapping[str, WordAcquisition]) -> tuple[list[dict], dict]:
+    """Per word of `final` (word -> {"surprisal", ...}, the student's, as `word_surprisals` gives): its category,
+    its count in the student's trials, its final surprisal and its nAoA@0.5; and the rank correlations of the count with
+    each (over the words that have one). Practice helps when they are negative: words the student produced
+    more often end up less surprising and are acquired earlier."""
+    rows = []
+    for word in sorted(final):
+        fit = fits.get(word)
+        half = fit.naoa.get(0.5) if fit is not None and fit.status == "fitted" else None
+        rows.append({"word": word, "category": word_category(word), "trial_count": counts.get(word, 0),
+                     "surprisal": final[word]["surprisal"], "naoa_t50": half})
+
+    def rho(key: str) -> Optional[float]:
+        pairs = [(r["trial_count"], r[key]) for r in rows if r[key] is not None and math.isfinite(r[key])]
+        return spearman([c for c, _ in pairs], [v for _, v in pairs])
+
+    summary = {"words": len(rows), "practised": sum(r["trial_count"] > 0 for r in rows),
+               "spearman_surprisal": rho("surprisal"), "spearman_naoa_t50": rho("naoa_t50")}
+    return rows, summary

@@ -6,7 +6,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import LogitsProcessor, LogitsProcessorList, PreTrainedModel, PreTrainedTokenizerBase
 
-from tnd.batching import left_pad, right_pad  # noqa: F401 (right_pad: tnd/cache.py still imports it from here)
+from tnd.batching import left_pad
 
 
 @torch.no_grad()

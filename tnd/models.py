@@ -30,9 +30,18 @@ if TYPE_CHECKING:  # annotations only: the trainer runs without pydantic (the GP
     from tnd.config import ArchParams
 
 
-def llama_config(arch: ArchParams, tokenizer: PreTrainedTokenizerBase, **extra) -> LlamaConfig:
+def llama_config(
+    arch: ArchParams, tokenizer: PreTrainedTokenizerBase, pad_vocab_to: Optional[int] = None, **extra
+) -> LlamaConfig:
+    """A built-in model's config: one embedding and output row per token of `tokenizer`, or `pad_vocab_to` rows
+    (tokenizer.pad_vocab_to), the ones past the tokenizer never sampled (tnd.generation.TokenizerIdsOnly)."""
+    if pad_vocab_to is not None and pad_vocab_to < len(tokenizer):
+        raise TndError(
+            f"tokenizer.pad_vocab_to = {pad_vocab_to} is smaller than the tokenizer's {len(tokenizer)} tokens; "
+            f"set it to at least {len(tokenizer)}, or null"
+        )
     return LlamaConfig(
-        vocab_size=len(tokenizer),
+        vocab_size=pad_vocab_to or len(tokenizer),
         hidden_size=arch.hidden_size,
         num_hidden_layers=arch.num_layers,
         num_attention_heads=arch.num_heads,
@@ -48,9 +57,11 @@ def llama_config(arch: ArchParams, tokenizer: PreTrainedTokenizerBase, **extra) 
     )
 
 
-def build_causal_lm(arch: ArchParams, tokenizer: PreTrainedTokenizerBase, seed: int) -> LlamaForCausalLM:
+def build_causal_lm(
+    arch: ArchParams, tokenizer: PreTrainedTokenizerBase, seed: int, pad_vocab_to: Optional[int] = None
+) -> LlamaForCausalLM:
     torch.manual_seed(seed)
-    return LlamaForCausalLM(llama_config(arch, tokenizer))
+    return LlamaForCausalLM(llama_config(arch, tokenizer, pad_vocab_to))
 
 
 def load_causal_lm(source: str | Path, tokenizer: PreTrainedTokenizerBase, role: str) -> PreTrainedModel:

@@ -13,6 +13,7 @@ from pathlib import Path
 from pydantic import BaseModel
 
 from tnd.config import Params, _allowed
+from tnd.io import atomic_write_text
 
 START, END = "<!-- params-table:start -->", "<!-- params-table:end -->"
 
@@ -48,7 +49,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.write:
         readme = Path("README.md")
-        readme.write_text(replace_in(readme.read_text()))
+        atomic_write_text(readme, replace_in(readme.read_text()))
     else:
         print(table())
 

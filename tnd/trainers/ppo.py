@@ -449,6 +449,7 @@ class CustomPPOTrainer:
         self.global_step = 0
         self.nonfinite_total = 0
         self.scored_total = 0
+        self.last_trials: list[list[int]] = []  # this process's responses of the last step (what the student practised)
         self.early_stopping = self._setup_early_stopping()
         self.score_processor = self._setup_score_processing()
         self.kl_ctl = (
@@ -901,7 +902,7 @@ class CustomPPOTrainer:
         cfg = self.config
         accelerator = self.accelerator
         prompts = [list(p) for p in prompts]
-        responses = self._sample(prompts)
+        responses = self.last_trials = self._sample(prompts)
         raw = self.compute_scores([p + r for p, r in zip(prompts, responses)])
         all_raw = accelerator.gather(raw)
         all_finite, finite = torch.isfinite(all_raw), torch.isfinite(raw)
