@@ -4,6 +4,7 @@ one line on stderr with exit code 2 instead of a traceback."""
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import socket
@@ -144,6 +145,9 @@ def seed_everything(seed: int) -> None:
 PREPARED = "data/prepared"
 TOKENIZER = "artifacts/tokenizer"
 TEACHER = "models/teacher"
+TEACHER_AGES = "models/teacher_ages"
+AGE_INDEX = "steps.json"  # in TEACHER_AGES: {"steps": [the kept checkpoints' steps]}
+AGES = "data/ages/labelled.jsonl"
 CACHE = "cache/teacher"
 REWARD = "models/reward"
 METRICS = "metrics"
@@ -160,15 +164,19 @@ EVAL = "eval"
 def stage_inputs(name: str, params: Params) -> list[tuple[str, str]]:
     prepared, index = Path(PREPARED), str(Path(CACHE) / "index.json")
     warm_up = params.student.source == "builtin" and params.student.train.steps > 0
-    pairwise = params.reward.objective == "pairwise"
+    objective = params.reward.objective
     inputs = {
         "prepare_data": [(params.data.source, "source")],  # a local file; the nursery and hub names are not
         "train_teacher": [
             (prepared / "train.jsonl", "training"), (prepared / "eval.jsonl", "evaluation"),
             (prepared / "eval_prompts.jsonl", "evaluation"),
         ],
-        "train_reward": [(prepared / "pairs_train.jsonl", "training"), (prepared / "pairs_eval.jsonl", "evaluation")]
-        if pairwise else [(params.data.source, "training")],
+        "sample_ages": [(prepared / "prompts.jsonl", "prompts")] if objective == "age" else [],
+        "train_reward": {
+            "pairwise": [(prepared / "pairs_train.jsonl", "training"), (prepared / "pairs_eval.jsonl", "evaluation")],
+            "regression": [(params.data.source, "training")],
+            "age": [(AGES, "training")],
+        }[objective],
         "cache_teacher_logits": [(prepared / "prompts.jsonl", "prompts")],
         "score_rewards": [(index, "scoring"), (prepared / "eval.jsonl", "scoring")],
         "train_ppo": [(prepared / "prompts.jsonl", "training"), (index, "training")]
@@ -202,6 +210,17 @@ def prepared_rows(name: str) -> list[dict]:
 def snapshot_path(step: int) -> Path:
     """The student's weights at PPO step `step` (train_ppo keeps them for evaluate's word curve)."""
     return Path(CHECKPOINTS) / "students" / f"step-{step:06d}.pt"
+
+
+def age_checkpoint_path(step: int, folder: str | Path = TEACHER_AGES) -> Path:
+    """The teacher's weights at pretraining step `step` (train_teacher keeps them for sample_ages)."""
+    return Path(folder) / f"step-{step:06d}"
+
+
+def age_checkpoint_steps() -> list[int]:
+    """Steps of the teacher checkpoints train_teacher kept (its index beside them), sorted; none without one."""
+    index = Path(TEACHER_AGES) / AGE_INDEX
+    return json.loads(index.read_text(encoding="utf-8"))["steps"] if index.is_file() else []
 
 
 def snapshot_steps() -> list[int]:

@@ -294,12 +294,12 @@ def train_ppo(params: Params, run: Tracker) -> None:
     initial = None
     texts = [row["text"] for row in prepared_rows("train.jsonl")]
     if params.student.source == "builtin":
-        student = build_causal_lm(params.student.arch, tokenizer, params.seed, params.tokenizer.pad_vocab_to)
+        student = build_causal_lm(params.student.arch, tokenizer, params.student_seed, params.tokenizer.pad_vocab_to)
         if ckpt is not None:
             student.load_state_dict(ckpt["initial_student"])
         elif params.student.train.steps:
             eval_texts = [row["text"] for row in prepared_rows("eval.jsonl")]  # its validation
-            pretrain_lm(student, tokenizer, texts, params.student.train, params.seed, desc="student warm-up",
+            pretrain_lm(student, tokenizer, texts, params.student.train, params.student_seed, desc="student warm-up",
                         eval_texts=eval_texts, on_eval=validation_logger(run, []), accelerator=accelerator,
                         name="student")
         initial = {k: v.clone() for k, v in student.state_dict().items()}

@@ -3,8 +3,10 @@
 pairwise (default): Bradley-Terry on data/prepared/pairs_train.jsonl, evaluated on
 pairs_eval.jsonl (every corruption kind, so a kind left out of data.pair_corruptions
 is a held-out test). regression: MSE to reward.label_field of the labelled texts in
-data.source (a local .jsonl/.csv), 10% held out. On nursery data the model is also
-checked on fresh sentences, each corrupted with every kind.
+data.source (a local .jsonl/.csv), 10% held out. age (the TnD paper's age predictor): the same
+regression on data/ages/labelled.jsonl, texts sampled from the teacher's checkpoints and labelled
+log2(step) by stage sample_ages. On nursery data the model is also checked on fresh sentences,
+each corrupted with every kind.
 
 While it trains, the built-in model is validated every reward.train.eval_every steps on the
 first reward.train.eval_size held-out rows (eval pairs, or the held-out labelled texts), stops
@@ -26,6 +28,7 @@ from tnd.data import nursery
 from tnd.data.sources import load_labelled_texts
 from tnd.data.tokenizer import load_tokenizer
 from tnd.engine import make_accelerator
+from tnd.errors import TndError
 from tnd.io import atomic_write_csv, atomic_write_json, read_jsonl
 from tnd.models import save_model
 from tnd.numbers import finite
@@ -38,7 +41,7 @@ from tnd.trainers.reward import (
 )
 
 from stages.common import (
-    METRICS, PLOTS, PREPARED, REWARD, TOKENIZER, run_stage, validation_logger, validation_summary,
+    AGES, METRICS, PLOTS, PREPARED, REWARD, TOKENIZER, run_stage, validation_logger, validation_summary,
 )
 
 N_FRESH = 500
@@ -52,6 +55,15 @@ def split_labelled(rows: list[dict], params: Params) -> tuple[list[dict], list[d
     return rows[n_eval : n_eval + params.data.n_train], rows[:n_eval]
 
 
+def age_rows() -> list[dict]:
+    """reward.objective: age -- the texts sample_ages labelled with their age."""
+    rows = read_jsonl(AGES) if Path(AGES).is_file() else []
+    if len(rows) < 2:
+        raise TndError(f"{AGES}: {len(rows)} labelled text(s), the age reward needs texts of several ages; "
+                       "run `dvc repro sample_ages`")
+    return rows
+
+
 def train_reward(params: Params, run: Tracker) -> None:
     cfg = params.reward
     tokenizer = load_tokenizer(TOKENIZER)
@@ -59,7 +71,8 @@ def train_reward(params: Params, run: Tracker) -> None:
         train_rows = read_jsonl(Path(PREPARED) / "pairs_train.jsonl")
         eval_rows = read_jsonl(Path(PREPARED) / "pairs_eval.jsonl")
     else:
-        labelled = load_labelled_texts(params.data.source, params.data.text_field, cfg.label_field)
+        labelled = age_rows() if cfg.objective == "age" else load_labelled_texts(
+            params.data.source, params.data.text_field, cfg.label_field)
         train_rows, eval_rows = split_labelled(labelled, params)
 
     if cfg.source == "builtin":

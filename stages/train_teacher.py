@@ -8,25 +8,35 @@ to MLflow per step). The built-in teacher is validated on the eval split while i
 stops after teacher.train.patience validations without improvement, and is saved with the
 weights of its best validation (teacher.train.keep_best).
 
+With teacher.train.age_checkpoints (reward.objective: age), the built-in teacher's weights at
+log-spaced steps of its pretraining (`tnd.trainers.lm.age_steps`) and at the step it ends on are
+kept in models/teacher_ages/step-NNNNNN/ for stage sample_ages, listed in models/teacher_ages/steps.json
+(written also when none are kept: the folder is a DVC out); the folder is replaced whole when training ends.
+
 It trains on the accelerator and with the mixed precision of the `engine` params, in
 engine.processes processes (the stage starts itself under `accelerate launch`, as train_ppo).
 """
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
+from typing import Callable, Optional
 
-from tnd.config import Params
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from tnd.config import Params, TeacherTrainParams
 from tnd.data.tokenizer import load_tokenizer
 from tnd.engine import make_accelerator
 from tnd.evaluation import grammaticality, sample_rows
-from tnd.io import atomic_write_csv, atomic_write_json, read_jsonl
+from tnd.io import atomic_dir, atomic_write_csv, atomic_write_json, read_jsonl
 from tnd.models import build_causal_lm, load_causal_lm, save_model
-from tnd.trainers.lm import perplexity, pretrain_lm
+from tnd.trainers.lm import age_steps, perplexity, pretrain_lm
 from tnd.tracking import Tracker
 
 from stages.common import (
-    METRICS, PLOTS, PREPARED, TEACHER, TOKENIZER, run_stage, validation_logger, validation_summary,
+    AGE_INDEX, METRICS, PLOTS, PREPARED, TEACHER, TEACHER_AGES, TOKENIZER, age_checkpoint_path, run_stage,
+    validation_logger, validation_summary,
 )
 
 CURVE_COLUMNS = ("step", "train_loss", "eval_loss", "eval_perplexity", "best_step")
@@ -43,14 +53,20 @@ def train_teacher(params: Params, run: Tracker) -> None:
     metrics: dict = {}
     curve: list[dict] = []
     accelerator = make_accelerator(params.engine.mixed_precision)
-    if cfg.source == "builtin":
-        model = build_causal_lm(cfg.arch, tokenizer, params.seed, params.tokenizer.pad_vocab_to)
-        metrics.update(pretrain_lm(
-            model, tokenizer, train_texts, cfg.train, params.seed, on_log=run.log_metrics, desc="teacher",
-            eval_texts=eval_texts, on_eval=validation_logger(run, curve), accelerator=accelerator,
-        ))
-    else:
-        model = load_causal_lm(cfg.source, tokenizer, role="teacher").to(accelerator.device)
+    kept: list[int] = []
+    # process 0 alone writes models/teacher_ages/ (the others' folder is None)
+    with atomic_dir(TEACHER_AGES) if accelerator.is_main_process else contextlib.nullcontext() as ages:
+        if cfg.source == "builtin":
+            model = build_causal_lm(cfg.arch, tokenizer, params.seed, params.tokenizer.pad_vocab_to)
+            metrics.update(pretrain_lm(
+                model, tokenizer, train_texts, cfg.train, params.seed, on_log=run.log_metrics, desc="teacher",
+                eval_texts=eval_texts, on_eval=validation_logger(run, curve), accelerator=accelerator,
+                on_step=age_keeper(model, tokenizer, cfg.train, ages, kept),
+            ))
+        else:
+            model = load_causal_lm(cfg.source, tokenizer, role="teacher").to(accelerator.device)
+        if ages is not None:  # also when nothing is kept: DVC warns of an empty output folder
+            atomic_write_json(ages / AGE_INDEX, {"steps": kept})
     if not accelerator.is_main_process:  # the others helped train; process 0 evaluates and writes
         return
     metrics["n_parameters"] = sum(p.numel() for p in model.parameters())
@@ -71,6 +87,25 @@ def train_teacher(params: Params, run: Tracker) -> None:
     run.log_model(TEACHER, "teacher", task="text-generation")
     print(f"train_teacher: perplexity {metrics['eval_perplexity']:.2f}, grammaticality {metrics['grammaticality']}"
           + validation_summary(metrics))
+
+
+def age_keeper(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, train: TeacherTrainParams, folder: Optional[Path],
+    kept: list[int],
+) -> Optional[Callable[[int, bool], None]]:
+    """pretrain_lm's `on_step` that saves the model into `folder` at the age steps of train.age_checkpoints and at
+    the step training ends on (an early stop's too: the oldest age must be there), adding each step to `kept`;
+    None when nothing is kept."""
+    due = set(age_steps(train.age_checkpoints, train.steps))
+    if folder is None or not due:
+        return None
+
+    def keep(step: int, last: bool) -> None:
+        if step in due or last:
+            save_model(model, tokenizer, age_checkpoint_path(step, folder))
+            kept.append(step)
+
+    return keep
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -292,6 +292,8 @@ def test_config_from_params_maps_sections():
     assert cfg.distill_loss == params.distill.loss and cfg.distill_coef == params.distill.coef
     assert cfg.kernel_backend == params.kernels.backend and cfg.seed == params.seed
     assert (cfg.reward_mean, cfg.reward_std) == (0.5, 2.0)
+    seeded = Params.model_validate({"student": {"seed": 7}})  # the student's seed alone, for a study over seeds
+    assert CustomPPOConfig.from_params(seeded).seed == seeded.student_seed == 7 and seeded.seed == params.seed
     with pytest.raises(PPOConfigError, match="unknown key 'not_a_field'"):
         CustomPPOConfig.from_params(params, not_a_field=1)
     with pytest.raises(PPOConfigError, match="unknown key 'distil_coef'; did you mean 'distill_coef'"):

@@ -3,6 +3,7 @@ the shipped presets, the stderr note, bad names and bad preset files, and DVC re
 
 from __future__ import annotations
 
+import math
 import shutil
 import subprocess
 import sys
@@ -15,6 +16,7 @@ from stages.common import LAUNCHED, run_stage
 from tests.conftest import ROOT, dvc, init_git_dvc, merge, repo_params
 from tnd.config import load_params, parse_params
 from tnd.errors import ParamsError
+from tnd.trainers.lm import age_steps
 
 PRESETS = sorted(path.stem for path in (ROOT / "params").glob("*.yaml"))
 # The command line params/tnd_original.yaml carried before presets were a param (its "# DVC_ARGS:" line).
@@ -25,6 +27,8 @@ TND_ORIGINAL_DVC_ARGS = (
     "-S ppo.ppo_epochs=1 -S ppo.gradient_accumulation_steps=4 -S ppo.top_k=20 -S ppo.top_p=0.95 "
     "-S ppo.init_kl_coef=0 -S ppo.adap_kl_ctrl=false -S ppo.use_score_scaling=false -S ppo.use_score_norm=false"
 )
+# What the preset has set since: the paper's age-predictor reward.
+TND_ORIGINAL_AGE_ARGS = "-S teacher.train.age_checkpoints=12 -S reward.objective=age -S tnd.demo_score=10.55"
 
 
 def project(tmp_path: Path, preset: str | None, **changes) -> Path:
@@ -74,13 +78,22 @@ def test_every_preset_applies_and_logs_its_name(tmp_path, name):
 
 
 def test_tnd_original_gives_what_its_old_command_line_gave(tmp_path):
-    old = parse_params(with_dvc_args(repo_params(), TND_ORIGINAL_DVC_ARGS))
+    old = parse_params(with_dvc_args(repo_params(), f"{TND_ORIGINAL_DVC_ARGS} {TND_ORIGINAL_AGE_ARGS}"))
     new = load_params(project(tmp_path, "tnd_original"))
     assert new.model_dump(exclude={"preset"}) == old.model_dump(exclude={"preset"})
     assert new.fingerprint() == old.fingerprint()  # one configuration, however it is written
     # with params.yaml's batch sizes, one optimizer step per PPO update (as the paper's 256 rows / 16 x 16)
     assert new.ppo.batch_size == new.ppo.mini_batch_size * new.ppo.gradient_accumulation_steps
     assert "DVC_ARGS" not in (ROOT / "params" / "tnd_original.yaml").read_text()
+
+
+def test_tnd_original_rewards_the_age_the_teacher_checkpoints_teach(tmp_path):
+    params = load_params(project(tmp_path, "tnd_original"))
+    assert params.reward.objective == "age" and params.teacher.source == "builtin"
+    assert params.tnd.score_offset == "log2_step"  # a trial scores its predicted age minus log2(step) ...
+    assert params.tnd.demo_score == round(math.log2(params.teacher.train.steps), 2)  # ... a demonstration the teacher's
+    assert age_steps(params.teacher.train.age_checkpoints, params.teacher.train.steps) == [
+        1, 2, 4, 7, 14, 28, 54, 105, 204, 397, 772, 1500]
 
 
 def test_gpu_small_is_gpt2_small_shaped_with_a_32k_vocabulary_and_256_positions(tmp_path):

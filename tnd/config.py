@@ -121,15 +121,22 @@ class LMEvalParams(Section):
     temperature: PositiveFloat = 1.0
 
 
+class TeacherTrainParams(LMTrainParams):
+    # The age-predictor reward's checkpoints (reward.objective: age): the built-in teacher's weights at about
+    # this many log-spaced steps, 1 ... the last (tnd.trainers.lm.age_steps), in models/teacher_ages/; 0: none
+    age_checkpoints: NonNegativeInt = 0
+
+
 class TeacherParams(Section):
     source: str = "builtin"  # "builtin": build from `arch` and pretrain; else a HF name/path
     arch: ArchParams = ArchParams()
-    train: LMTrainParams = LMTrainParams()
+    train: TeacherTrainParams = TeacherTrainParams()
     eval: LMEvalParams = LMEvalParams()
 
 
 class StudentParams(Section):
     source: str = "builtin"
+    seed: Optional[int] = None  # its initialisation, warm-up and PPO; null: seed (varied alone, upstream stays)
     arch: ArchParams = ArchParams(hidden_size=64, num_layers=2, num_heads=2, intermediate_size=192)
     train: LMTrainParams = LMTrainParams(steps=200, eval_every=50)  # brief warm-up before PPO; 0 = from scratch
 
@@ -144,12 +151,22 @@ class RewardTrainParams(LMTrainParams):
     patience: NonNegativeInt = 10
 
 
+class AgeParams(Section):
+    """reward.objective: age -- the texts of known age that stage sample_ages draws from each teacher checkpoint."""
+
+    n_samples_per_checkpoint: PositiveInt = 1000  # continuations of the trial prompts (data/prepared/prompts.jsonl)
+    max_new_tokens: PositiveInt = 24  # as ppo.max_new_tokens: the ages are learnt on texts like the trials
+    temperature: PositiveFloat = 1.0
+
+
 class RewardParams(Section):
     source: str = "builtin"
     arch: ArchParams = ArchParams(hidden_size=64, num_layers=2, num_heads=2, intermediate_size=192)
-    objective: Literal["pairwise", "regression"] = "pairwise"
+    # age: the paper's age predictor, a regression on texts sampled from the teacher's checkpoints
+    objective: Literal["pairwise", "regression", "age"] = "pairwise"
     label_field: str = "label"  # regression: the numeric column of the labelled data
     margin: NonNegativeFloat = 0.0
+    age: AgeParams = AgeParams()
     train: RewardTrainParams = RewardTrainParams()
 
 
@@ -339,9 +356,31 @@ class Params(Section):
             raise ValueError(exc.problem) from None
         return self
 
+    @model_validator(mode="after")
+    def _ages_from_the_builtin_teacher(self) -> "Params":
+        # The ages are the steps of the teacher's own pretraining (stage train_teacher keeps those checkpoints).
+        teacher, ages = self.teacher, self.teacher.train.age_checkpoints
+        if self.reward.objective == "age" and (teacher.source != "builtin" or ages < 2 or teacher.train.steps < 2):
+            raise ValueError(
+                "reward.objective: age learns the ages of texts sampled from checkpoints of the built-in teacher's "
+                "pretraining, which needs teacher.source: builtin, teacher.train.age_checkpoints >= 2 and "
+                f"teacher.train.steps >= 2 (got {teacher.source}, {ages} and {teacher.train.steps}); set them "
+                "(params/tnd_original.yaml keeps 12 checkpoints) or choose another reward.objective"
+            )
+        if ages and teacher.source != "builtin":
+            raise ValueError(
+                f"teacher.train.age_checkpoints ({ages}) keeps checkpoints of the built-in teacher's pretraining, but "
+                f"teacher.source is {teacher.source}, loaded pretrained; set it to 0"
+            )
+        return self
+
     def flat(self) -> dict[str, Any]:
         """Params as {"ppo.learning_rate": 1e-4, ...}, for logging."""
         return _flatten(self.model_dump(mode="json"))
+
+    @property
+    def student_seed(self) -> int:
+        return self.seed if self.student.seed is None else self.student.seed
 
     def fingerprint(self) -> str:
         """Short stable hash of all params (tagged on every tracked run): of the values in effect, so a preset
@@ -380,13 +419,14 @@ def _trainer_field_definitions() -> dict[str, Any]:
 
 
 def trainer_values(params: Params) -> dict[str, Any]:
-    """A Params' values under CustomPPOConfig's field names."""
-    return {
+    """A Params' values under CustomPPOConfig's field names; the trainer's seed is the student's."""
+    values = {
         prefix + key: value
         for name, prefix, keys in TRAINER_FIELDS
         for key, value in dict(_section(params, name)).items()
         if keys is None or key in keys
     }
+    return {**values, "seed": params.student_seed}
 
 
 # One definition per parameter: the fields are the sections' own (PPOParams and TnDParams as bases, so their

@@ -77,7 +77,7 @@ def small_data(params, stats: Optional[dict], reward: Optional[dict] = None) -> 
     warm-up, reward model): the defaults are sized for ~20,000 texts, a small corpus is memorised."""
     name = "small_data"
     n_train, n_pairs = _get(stats, "n_train"), _get(stats, "n_pairs_train")
-    if params.reward.objective == "regression":
+    if params.reward.objective != "pairwise":  # regression, age: labelled texts
         n_pairs = _get(reward, "n_train")
     if not n_train:
         return _skip(name, "no data/prepared/stats.json n_train")

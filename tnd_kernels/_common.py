@@ -19,7 +19,9 @@ except ImportError:  # pragma: no cover - exercised by a subprocess test
     class _NoTriton:
         """Stand-in so the kernel modules can still be imported; nothing built from it can run."""
 
-        constexpr = None
+        @staticmethod
+        def constexpr(value=None):  # annotations, and the module-level constants made with it
+            return value
 
         @staticmethod
         def jit(fn=None, **_kwargs):
@@ -130,6 +132,14 @@ class OnceBackward:
 
 
 @triton.jit
+def exp(x):
+    """e**x as one ex2.approx.ftz (MUFU.EX2): tl.exp also fixes up subnormal results, 4 more instructions a
+    call, and several passes of these kernels are bound by instruction issue, not memory (benchmarks/README.md,
+    "Profiling the kernels"). A probability under 2**-126 flushed to 0 changes no loss or gradient."""
+    return tl.exp2(x * 1.4426950408889634)
+
+
+@triton.jit
 def zero_row(g_row, n_cols, BLOCK: tl.constexpr):
     """Write a row of exact zeros at g_row: the gradient of a masked row."""
     for start in range(0, n_cols, BLOCK):
@@ -137,14 +147,32 @@ def zero_row(g_row, n_cols, BLOCK: tl.constexpr):
         tl.store(g_row + offs, tl.zeros([BLOCK], dtype=g_row.dtype.element_ty), mask=offs < n_cols)
 
 
+# tl.inline_asm_elementwise has no interpreter implementation: interpreted kernels take tl.log instead
+PTX = tl.constexpr(not INTERPRET)
+
+
+@triton.jit
+def log_1_to_2(x):
+    """ln x for x in [1, 2]: one lg2.approx (MUFU.LG2; absolute error at most 2**-22 on [0.5, 2], CUDA's
+    __log2f) times ln 2. tl.log is libdevice's logf, about 25 instructions, and the JSD's two passes that take
+    one per element are bound by instruction issue (benchmarks/README.md, "Profiling the kernels")."""
+    if PTX:
+        return 0.6931471805599453 * tl.inline_asm_elementwise(
+            "lg2.approx.ftz.f32 $0, $1;", "=f,f", [x], dtype=tl.float32, is_pure=True, pack=1
+        )
+    else:
+        return tl.log(x)
+
+
 @triton.jit
 def log_mixture(lp, lq, log_beta, log_1m_beta):
     """log m for the generalised JSD's mixture m = beta p + (1 - beta) q, from log p and log q: a
-    log-sum-exp of (log beta + log p, log (1 - beta) + log q), stable for any magnitudes."""
+    log-sum-exp of (log beta + log p, log (1 - beta) + log q), stable for any magnitudes. One of the two
+    shifted terms is exp(0) = 1, so the log's argument lies in [1, 2] (NaN when both are -inf, as before)."""
     a = lp + log_beta
     b = lq + log_1m_beta
     mx = tl.maximum(a, b)
-    return mx + tl.log(tl.exp(a - mx) + tl.exp(b - mx))
+    return mx + log_1_to_2(exp(a - mx) + exp(b - mx))
 
 
 @triton.jit

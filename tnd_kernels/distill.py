@@ -24,7 +24,7 @@ import math
 import torch
 
 from . import _common as C
-from ._common import log_mixture, tl, triton, zero_row
+from ._common import exp, log_mixture, tl, triton, zero_row
 from .reference import distill_loss_ref
 
 @triton.jit
@@ -76,10 +76,10 @@ def _distill_kernel(
         t = tl.load(t_row + offs, mask=inb, other=float("-inf")).to(tl.float32) * inv_t
         nm_s = tl.maximum(m_s, tl.max(s, axis=0))
         nm_t = tl.maximum(m_t, tl.max(t, axis=0))
-        a_s = tl.exp(m_s - nm_s)
-        a_t = tl.exp(m_t - nm_t)
-        e_s = tl.exp(s - nm_s)
-        e_t = tl.exp(t - nm_t)
+        a_s = exp(m_s - nm_s)
+        a_t = exp(m_t - nm_t)
+        e_s = exp(s - nm_s)
+        e_t = exp(t - nm_t)
         if LOSS == 0:
             d = (t - nm_t) - (s - nm_s)
             blk = tl.sum(tl.where(e_t > 0, e_t * d, 0.0), axis=0)
@@ -113,8 +113,8 @@ def _distill_kernel(
             lq = (tl.load(s_row + offs, mask=inb, other=float("-inf")).to(tl.float32) * inv_t - m_s) - log_zs
             lp = (tl.load(t_row + offs, mask=inb, other=float("-inf")).to(tl.float32) * inv_t - m_t) - log_zt
             lm = log_mixture(lp, lq, log_beta, log_1m_beta)
-            p = tl.exp(lp)
-            q = tl.exp(lq)
+            p = exp(lp)
+            q = exp(lq)
             kl_pm += tl.sum(tl.where(p > 0, p * (lp - lm), 0.0), axis=0)
             kl_qm += tl.sum(tl.where(q > 0, q * (lq - lm), 0.0), axis=0)
         div = beta * kl_pm + (1.0 - beta) * kl_qm
@@ -130,9 +130,9 @@ def _distill_kernel(
             inb = offs < n_cols
             lq = (tl.load(s_row + offs, mask=inb, other=float("-inf")).to(tl.float32) * inv_t - m_s) - log_zs
             lp = (tl.load(t_row + offs, mask=inb, other=float("-inf")).to(tl.float32) * inv_t - m_t) - log_zt
-            q = tl.exp(lq)
+            q = exp(lq)
             if LOSS == 0:
-                g = q - tl.exp(lp)
+                g = q - exp(lp)
             elif LOSS == 1:
                 g = tl.where(q > 0, q * (lq - lp - div), 0.0)
             else:

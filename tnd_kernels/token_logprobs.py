@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 
 from . import _common as C
-from ._common import tl, triton
+from ._common import exp, tl, triton
 from .reference import _compute_dtype
 
 
@@ -48,8 +48,8 @@ def _token_logprobs_fwd_kernel(
         offs = start + tl.arange(0, BLOCK)
         s = tl.load(x_row + offs, mask=offs < n_cols, other=float("-inf")).to(tl.float32) * inv_t
         nm = tl.maximum(m, tl.max(s, axis=0))
-        alpha = tl.exp(m - nm)
-        e = tl.exp(s - nm)
+        alpha = exp(m - nm)
+        e = exp(s - nm)
         acc = alpha * (acc + (m - nm) * z) + tl.sum(tl.where(e > 0, e * (s - nm), 0.0), axis=0)
         z = z * alpha + tl.sum(e, axis=0)
         m = nm
@@ -98,7 +98,7 @@ def _token_logprobs_bwd_kernel(
         offs = start + tl.arange(0, BLOCK)
         inb = offs < n_cols
         lq = (tl.load(x_row + offs, mask=inb, other=float("-inf")).to(tl.float32) * inv_t - m) - log_z
-        q = tl.exp(lq)
+        q = exp(lq)
         g = tl.where(offs == tok, glogp, 0.0) - glogp * q
         g -= gent * tl.where(q > 0, q * (lq + ent), 0.0)
         tl.store(g_row + offs, (g * inv_t).to(g_ptr.dtype.element_ty), mask=inb)

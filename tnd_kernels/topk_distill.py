@@ -42,7 +42,7 @@ from __future__ import annotations
 import torch
 
 from . import _common as C
-from ._common import log_mixture, tl, triton, zero_row
+from ._common import exp, log_mixture, tl, triton, zero_row
 from .distill import finish, jsd_logs, loss_id, mask_and_count
 from .reference import topk_distill_loss_ref
 
@@ -79,6 +79,7 @@ def _topk_distill_kernel(
     BLOCK: tl.constexpr,
     BLOCK_K: tl.constexpr,
     SEARCH_STEPS: tl.constexpr,  # ceil(log2(k + 1)): binary-search steps over the sorted indices
+    RECOUNT_BLOCK: tl.constexpr,  # vocabulary block of the exact tail recount (see RECOUNT_BLOCK below)
     EXACT_BELOW: tl.constexpr,  # recount the tail exactly when it is below this fraction of the mass
 ):
     row = tl.program_id(0).to(tl.int64)
@@ -102,7 +103,7 @@ def _topk_distill_kernel(
         offs = start + tl.arange(0, BLOCK)
         s = tl.load(s_row + offs, mask=offs < n_cols, other=float("-inf")).to(tl.float32) * inv_t
         nm = tl.maximum(m_s, tl.max(s, axis=0))
-        z_s = z_s * tl.exp(m_s - nm) + tl.sum(tl.exp(s - nm), axis=0)
+        z_s = z_s * exp(m_s - nm) + tl.sum(exp(s - nm), axis=0)
         m_s = nm
     log_zs = tl.log(z_s)  # log-probs are (x - m) - log z, see distill.py
 
@@ -121,9 +122,9 @@ def _topk_distill_kernel(
         s = tl.load(s_row + idx, mask=ok, other=float("-inf")).to(tl.float32) * inv_t
         lq = (s - m_s) - log_zs
         lp = tl.load(tlp_row + koffs, mask=kin, other=float("-inf")).to(tl.float32)
-        q = tl.exp(lq)
-        p = tl.exp(lp)
-        z_top += tl.sum(tl.exp(s - m_s), axis=0)
+        q = exp(lq)
+        p = exp(lp)
+        z_top += tl.sum(exp(s - m_s), axis=0)
         sum_p += tl.sum(p, axis=0)
         if LOSS == 0:
             l_fwd += tl.sum(tl.where(p > 0, p * (lp - lq), 0.0), axis=0)
@@ -146,12 +147,12 @@ def _topk_distill_kernel(
             # each token's membership by binary search in this row's sorted indices (cached).
             sidx_row = sidx_ptr + row * k
             z_tail = z_s * 0.0
-            for start in range(0, n_cols, BLOCK):
-                offs = start + tl.arange(0, BLOCK)
+            for start in range(0, n_cols, RECOUNT_BLOCK):
+                offs = start + tl.arange(0, RECOUNT_BLOCK)
                 inb = offs < n_cols
-                e = tl.exp(tl.load(s_row + offs, mask=inb, other=float("-inf")).to(tl.float32) * inv_t - m_s)
-                lo = tl.zeros([BLOCK], dtype=tl.int32)
-                hi = tl.zeros([BLOCK], dtype=tl.int32) + k
+                e = exp(tl.load(s_row + offs, mask=inb, other=float("-inf")).to(tl.float32) * inv_t - m_s)
+                lo = tl.zeros([RECOUNT_BLOCK], dtype=tl.int32)
+                hi = tl.zeros([RECOUNT_BLOCK], dtype=tl.int32) + k
                 for _ in range(SEARCH_STEPS):
                     mid = (lo + hi) // 2
                     right = tl.load(sidx_row + mid, mask=mid < k, other=n_cols) < offs
@@ -162,7 +163,7 @@ def _topk_distill_kernel(
     q_tail = z_tail / z_s
     lq_tail = tl.log(z_tail) - log_zs
     lp_tail = tl.load(tail_ptr + row).to(tl.float32)
-    p_tail = tl.exp(lp_tail)
+    p_tail = exp(lp_tail)
     sum_p += p_tail
     if LOSS == 0:
         div = l_fwd + tl.where(p_tail > 0, p_tail * (lp_tail - lq_tail), 0.0)
@@ -186,7 +187,7 @@ def _topk_distill_kernel(
         for start in range(0, n_cols, BLOCK):
             offs = start + tl.arange(0, BLOCK)
             inb = offs < n_cols
-            q = tl.exp((tl.load(s_row + offs, mask=inb, other=float("-inf")).to(tl.float32) * inv_t - m_s) - log_zs)
+            q = exp((tl.load(s_row + offs, mask=inb, other=float("-inf")).to(tl.float32) * inv_t - m_s) - log_zs)
             g = tl.where(q > 0, q * c_tail, 0.0)
             tl.store(g_row + offs, (g * scale).to(g_ptr.dtype.element_ty), mask=inb)
         tl.debug_barrier()  # the scatter below must land after the dense stores above
@@ -198,9 +199,9 @@ def _topk_distill_kernel(
             ok = kin & (idx >= 0) & (idx < n_cols)
             lq = tl.load(scr_row + koffs, mask=kin, other=float("-inf"))
             lp = tl.load(tlp_row + koffs, mask=kin, other=float("-inf")).to(tl.float32)
-            q = tl.exp(lq)
+            q = exp(lq)
             if LOSS == 0:
-                g = q * sum_p - tl.exp(lp)
+                g = q * sum_p - exp(lp)
             elif LOSS == 1:
                 g = tl.where(q > 0, q * (lq - lp - div), 0.0)
             else:
@@ -212,6 +213,13 @@ def _topk_distill_kernel(
 # Below this fraction of the student's mass, Z_all - Z_topk (fp32 error ~1e-7 of Z_all) is replaced
 # by an exact complement sum: one more read of the row, only for such rows.
 EXACT_TAIL_BELOW = 1e-3
+# The recount's binary search keeps about six block-sized vectors live. At the dense passes' block (16 elements
+# a thread at BLOCK 4096, 8 warps) they set the register count of the whole kernel: 80 a thread where the kernel
+# without the recount needs 32, so 3 programs of 8 warps per multiprocessor, and 24 KB of loads in flight per
+# multiprocessor in the two passes every row takes (the token op's kernels have 64). A 1024 block (4 a thread)
+# needs 40 (6 programs, 48 KB; 2048 needs 59, 512 no fewer than 1024; sm_90, Triton 3.9, printed by
+# `benchmarks/profile_gpu.py --parts static`), for a recount ~4x slower on the rows that take it.
+RECOUNT_BLOCK = 1024
 
 
 class TopkDistillLossFunction(torch.autograd.Function):
@@ -237,7 +245,8 @@ class TopkDistillLossFunction(torch.autograd.Function):
             beta, log_beta, log_1m_beta,
             LOSS=loss_id(loss, beta), COVERS_ALL=k >= v, HAS_MASK=mask is not None,
             MEAN=reduction == "batchmean", WRITE_GRAD=need_grad, BLOCK=block,
-            BLOCK_K=C.block_size(k, C.MAX_BLOCK_K), SEARCH_STEPS=k.bit_length(), EXACT_BELOW=EXACT_TAIL_BELOW,
+            BLOCK_K=C.block_size(k, C.MAX_BLOCK_K), SEARCH_STEPS=k.bit_length(), RECOUNT_BLOCK=min(block, RECOUNT_BLOCK),
+            EXACT_BELOW=EXACT_TAIL_BELOW,
             num_warps=C.num_warps(block),
         )
         if need_grad:

@@ -60,7 +60,7 @@ def main() -> None:
                         "scratch_ptr": "*fp32", "loss_ptr": "*fp32", "mask_ptr": "*u8", "nvalid_ptr": "*fp32",
                         "k": "i32", **COMMON,
                     }, {"LOSS": loss, "COVERS_ALL": covers_all, "HAS_MASK": has_mask, "MEAN": False,
-                        "WRITE_GRAD": write_grad, "BLOCK": 4096, "BLOCK_K": 64, "SEARCH_STEPS": 7,
+                        "WRITE_GRAD": write_grad, "BLOCK": 4096, "BLOCK_K": 64, "SEARCH_STEPS": 7, "RECOUNT_BLOCK": 1024,
                         "EXACT_BELOW": 1e-3})
         compile_one(token_logprobs._token_logprobs_fwd_kernel, {
             "x_ptr": dt, "x_stride": "i64", "tok_ptr": "*i64", "logp_ptr": "*fp32", "ent_ptr": "*fp32",

@@ -131,12 +131,14 @@ def fit(
     desc: str,
     on_log: Optional[Callable[[dict, int], None]] = None,
     log_every: int = 50,
+    on_step: Optional[Callable[[int, bool], None]] = None,
 ) -> dict[str, Any]:
     """Train `model` in place for at most cfg.steps steps of cfg.batch_size rows drawn from range(n_rows);
     cfg also gives learning_rate, weight_decay, warmup_steps and max_grad_norm. `name` is the params
     section (`teacher`, `student`, `reward`) that errors point at. Returns train_loss (a running mean),
     train_<extra> for each of loss_fn's extras, and validation.finish's summary. The model ends in eval
-    mode on `accelerator.device`, unwrapped."""
+    mode on `accelerator.device`, unwrapped. `on_step(step, last)` runs after each step's update and
+    validation, on every process, with `last` true at the step training ends on (the last, or an early stop)."""
     # Under FSDP or DeepSpeed (train_ppo's student warm-up when train_ppo runs sharded) this loop does not shard:
     # each process trains a replica of the (small) model on whole batches, the same on every process, and
     # train_ppo's prepare then starts every process from process 0's weights (fsdp_sync_module_states).
@@ -182,7 +184,10 @@ def fit(
                 on_log({"train_loss": loss.item(), "grad_norm": float(grad_norm), "lr": scheduler.get_last_lr()[0],
                         **{f"train_batch_{k}": v for k, v in extras.items()}}, step)
         steps_run = step
-        if validation.step(step, loss.item()):
+        stop = validation.step(step, loss.item())
+        if on_step:
+            on_step(step, stop or step == cfg.steps)
+        if stop:
             break
     progress.close()
     accelerator.unwrap_model(wrapped, keep_fp32_wrapper=False)  # the model's own forward back (no autocast patch)

@@ -42,6 +42,7 @@ def pretrain_lm(
     on_eval: Callable[[dict], None] | None = None,
     accelerator: Accelerator | None = None,
     name: str = "teacher",
+    on_step: Callable[[int, bool], None] | None = None,
 ) -> dict[str, float]:
     """Train `model` in place for at most cfg.steps (`tnd.trainers.fit.fit`, on `accelerator`: default one
     process, no mixed precision); returns the final running loss (train_loss), steps_run and stopped_early.
@@ -50,6 +51,7 @@ def pretrain_lm(
     next-token NLL, `eval_loss`, and its exp, `eval_perplexity`) every cfg.eval_every steps, at most an
     epoch apart: see `Validation`. Each validation row ({step, train_loss, eval_loss, eval_perplexity,
     best_step}) goes to `on_eval`; the result adds best_step, best_eval_loss and best_eval_perplexity.
+    `on_step(step, last)` runs after every step (`fit`), e.g. to keep checkpoints at `age_steps`.
     """
     data = encode_for_lm(tokenizer, texts, cfg.max_length)
     # sorted by length: batches of alike lengths pad least (the mean does not depend on the order)
@@ -66,7 +68,19 @@ def pretrain_lm(
     validation = Validation(model, evaluate, cfg, on_eval=on_eval, enabled=bool(held_out),
                             epoch_steps=math.ceil(len(data) / cfg.batch_size))
     return fit(model, loss_fn, len(data), cfg, seed, validation, accelerator or make_accelerator(), name, desc,
-               on_log, log_every)
+               on_log, log_every, on_step)
+
+
+def age_steps(n: int, steps: int) -> list[int]:
+    """The steps at which pretraining keeps the age-predictor reward's checkpoints (teacher.train.age_checkpoints):
+    about `n` steps evenly spaced in log(step) from 1 to `steps` -- round(steps ** (i / (n - 1))) -- so each is
+    about as many bits of age (log2 step, the label) from the next; fewer when rounding makes early ones
+    coincide. n = 12 of 1500: 1, 2, 4, 7, 14, 28, 54, 105, 204, 397, 772, 1500; n = 1: the last alone."""
+    if n < 1 or steps < 1:
+        return []
+    if n == 1:
+        return [steps]
+    return sorted({round(steps ** (i / (n - 1))) for i in range(n)})
 
 
 @torch.no_grad()

@@ -1,10 +1,12 @@
 """The reward model: a sequence classifier with one scalar output, and how it is trained.
 
-Two objectives (reward.objective):
+Two losses (reward.objective):
   pairwise   -- Bradley-Terry on preference pairs {"chosen", "rejected", "kind"}:
                 loss = -log sigmoid(r(chosen) - r(rejected) - margin)
   regression -- mean squared error to a numeric label, on rows {"text", "label"}
                 (`tnd.data.sources.load_labelled_texts`)
+  age        -- the same regression, on texts sampled from the teacher's pretraining checkpoints and
+                labelled log2(step) (stage sample_ages): the TnD paper's age predictor
 
 Texts are always scored as bos + text + eos (as in `tnd.batching.encode_for_lm`),
 right-padded, and the classifier reads the last non-pad token (HF finds it through
@@ -290,7 +292,7 @@ def _validation_score(metrics: dict[str, float]) -> tuple[float, ...]:
 class RewardTrainer:
     """Trains a scalar reward model in place with the objective in `cfg.objective`.
 
-    pairwise rows: {"chosen", "rejected", "kind"}; regression rows: {"text", "label"}.
+    pairwise rows: {"chosen", "rejected", "kind"}; regression and age rows: {"text", "label"}.
     """
 
     def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, cfg: RewardParams, seed: int):
