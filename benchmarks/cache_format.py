@@ -54,6 +54,7 @@ from tnd.cache import (
     shard_prompts,
     teacher_rows,
 )
+from tnd.io import atomic_write_json
 
 K = 128
 PROMPT, CONTINUATION = 3, 24
@@ -263,8 +264,7 @@ def main(argv: list[str] | None = None) -> None:
     }
     out = Path(args.out) if args.out else None if args.smoke else ROOT / "benchmarks/results/cache-format-cpu.json"
     if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(record, indent=2) + "\n")
+        atomic_write_json(out, record)
         print(f"wrote {out}")
 
 

@@ -21,7 +21,8 @@ reward, grammaticality, KL to the teacher and perplexity, and the practice corre
 word's count in the trials with its final surprisal).
 
     python benchmarks/tnd_study.py                 # -> benchmarks/results/tnd-study-cpu.json (about 45 min, 2 cores)
-    python benchmarks/tnd_study.py --smoke --out /tmp/study.json   # tiny params, 2 modes, 1 seed: proves it runs
+    python benchmarks/tnd_study.py --smoke --recipes default --modes trials_and_demos lm_only --seeds 1 \
+        --out /tmp/study.json                     # tiny params: proves it runs (about 2 minutes)
 """
 
 from __future__ import annotations
@@ -39,6 +40,10 @@ from pathlib import Path
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from tnd.io import atomic_write_json  # noqa: E402
+
 RESULTS = ROOT / "benchmarks" / "results"
 MODES = ("trials_and_demos", "trials_only", "demos_only", "lm_only")
 RECIPES = {"default": None, "tnd_original": "tnd_original"}  # name -> preset
@@ -230,8 +235,7 @@ def main() -> None:
     print(table(summary))
     out = Path(args.out) if args.out else (None if args.smoke else RESULTS / "tnd-study-cpu.json")
     if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(record, indent=2) + "\n")
+        atomic_write_json(out, record)
         print(f"wrote {out}")
 
 

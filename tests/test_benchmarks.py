@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 from tests.conftest import ROOT
@@ -81,3 +82,22 @@ def test_cache_format_benchmark_smoke(tmp_path):
     teacher = record["reconstruction"][-1]
     assert teacher["rows"] > 0 and set(teacher["kl"]) == {"compact", "float16", "bfloat16"}
     assert all(stats["mean"] >= 0 for stats in teacher["kl"].values())
+
+
+def test_tnd_study_smoke(tmp_path):
+    """The study as queued DVC experiments, on HEAD's code at tiny sizes: two modes, one seed."""
+    if subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True).returncode:
+        pytest.skip("the study archives a git revision of the checkout; this copy is not a git checkout")
+    out = tmp_path / "study.json"
+    proc = subprocess.run(
+        [sys.executable, "benchmarks/tnd_study.py", "--smoke", "--recipes", "default", "--modes", "trials_and_demos",
+         "lm_only", "--seeds", "1", "--workdir", str(tmp_path / "work"), "--out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=900,
+    )
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    record = json.loads(out.read_text())
+    assert set(record["runs"]) == {"default-trials-and-demos-s1", "default-lm-only-s1"}
+    for mode in ("trials_and_demos", "lm_only"):
+        summary = record["summary"]["default"][mode]
+        assert summary["perplexity"]["n"] == 1 and summary["perplexity"]["mean"] > 1
+    assert "| default | lm_only |" in proc.stdout

@@ -392,7 +392,8 @@ class Params(Section):
 # --- the trainer's settings: params.yaml's sections, flat -------------------------------------------
 
 # Where CustomPPOConfig's fields come from: (section of Params, "" = top level; the prefix its keys take as
-# fields; the keys, None = all). ppo.* and tnd.* keep their names.
+# fields; the keys, None = all). ppo.* and tnd.* keep their names. `seed` takes its definition from the top-level
+# key and its value from Params.student_seed (student.seed when set: the student alone varies).
 TRAINER_FIELDS: tuple[tuple[str, str, Optional[tuple[str, ...]]], ...] = (
     ("", "", ("seed",)),
     ("ppo", "", None),
