@@ -203,6 +203,22 @@ def main() -> None:
     project = scratch_project(workdir, args.rev, args.smoke)
     print(f"study: scratch project {project}", flush=True)
     runs, summary, seconds = {}, {}, {}
+    out = Path(args.out) if args.out else (None if args.smoke else RESULTS / "tnd-study-cpu.json")
+
+    def save(done: list[str]) -> None:
+        """The figures so far (after each recipe: a later failure loses nothing finished)."""
+        record = {
+            "meta": {"seeds": args.seeds, "modes": args.modes, "recipes": args.recipes, "done": done,
+                     "smoke": args.smoke, "seconds": {**seconds, "total": time.perf_counter() - started},
+                     "lm_only_extra_default": LM_ONLY, "rev": sh(ROOT, "git", "rev-parse", args.rev).strip(),
+                     "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "project": str(project)},
+            "summary": summary,
+            "runs": runs,
+        }
+        if out is not None:
+            atomic_write_json(out, record)
+            print(f"wrote {out}", flush=True)
+
     for recipe in args.recipes:
         t0 = time.perf_counter()
         set_preset(project, RECIPES[recipe])
@@ -224,19 +240,8 @@ def main() -> None:
             print(f"study: {recipe} {mode}: nAoA@0.5 {s['naoa_t50'] and round(s['naoa_t50']['mean'], 3)}, reward "
                   f"{s['reward'] and round(s['reward']['mean'], 2)}", flush=True)
         seconds[recipe] = time.perf_counter() - t0
-    record = {
-        "meta": {"seeds": args.seeds, "modes": args.modes, "recipes": args.recipes, "smoke": args.smoke,
-                 "seconds": {**seconds, "total": time.perf_counter() - started}, "lm_only_extra_default": LM_ONLY,
-                 "rev": sh(ROOT, "git", "rev-parse", args.rev).strip(), "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                 "project": str(project)},
-        "summary": summary,
-        "runs": runs,
-    }
+        save(list(summary))
     print(table(summary))
-    out = Path(args.out) if args.out else (None if args.smoke else RESULTS / "tnd-study-cpu.json")
-    if out is not None:
-        atomic_write_json(out, record)
-        print(f"wrote {out}")
 
 
 if __name__ == "__main__":
