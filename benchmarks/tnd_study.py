@@ -7,7 +7,9 @@ In a scratch copy of this project (`git archive` of `--rev`, default HEAD: commi
   1. `dvc repro` up to score_rewards (data, tokenizer, teacher, reward model, cache) and a git commit of
      the result, so that every experiment of the recipe reuses those stages;
   2. one queued `dvc exp run` per mode and seed (`-S tnd.mode=<mode> -S student.seed=<seed>`: the seed
-     changes the student's initialisation, warm-up and PPO alone), then `dvc exp run --run-all -j 1`;
+     changes the student's initialisation, warm-up and PPO alone), then `dvc queue start -j 1` until
+     `dvc queue status` shows them all finished, and `dvc queue stop` (`dvc exp run --run-all` once hung
+     after its last experiment: dvc-task's worker monitor died on a JSONDecodeError and never shut it down);
   3. `dvc exp show --json` collects each experiment's metrics/eval.json and metrics/train.json.
 
 The LM-only baseline needs LM steps on the corpus (`tnd.lm_data: corpus`): the paper's recipe has 3 per
@@ -16,11 +18,13 @@ step; for the default recipe, which has none, the baseline gets `tnd.lm_steps_pe
 Tracking (MLflow) is off in the scratch copy, to spend the time on training.
 
 Reported per recipe and mode, mean and [min, max] over seeds: nAoA@0.5 and the mean nAoA over the
-thresholds 0.5 ... 0.95 (log10 PPO step, lower is earlier; over the words the fit covers), the student's
-reward, grammaticality, KL to the teacher and perplexity, and the practice correlation (Spearman of a
-word's count in the trials with its final surprisal).
+thresholds 0.5 ... 0.95 (log10 PPO step, lower is earlier; over the words the fit covers), how many words
+the fit covers, and, since a mode that learns fewer words keeps the easier ones, each mode's nAoA@0.5 minus
+trials_and_demos' on the words both fit in the same seed; the student's reward, grammaticality, KL to the
+teacher and perplexity, and the practice correlation (Spearman of a word's count in the trials with its
+final surprisal).
 
-    python benchmarks/tnd_study.py                 # -> benchmarks/results/tnd-study-cpu.json (about 45 min, 2 cores)
+    python benchmarks/tnd_study.py                 # -> benchmarks/results/tnd-study-cpu.json (about 40 min, 2 cores)
     python benchmarks/tnd_study.py --smoke --recipes default --modes trials_and_demos lm_only --seeds 1 \
         --out /tmp/study.json                     # tiny params: proves it runs (about 2 minutes)
 """
@@ -28,6 +32,8 @@ word's count in the trials with its final surprisal).
 from __future__ import annotations
 
 import argparse
+import csv
+import io
 import json
 import os
 import statistics
@@ -50,6 +56,8 @@ RECIPES = {"default": None, "tnd_original": "tnd_original"}  # name -> preset
 # The LM-only baseline of a recipe without LM steps (see the module docstring).
 LM_ONLY = {"tnd.lm_data": "corpus", "tnd.lm_steps_per_ppo_step": 1}
 STUDENT_KEYS = ("reward", "grammaticality", "kl_to_teacher", "perplexity")
+WORDS_CSV = "plots/eval_naoa_words.csv"
+BASE_MODE = "trials_and_demos"  # the paired comparison's reference
 # Tiny sizes for --smoke (merged into params.yaml of the scratch copy).
 SMOKE = {
     "data": {"n_train": 400, "n_eval": 60, "n_prompts": 60, "n_eval_prompts": 8},
@@ -129,6 +137,19 @@ def queue(project: Path, recipe: str, modes: list[str], seeds: list[int], lm_onl
     return names
 
 
+def run_queue(project: Path, names: list[str], poll_seconds: float = 10.0) -> None:
+    """One queue worker runs the queued experiments `names`; returns once each has succeeded or failed."""
+    sh(project, "dvc", "queue", "start", "-j", "1")
+    while True:
+        # rows of `dvc queue status`: task, name, created (two words), status
+        rows = [line.split() for line in sh(project, "dvc", "queue", "status").splitlines()]
+        state = {row[1]: row[-1] for row in rows if len(row) >= 4}
+        if all(state.get(name) in ("Success", "Failed") for name in names):
+            break
+        time.sleep(poll_seconds)
+    sh(project, "dvc", "queue", "stop")
+
+
 def collect(project: Path, names: list[str]) -> dict[str, dict]:
     """name -> {"eval": metrics/eval.json, "train": metrics/train.json} of each finished experiment."""
     shown = json.loads(sh(project, "dvc", "exp", "show", "--json", "--force"))
@@ -145,6 +166,21 @@ def collect(project: Path, names: list[str]) -> dict[str, dict]:
     if missing:
         raise StudyError(f"no metrics for experiment(s) {', '.join(missing)}: see `dvc queue logs <name>` in {project}")
     return found
+
+
+def word_rows(project: Path, name: str) -> dict[str, dict]:
+    """word -> its row of plots/eval_naoa_words.csv (status, t50, ...) in experiment `name`'s commit."""
+    refs = sh(project, "git", "for-each-ref", "--format=%(refname)", "refs/exps").split()
+    ref = next(r for r in refs if r.rsplit("/", 1)[-1] == name)
+    return {row["word"]: row for row in csv.DictReader(io.StringIO(sh(project, "git", "show", f"{ref}:{WORDS_CSV}")))}
+
+
+def paired_naoa(words: dict[str, dict], base: dict[str, dict]) -> dict:
+    """nAoA@0.5 of a mode against the base mode's on the words BOTH fit, in one seed: a mode's own mean
+    covers the words it learned, and a mode that learns fewer words keeps the easier ones."""
+    common = [w for w, row in words.items() if row["status"] == "fitted" and base.get(w, {}).get("status") == "fitted"]
+    diffs = [float(words[w]["t50"]) - float(base[w]["t50"]) for w in common]
+    return {"common_words": len(common), "naoa_t50_minus_base": statistics.mean(diffs) if diffs else None}
 
 
 def figures(result: dict) -> dict:
@@ -177,11 +213,19 @@ def table(summary: dict) -> str:
             return "—"
         return f"{entry['mean']:.{digits}f} [{entry['min']:.{digits}f}, {entry['max']:.{digits}f}]"
 
-    lines = ["| recipe | mode | nAoA@0.5 | mean nAoA | reward | grammaticality | KL to teacher | perplexity | practice rho |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    def paired(s):  # the difference and, in parentheses, the mean number of words it covers
+        if s["naoa_t50_minus_base"] is None:
+            return "—"
+        n = s["common_words"]["mean"]
+        return f"{cell(s['naoa_t50_minus_base'])} ({n:.0f} words)" if n >= 1 else f"{cell(s['naoa_t50_minus_base'])} ({n:.1f} words)"
+
+    lines = ["| recipe | mode | nAoA@0.5 | mean nAoA | words fitted | nAoA@0.5 minus TnD's, same words | reward | "
+             "grammaticality | KL to teacher | perplexity | practice rho |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for recipe, modes in summary.items():
-        for mode, s in modes.items():
-            lines.append(f"| {recipe} | {mode} | {cell(s['naoa_t50'])} | {cell(s['naoa_mean'])} | {cell(s['reward'])} | "
+        for mode, s in sorted(modes.items(), key=lambda item: MODES.index(item[0])):
+            lines.append(f"| {recipe} | {mode} | {cell(s['naoa_t50'])} | {cell(s['naoa_mean'])} | "
+                         f"{cell(s['words_fitted'], 0)} | {paired(s)} | {cell(s['reward'])} | "
                          f"{cell(s['grammaticality'])} | {cell(s['kl_to_teacher'], 3)} | {cell(s['perplexity'])} | "
                          f"{cell(s['practice_spearman'])} |")
     return "\n".join(lines)
@@ -200,7 +244,8 @@ def main() -> None:
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="tnd-study-"))
     os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"  # this venv's dvc, python
     started = time.perf_counter()
-    project = scratch_project(workdir, args.rev, args.smoke)
+    rev = sh(ROOT, "git", "rev-parse", args.rev).strip()  # once: the checkout may move on while the study runs
+    project = scratch_project(workdir, rev, args.smoke)
     print(f"study: scratch project {project}", flush=True)
     runs, summary, seconds = {}, {}, {}
     out = Path(args.out) if args.out else (None if args.smoke else RESULTS / "tnd-study-cpu.json")
@@ -210,7 +255,7 @@ def main() -> None:
         record = {
             "meta": {"seeds": args.seeds, "modes": args.modes, "recipes": args.recipes, "done": done,
                      "smoke": args.smoke, "seconds": {**seconds, "total": time.perf_counter() - started},
-                     "lm_only_extra_default": LM_ONLY, "rev": sh(ROOT, "git", "rev-parse", args.rev).strip(),
+                     "lm_only_extra_default": LM_ONLY, "rev": rev,
                      "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "project": str(project)},
             "summary": summary,
             "runs": runs,
@@ -228,12 +273,18 @@ def main() -> None:
         lm_only_extra = {} if recipe == "tnd_original" else LM_ONLY
         names = queue(project, recipe, args.modes, args.seeds, lm_only_extra)
         t1 = time.perf_counter()
-        sh(project, "dvc", "exp", "run", "--run-all", "-j", "1")
+        run_queue(project, names)
         print(f"study: {recipe}: {len(names)} experiments in {time.perf_counter() - t1:.0f} s", flush=True)
         found = collect(project, names)
         summary[recipe] = {}
+        words = {(mode, seed): word_rows(project, experiment_name(recipe, mode, seed))
+                 for mode in args.modes for seed in args.seeds}
         for mode in args.modes:
             per_seed = [figures(found[experiment_name(recipe, mode, seed)]) for seed in args.seeds]
+            for seed, row in zip(args.seeds, per_seed):
+                base = words.get((BASE_MODE, seed))
+                row.update(paired_naoa(words[mode, seed], base) if base is not None and mode != BASE_MODE
+                           else {"common_words": None, "naoa_t50_minus_base": None})
             runs.update({experiment_name(recipe, mode, seed): row for seed, row in zip(args.seeds, per_seed)})
             summary[recipe][mode] = summarise(per_seed)
             s = summary[recipe][mode]

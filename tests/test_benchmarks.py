@@ -101,3 +101,19 @@ def test_tnd_study_smoke(tmp_path):
         summary = record["summary"]["default"][mode]
         assert summary["perplexity"]["n"] == 1 and summary["perplexity"]["mean"] > 1
     assert "| default | lm_only |" in proc.stdout
+    assert record["runs"]["default-trials-and-demos-s1"]["naoa_t50_minus_base"] is None  # the base itself
+    assert isinstance(record["runs"]["default-lm-only-s1"]["common_words"], int)
+
+
+def test_tnd_study_pairs_words_both_modes_fit():
+    """A mode's nAoA against the base's on the words both fit, whatever else each learned."""
+    from benchmarks import tnd_study
+
+    def rows(**t50):
+        return {w: {"status": "fitted" if t is not None else "not_learned", "t50": "" if t is None else str(t)}
+                for w, t in t50.items()}
+
+    base = rows(cat=1.0, dog=2.0, sun=None, hat=1.5)
+    mode = rows(cat=1.5, dog=2.0, sun=0.5, hat=None, cup=0.1)  # sun, hat, cup: fitted by one side only
+    assert tnd_study.paired_naoa(mode, base) == {"common_words": 2, "naoa_t50_minus_base": 0.25}
+    assert tnd_study.paired_naoa(rows(sun=1.0), base) == {"common_words": 0, "naoa_t50_minus_base": None}

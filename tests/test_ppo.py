@@ -643,6 +643,16 @@ def test_pad_positions_do_not_affect_the_loss(tokenizer, prompts, padding_free):
 
 
 @pytest.mark.parametrize("padding_free", [True, False])
+def test_rollout_forward_batch_size_changes_only_how_many_rows_run_at_once(tokenizer, prompts, padding_free):
+    """The rollout's no-grad forwards in chunks of 1 row or all rows at once: the same old policy."""
+    one, many = (make_trainer(tokenizer, prompts, distill_online=True, padding_free=padding_free,
+                              rollout_forward_batch_size=rows) for rows in (1, 64))
+    a, b = _padded_rollout(one, tokenizer), _padded_rollout(many, tokenizer)
+    for key in ("logprobs", "values", "ref_logprobs", "entropy", "teacher_logits", "advantages"):
+        torch.testing.assert_close(getattr(a, key), getattr(b, key))
+
+
+@pytest.mark.parametrize("padding_free", [True, False])
 def test_pad_positions_do_not_affect_the_distill_loss(tokenizer, prompts, padding_free):
     trainer = make_trainer(tokenizer, prompts, padding_free=padding_free)
     demo = trainer._demo_batch([0, 3, 5])

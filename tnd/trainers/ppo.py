@@ -687,11 +687,12 @@ class CustomPPOTrainer:
     @torch.no_grad()
     def _old_policy(self, ids, mask, prompt_width, response_mask):
         """logp_old, values, entropy, ref logp [B, R] (and teacher logits [B, R, V] for online distillation),
-        in chunks no larger than a padded mini-batch."""
+        in chunks of at most rollout_forward_batch_size rows: without a graph a forward's activations are one
+        layer's, so a chunk can be wider than a mini-batch, and fewer forwards cost less on a small model."""
         out = {k: [] for k in ("logprobs", "values", "entropy", "ref_logprobs", "teacher_logits")}
         at = response_predictors(response_mask, prompt_width)
         tokens = ids[:, prompt_width:]
-        for sl in chunks(mask, self.config.mini_batch_size, all(self._packed.values())):
+        for sl in chunks(mask, self.config.rollout_forward_batch_size, all(self._packed.values())):
             rmask = response_mask[sl]
             targets = tokens[sl][rmask]
             logits, values = self.get_student_logits(ids[sl], mask[sl], at[sl], return_values=True)
