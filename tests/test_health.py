@@ -118,6 +118,13 @@ def test_a_regression_reward_model_is_judged_by_its_correlation():
     params = Params(reward={"objective": "regression"})
     assert health.reward_near_chance(params, {"pearson": 0.05}).warn is True
     assert health.reward_near_chance(params, {"pearson": 0.6}).warn is False
+    assert "more labelled texts" in health.reward_near_chance(params, {"pearson": 0.05}).message
+
+
+def test_an_age_reward_near_chance_is_told_to_sample_more_checkpoints():
+    params = parse_params({"preset": "tnd_original"}, quiet=True)  # reward.objective: age
+    check = health.reward_near_chance(params, {"pearson": 0.05})
+    assert check.warn is True and "reward.age.n_samples_per_checkpoint" in check.message
 
 
 # --- on a small real corpus ------------------------------------------------------------------------

@@ -161,8 +161,10 @@ def reward_near_chance(params, reward: Optional[dict]) -> Check:
         return _skip(name, "no pearson in metrics/reward.json")
     if pearson >= MIN_PEARSON:
         return Check(name, False, f"reward model held-out pearson {pearson:.3f} >= {MIN_PEARSON}")
+    more = ("more samples per checkpoint (reward.age.n_samples_per_checkpoint) or checkpoints "
+            "(teacher.train.age_checkpoints)" if params.reward.objective == "age" else "more labelled texts")
     return Check(name, True, f"the reward model's held-out correlation with the labels is {pearson:.3f} (near none): "
-                             "PPO would optimise noise; more labelled texts, or tnd.mode: demos_only")
+                             f"PPO would optimise noise; {more}, or tnd.mode: demos_only")
 
 
 # --- the student after PPO -----------------------------------------------------------------------
