@@ -139,13 +139,26 @@ def queue(project: Path, recipe: str, modes: list[str], seeds: list[int], lm_onl
 
 def run_queue(project: Path, names: list[str], poll_seconds: float = 10.0) -> None:
     """One queue worker runs the queued experiments `names`; returns once each has succeeded or failed."""
-    sh(project, "dvc", "queue", "start", "-j", "1")
+    # The worker is a daemon that inherits `dvc queue start`'s stdout and stderr: a file, not a pipe, or
+    # reading the pipe to its end would wait for the worker to exit.
+    log = project / ".dvc" / "tmp" / "queue-start.log"
+    with open(log, "w") as out:
+        started = subprocess.run(["dvc", "queue", "start", "-j", "1"], cwd=project, stdin=subprocess.DEVNULL,
+                                 stdout=out, stderr=subprocess.STDOUT)
+    if started.returncode:
+        raise StudyError(f"dvc queue start failed (exit {started.returncode}): see {log}")
+    seen, start_by = False, time.monotonic() + 300  # a worker takes seconds to come up; this long is a failure
     while True:
-        # rows of `dvc queue status`: task, name, created (two words), status
-        rows = [line.split() for line in sh(project, "dvc", "queue", "status").splitlines()]
-        state = {row[1]: row[-1] for row in rows if len(row) >= 4}
+        # `dvc queue status`: one row per task (task, name, created in two words, status), then a line
+        # "Worker status: <n> active, <m> idle"
+        lines = sh(project, "dvc", "queue", "status").splitlines()
+        state = {row[1]: row[-1] for row in map(str.split, lines) if len(row) >= 4 and row[0] != "Worker"}
         if all(state.get(name) in ("Success", "Failed") for name in names):
             break
+        no_worker = any(line.startswith("Worker status: 0 active, 0 idle") for line in lines)
+        seen = seen or not no_worker
+        if no_worker and (seen or time.monotonic() > start_by):
+            raise StudyError(f"no queue worker runs, experiments unfinished: see {log} and `dvc queue logs <name>`")
         time.sleep(poll_seconds)
     sh(project, "dvc", "queue", "stop")
 
