@@ -194,7 +194,8 @@ class PPOParams(Section):
     learning_rate: PositiveFloat = 3e-4
     batch_size: PositiveInt = 32
     mini_batch_size: PositiveInt = 8
-    # rows per no-grad forward of the rollout (old policy, reference), as TRL's local_rollout_forward_batch_size
+    # rows per no-grad forward of the rollout (old policy, reference) in each process, as TRL's
+    # local_rollout_forward_batch_size
     rollout_forward_batch_size: PositiveInt = 64
     gradient_accumulation_steps: PositiveInt = 1
     ppo_epochs: PositiveInt = 4
