@@ -82,7 +82,7 @@ from tnd.evaluation import (
     word_naoa,
     word_surprisals,
 )
-from tnd.io import atomic_dir, atomic_write_json, atomic_write_jsonl, atomic_write_text
+from tnd.io import atomic_dir, atomic_write_csv, atomic_write_json, atomic_write_jsonl, atomic_write_text
 from tnd.models import load_causal_lm
 from tnd.numbers import finite
 from tnd.tracking import Tracker
@@ -278,17 +278,13 @@ def evaluate_on(device: torch.device, params: Params, run: Tracker) -> None:
     atomic_write_json(Path(METRICS) / "eval.json", metrics)
     model_table = [[name, *(metrics[name][k] for k in KEYS)] for name in MODELS]
     atomic_write_text(plots / "eval_models.csv", _csv(["model", *KEYS], model_table))
-    word_columns = ["word", "category", "count", *MODELS]
-    word_table = [[r[k] for k in word_columns] for r in word_rows]
-    atomic_write_text(plots / "eval_word_surprisal.csv", _csv(word_columns, word_table))
-    curve_columns = list(curve[0])
-    atomic_write_text(plots / "eval_word_curve.csv", _csv(curve_columns, [[r.get(k) for k in curve_columns] for r in curve]))
+    atomic_write_csv(plots / "eval_word_surprisal.csv", word_rows, ["word", "category", "count", *MODELS])
+    atomic_write_csv(plots / "eval_word_curve.csv", curve)  # columns: the first row's keys
     naoa_table, naoa_words = _naoa_tables(fits, metrics["naoa"])
     atomic_write_text(plots / "eval_naoa.csv", naoa_table)
     atomic_write_text(plots / "eval_naoa_words.csv", naoa_words)
-    practice_columns = ["word", "category", "trial_count", "surprisal", "naoa_t50"]
-    practice_table = [[row[k] for k in practice_columns] for row in practice_rows]
-    atomic_write_text(plots / "eval_practice.csv", _csv(practice_columns, practice_table))
+    atomic_write_csv(plots / "eval_practice.csv", practice_rows,
+                     ["word", "category", "trial_count", "surprisal", "naoa_t50"])
     figures = []
     with atomic_dir(EVAL) as out:
         atomic_write_jsonl(out / "samples.jsonl", sample_table)

@@ -62,7 +62,7 @@ from tnd.data.tokenizer import load_tokenizer
 from tnd.engine import make_accelerator
 from tnd.errors import TndError, one_line
 from tnd.evaluation import word_counts
-from tnd.io import atomic_write_bytes, atomic_write_json, atomic_write_text
+from tnd.io import atomic_write_bytes, atomic_write_csv, atomic_write_json, atomic_write_text
 from tnd.models import build_causal_lm, load_causal_lm, save_model
 from tnd.numbers import finite, finite_mean
 from tnd.tracking import Tracker
@@ -366,7 +366,7 @@ def train_ppo(params: Params, run: Tracker) -> None:
     summary = {**summarise(rows, config.batch_size), "processes": trainer.accelerator.num_processes}
     write_csv(csv_path, rows)
     by_count = sorted(trial_words.items(), key=lambda item: (-item[1], item[0]))
-    atomic_write_text(Path(PLOTS) / "train_trial_words.csv", "word,count\n" + "".join(f"{w},{n}\n" for w, n in by_count))
+    atomic_write_csv(Path(PLOTS) / "train_trial_words.csv", [{"word": w, "count": n} for w, n in by_count], ["word", "count"])
     save_model(trainer.student, tokenizer, STUDENT, state_dict=weights)
     atomic_write_json(Path(METRICS) / "train.json", summary)
     run.log_metrics({f"{part}.{k}": v for part in ("final", "last10") for k, v in summary[part].items()
