@@ -154,16 +154,18 @@ def test_a_parameter_without_gradient_stays_put_in_one_process_and_in_two(tmp_pa
         assert torch.equal(out["before"], out["after"]), rank
 
 
-def _one_update_on_a_fixed_batch() -> torch.Tensor:
+def _one_update_on_a_fixed_batch(unequal: bool) -> torch.Tensor:
     """One PPO update (SGD, so the step is linear in the gradient) on 8 fixed trials, this process's share of
-    them: unwhitened advantages and responses of equal length, so the mean loss over all tokens equals the
-    mean over processes of their means, as DDP's gradient averaging computes it."""
+    them, with unwhitened advantages (whitening is per process, as in TRL). `unequal`: process 0's rows
+    (the even ones) hold 6 response tokens, process 1's one, so a mean over each process's own tokens,
+    averaged over the processes, would weigh process 1's tokens 6 times as much."""
     from tnd.engine import shard
 
     tokenizer = train_bpe(SENTENCES, vocab_size=300, min_frequency=1)
     prompts = [[tokenizer.bos_token_id, *tokenizer(text, add_special_tokens=False)["input_ids"][: 1 + i % 3]]
                for i, text in enumerate(SENTENCES[:8])]
-    responses = [[20 + i, 30 + i, 40 + i, 50 + i] for i in range(8)]
+    lengths = [6 if i % 2 == 0 else 1 for i in range(8)] if unequal else [4] * 8
+    responses = [[20 + i + 10 * t for t in range(n)] for i, n in enumerate(lengths)]
     scores = torch.linspace(-1.0, 1.0, 8)
     trainer = make_trainer(tokenizer, prompts, mode="trials_only", with_demos=False, batch_size=8, mini_batch_size=8,
                            ppo_epochs=1, whiten_advantages=False, optimizer_name="SGD", learning_rate=0.5)
@@ -175,18 +177,51 @@ def _one_update_on_a_fixed_batch() -> torch.Tensor:
     return torch.cat([p.detach().flatten() for p in trainer.trainable_parameters()]) - before
 
 
-def _fixed_batch_worker(rank: int, port: int, out_dir: str) -> None:
+def _fixed_batch_worker(rank: int, port: int, out_dir: str, unequal: bool) -> None:
     _join(rank, port)
-    torch.save(_one_update_on_a_fixed_batch(), os.path.join(out_dir, f"update{rank}.pt"))
+    torch.save(_one_update_on_a_fixed_batch(unequal), os.path.join(out_dir, f"update{rank}.pt"))
 
 
-def test_one_process_and_two_make_the_same_update_on_the_same_global_batch(tmp_path):
-    one = _one_update_on_a_fixed_batch()
-    mp.spawn(_fixed_batch_worker, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
+@pytest.mark.parametrize("unequal", [False, True], ids=["equal-lengths", "unequal-lengths"])
+def test_one_process_and_two_make_the_same_update_on_the_same_global_batch(tmp_path, unequal):
+    """The losses are means over every process's tokens (before: over each process's own, 86% off with unequal
+    lengths)."""
+    one = _one_update_on_a_fixed_batch(unequal)
+    mp.spawn(_fixed_batch_worker, args=(free_port(), str(tmp_path), unequal), nprocs=2, join=True)
     for rank in (0, 1):
         two = torch.load(tmp_path / f"update{rank}.pt", weights_only=False)
         assert one.abs().max() > 1e-3  # a real update, ...
         # ... the same up to the order of float sums (DDP sums bucketed gradients over the processes)
+        torch.testing.assert_close(two, one, rtol=0, atol=1e-6)
+
+
+def _demo_update() -> torch.Tensor:
+    """One demos_only epoch (SGD, 4 mini-batches) on one step's 4 demonstrations: every mini-batch gets one."""
+    tokenizer = train_bpe(SENTENCES, vocab_size=300, min_frequency=1)
+    prompts = [[tokenizer.bos_token_id, *tokenizer(t, add_special_tokens=False)["input_ids"][:2]] for t in SENTENCES[:8]]
+    trainer = make_trainer(tokenizer, prompts, mode="demos_only", batch_size=8, mini_batch_size=2, demo_batch_size=4,
+                           ppo_epochs=1, optimizer_name="SGD", learning_rate=0.1, max_grad_norm=1e9)
+    trainer.global_step = 1
+    demo = trainer._demo_batch(trainer._draw_demos())
+    body = [p for n, p in trainer.policy.named_parameters() if "value_head" not in n]
+    before = torch.cat([p.detach().flatten().clone() for p in body])
+    trainer._optimize(None, demo)
+    return torch.cat([p.detach().flatten() for p in body]) - before
+
+
+def _demo_worker(rank: int, port: int, out_dir: str) -> None:
+    _join(rank, port)
+    torch.save(_demo_update(), os.path.join(out_dir, f"demo{rank}.pt"))
+
+
+def test_two_processes_distil_as_much_as_one_when_demonstrations_are_fewer_than_mini_batches_per_process(tmp_path):
+    """demo_batch_size / processes < num_mini_batches: the demonstrations are split per mini-batch over all
+    processes, so no mini-batch loses its share (before: [1, 1, 0, 0] on each process, half the distillation)."""
+    one = _demo_update()
+    mp.spawn(_demo_worker, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
+    for rank in (0, 1):
+        two = torch.load(tmp_path / f"demo{rank}.pt", weights_only=False)
+        assert one.abs().max() > 1e-4
         torch.testing.assert_close(two, one, rtol=0, atol=1e-6)
 
 
@@ -198,8 +233,6 @@ def test_batches_too_small_to_share_are_a_clear_error(tmp_path):
                           ddp_handler=None)
     with pytest.raises(ValueError, match="divisible by the number of processes"):
         make_trainer(tokenizer, prompts, mini_batch_size=3, batch_size=9, accelerator=two)
-    with pytest.raises(ValueError, match="demo_batch_size"):
-        make_trainer(tokenizer, prompts, demo_batch_size=1, accelerator=two)
 
 
 def test_train_ppo_under_accelerate_launch_with_two_processes(ready):

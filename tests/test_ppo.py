@@ -577,8 +577,8 @@ def test_early_stopping_checks_the_last_mini_batch_policykl_after_each_epoch(tok
     policykl, checked = [], []
     original_loss, original_check = trainer.ppo_loss, trainer.early_stopping.should_stop
 
-    def ppo_loss(*args):
-        loss, parts = original_loss(*args)
+    def ppo_loss(*args, **kwargs):
+        loss, parts = original_loss(*args, **kwargs)
         policykl.append(float(parts["policy/policykl"]))
         return loss, parts
 

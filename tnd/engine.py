@@ -16,6 +16,7 @@ needs on top:
 * `prepare_frozen`: teacher, reference and reward model on each process's device in eval mode,
   and sharded like the policy under FSDP (TRL's `prepare_fsdp`), so a teacher larger than one
   device fits; never wrapped in DDP (nothing to synchronise).
+* `clip_grad_norm`: accelerate's clipping, unscaling under fp16 only the optimizer that steps.
 * `unwrap_for_generation`: the bare student for HF `generate`, with its full parameters gathered
   when FSDP or ZeRO-3 shards them (TRL's `unwrap_model_for_generation`).
 
@@ -69,6 +70,28 @@ class ForwardAt(nn.Module):
     ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         logits, states = forward_at(self.model, input_ids, attention_mask, at, packed, hidden=values)
         return logits, (self.value_head(states).float() if values else None)
+
+
+def shards_parameters(accelerator: Accelerator) -> bool:
+    """FSDP or DeepSpeed: the prepared model's parameters are not whole on each process."""
+    return accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+
+
+def clip_grad_norm(
+    accelerator: Accelerator, optimizer: torch.optim.Optimizer, parameters: list[nn.Parameter], max_norm: float
+) -> Optional[torch.Tensor]:
+    """`accelerator.clip_grad_norm_` before `optimizer` steps, unscaling (fp16) that optimizer's gradients only.
+
+    accelerate's clip_grad_norm_ unscales every optimizer it prepared (its own TODO says so). The trainer's
+    PPO optimizer and the LM steps' own AdamW share the student's parameters, so under fp16 the student's
+    gradients would be divided by the loss scale twice. The optimizers are hidden from it for the call,
+    so that it unscales `optimizer` alone and otherwise clips as it does (FSDP, DeepSpeed, DTensors)."""
+    prepared = accelerator._optimizers
+    accelerator._optimizers = [o for o in prepared if o is optimizer or getattr(o, "optimizer", None) is optimizer]
+    try:
+        return accelerator.clip_grad_norm_(parameters, max_norm)
+    finally:
+        accelerator._optimizers = prepared
 
 
 def prepare_frozen(accelerator: Accelerator, module: nn.Module) -> nn.Module:

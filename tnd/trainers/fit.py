@@ -23,11 +23,11 @@ import math
 from typing import Any, Callable, Optional
 
 import torch
-from accelerate import Accelerator, DistributedType
+from accelerate import Accelerator
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
-from tnd.engine import shard
+from tnd.engine import shard, shards_parameters
 from tnd.errors import TndError
 
 # loss_fn(model, rows, device) -> (loss, extras): the loss of the rows (indices into the caller's data) and
@@ -142,7 +142,7 @@ def fit(
     # Under FSDP or DeepSpeed (train_ppo's student warm-up when train_ppo runs sharded) this loop does not shard:
     # each process trains a replica of the (small) model on whole batches, the same on every process, and
     # train_ppo's prepare then starts every process from process 0's weights (fsdp_sync_module_states).
-    replicated = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+    replicated = shards_parameters(accelerator)
     share = 1 if replicated else accelerator.num_processes
     if cfg.batch_size % share:
         raise TndError(f"{name}.train.batch_size ({cfg.batch_size}) must be divisible by the number of processes "
@@ -152,6 +152,8 @@ def fit(
     torch.manual_seed(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     scheduler = get_cosine_schedule_with_warmup(optimizer, cfg.warmup_steps, max(cfg.steps, 1))
+    # The replica trains outside accelerate's prepare, so fp16 needs its own loss scaling (a no-op otherwise).
+    scaler = torch.amp.GradScaler(accelerator.device.type, enabled=replicated and accelerator.mixed_precision == "fp16")
     if replicated:
         wrapped = model.to(accelerator.device)
     else:
@@ -168,12 +170,15 @@ def fit(
             raise TndError(f"{name}: training loss became {loss.item()} at step {step}; lower "
                            f"{name}.train.learning_rate or check the training data for extreme values")
         if replicated:
-            loss.backward()
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+            scaler.step(optimizer)
+            scaler.update()
         else:
             accelerator.backward(loss)
             grad_norm = accelerator.clip_grad_norm_(wrapped.parameters(), cfg.max_grad_norm)
-        optimizer.step()
+            optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         scheduler.step()
         for key, value in {"loss": loss.item(), **extras}.items():

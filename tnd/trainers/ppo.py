@@ -61,7 +61,8 @@ from transformers import (
 
 from tnd.batching import lm_positions, prompt_response_batch, response_predictors, right_pad, stack_padded
 from tnd.engine import (
-    ForwardAt, make_accelerator, prepare_frozen, set_deepspeed_micro_batch, shard, unwrap_for_generation,
+    ForwardAt, clip_grad_norm, make_accelerator, prepare_frozen, set_deepspeed_micro_batch, shard, shards_parameters,
+    unwrap_for_generation,
 )
 from tnd.config import CustomPPOConfig, PPOConfigError
 from tnd.errors import TndError
@@ -396,6 +397,7 @@ class CustomPPOTrainer:
         self.teacher, self.student, self.reward_model = teacher, student, reward_model
         self.tokenizer = tokenizer
         self.pad_id, self.eos_id, self.bos_id = tokenizer.pad_token_id, tokenizer.eos_token_id, tokenizer.bos_token_id
+        self.n_ids = len(tokenizer)  # the ids that can be sampled, whatever the models' output width
         self.train_dataset = [list(p) for p in train_dataset]
         self.demonstrations = demonstrations
         self.lm_dataset = [list(s) for s in lm_dataset] if lm_dataset is not None else None  # tnd.lm_data: corpus
@@ -426,20 +428,25 @@ class CustomPPOTrainer:
         # The schedulers are not prepared: accelerate's AcceleratedScheduler steps once per process and
         # optimizer step (it assumes per-process batches); ours step once per trainer step on every process.
         set_deepspeed_micro_batch(self.accelerator, config.mini_batch_size // self.accelerator.num_processes)
+        # The KL reference is copied before `prepare`: FSDP wraps the student's layers in place, and a wrapped
+        # module cannot be deep-copied.
+        self.reference = copy.deepcopy(student) if config.kl_reference == "initial_student" else None
         optimizers = [self.optimizer] + ([self.lm_optimizer] if self.lm_optimizer is not None else [])
         self.policy, *optimizers = self.accelerator.prepare(self.policy, *optimizers)
         self.optimizer, self.lm_optimizer = optimizers[0], (optimizers[1] if len(optimizers) > 1 else None)
         bare = self.accelerator.unwrap_model(self.policy)
         self.student, self.value_head = bare.model, bare.value_head
         self._clipped = list(self.policy.parameters())  # for clip_grad_norm_, listed once rather than every step
-        # Frozen models: placed (and sharded under FSDP), never wrapped in DDP. The reference copies the
-        # student as prepared (DDP has broadcast process 0's weights).
+        # Frozen models: placed (and sharded under FSDP), never wrapped in DDP.
         self.teacher_at = prepare_frozen(self.accelerator, ForwardAt(teacher))
         self.reward_model = prepare_frozen(self.accelerator, reward_model)
-        self.reference = self.reference_at = None  # None: the teacher is the KL reference
-        if config.kl_reference == "initial_student":
+        self.reference_at = None  # None: the teacher is the KL reference
+        if self.reference is not None:
+            if not shards_parameters(self.accelerator):
+                # the student as prepared: DDP has broadcast process 0's weights (FSDP's sync_module_states
+                # does the same for the reference in prepare_frozen)
+                self.reference.load_state_dict(self.student.state_dict())
             self._packed["reference"] = self._packed["student"]
-            self.reference = copy.deepcopy(self.student)
             self.reference_at = prepare_frozen(self.accelerator, ForwardAt(self.reference))
 
         # `generator` draws prompts and demonstrations and is the same on every process (each then
@@ -449,7 +456,11 @@ class CustomPPOTrainer:
         self.global_step = 0
         self.nonfinite_total = 0
         self.scored_total = 0
-        self.last_trials: list[list[int]] = []  # this process's responses of the last step (what the student practised)
+        # This process's finite trials of the last step, and those of them that entered an update (none in
+        # demos_only / lm_only, where trials are sampled for monitoring only, nor in a skipped step): what the
+        # student practised.
+        self.last_trials: list[list[int]] = []
+        self.trained_trials: list[list[int]] = []
         self.early_stopping = self._setup_early_stopping()
         self.score_processor = self._setup_score_processing()
         self.kl_ctl = (
@@ -504,10 +515,6 @@ class CustomPPOTrainer:
             raise PPOConfigError(
                 f"ppo.mini_batch_size ({cfg.mini_batch_size}) must be divisible by the number of processes ({n}): "
                 "each process takes an equal share of every mini-batch"
-            )
-        if cfg.uses_demos and cfg.demo_batch_size < n:
-            raise PPOConfigError(
-                f"tnd.demo_batch_size ({cfg.demo_batch_size}) must be at least the number of processes ({n})"
             )
         if cfg.lm_steps and cfg.lm_batch_size < n:
             raise PPOConfigError(f"tnd.lm_batch_size ({cfg.lm_batch_size}) must be at least the number of processes ({n})")
@@ -625,12 +632,16 @@ class CustomPPOTrainer:
 
     def _logits_at(self, model: nn.Module, name: str, input_ids, attention_mask, at, values: bool = False):
         """(logits, values) of a ForwardAt `model` under autocast: at `at`, or at every position ([B, T, ...],
-        padded) when `at` is None."""
+        padded) when `at` is None. Logits over the tokenizer's ids only: rows past it (a padded vocabulary) are
+        the ones the sampler masks (tnd.generation.TokenizerIdsOnly), so log-probs, entropy, KL and the
+        distillation losses are those of the distribution that sampled."""
         full = at is None
         at = attention_mask.new_ones(attention_mask.shape, dtype=torch.bool) if full else at
         with self.accelerator.autocast():
             logits, values = model(input_ids.to(self.device), attention_mask.to(self.device), at.to(self.device),
                                    self._packed[name] and not full, values)
+        if logits.shape[-1] > self.n_ids:
+            logits = logits[..., : self.n_ids]
         if full:
             logits = logits.view(*input_ids.shape, -1)
             values = None if values is None else values.view(input_ids.shape)
@@ -659,8 +670,11 @@ class CustomPPOTrainer:
     @torch.no_grad()
     def compute_scores(self, sequences: list[list[int]]) -> torch.Tensor:
         """Reward-model scores (float32 [n]) of prompt + continuation, in one batch, through the pipeline's
-        one scoring function (bos in front, scored whole), so score_rewards' stored rewards are these."""
-        return score_token_ids(self.reward_model, self.tokenizer, sequences, batch_size=None).to(self.device)
+        one scoring function (bos in front, scored whole) under the run's autocast, as score_rewards scores the
+        demonstrations: the stored rewards are these, in mixed precision too."""
+        with self.accelerator.autocast():
+            scores = score_token_ids(self.reward_model, self.tokenizer, sequences, batch_size=None)
+        return scores.float().to(self.device)
 
     # --- rollout --------------------------------------------------------------------------
 
@@ -677,10 +691,11 @@ class CustomPPOTrainer:
                 progress=False,
             )
 
-    def _step_seed(self, stream: int) -> int:
-        """A seed for this step, this process and one random stream (0: sampling, 1: mini-batch order,
-        2: the teacher's demonstrations)."""
-        step = self.global_step * self.accelerator.num_processes + self.accelerator.process_index
+    def _step_seed(self, stream: int, shared: bool = False) -> int:
+        """A seed for this step, this process (the same on every process when `shared`) and one random stream
+        (0: sampling, 1: mini-batch order, 2: the teacher's demonstrations, 3: the demonstrations' order)."""
+        n = self.accelerator.num_processes
+        step = self.global_step if shared else self.global_step * n + self.accelerator.process_index
         return ((self.config.seed + stream) * 1_000_003 + step) % (2**63)
 
 
@@ -766,7 +781,12 @@ class CustomPPOTrainer:
         """The loss of one mini-batch: the PPO loss on the rollout's rows `index` plus distill_coef x the
         top-k loss on the demonstrations' rows `demo_rows`, from ONE forward of the policy over both side by
         side (DDP and FSDP synchronise one forward per backward). A process whose share of the mini-batch is
-        empty still runs the forward and a zero loss through every parameter, as its peers' backward needs."""
+        empty still runs the forward and a zero loss through every parameter, as its peers' backward needs.
+
+        Each term is a mean over the mini-batch's tokens on every process, not over this process's only: the
+        term's per-process mean is weighted by this process's share of those tokens (`_token_weights`), so
+        that DDP's average of the gradients is the gradient of the mean over all tokens, whatever the lengths
+        on each process (one process: weights 1)."""
         cfg = self.config
         blocks = []
         if rollout is not None:
@@ -780,25 +800,54 @@ class CustomPPOTrainer:
         logits, values = self.get_student_logits(ids, mask, at, return_values=True, values=rollout is not None)
         # PPO rows come first (the count costs a device sync: only when demonstrations follow them)
         n_ppo = 0 if rollout is None else len(logits) if demo is None else int(at[: len(index)].sum())
+        w_ppo, w_online, w_demo = self._token_weights(rollout, index, demo, demo_rows)
         loss, stats = None, {}
         if rollout is not None and len(index):
-            loss, stats = self.ppo_loss(rollout, index, logits[:n_ppo], values[:n_ppo])
+            loss, stats = self.ppo_loss(rollout, index, logits[:n_ppo], values[:n_ppo], weights=(w_ppo, w_online))
         if demo is not None and len(demo_rows):
             distill = self.demo_distill_loss({k: v[demo_rows] for k, v in demo.items()}, logits[n_ppo:])
             stats["loss/distill"] = distill.detach()
-            loss = cfg.distill_coef * distill if loss is None else loss + cfg.distill_coef * distill
+            term = w_demo * cfg.distill_coef * distill
+            loss = term if loss is None else loss + term
         if loss is None or (values is not None and not len(index)):
             zero = logits.sum() * 0.0 + (0.0 if values is None else values.sum() * 0.0)
             loss = zero if loss is None else loss + zero
         return loss, stats
 
+    def _token_weights(self, rollout: Optional[Rollout], index: torch.Tensor, demo: Optional[dict],
+                       demo_rows: torch.Tensor) -> tuple[Any, Any, Any]:
+        """This process's weight of each loss term of a mini-batch (PPO, online distillation, demonstrations):
+        its tokens over the mean tokens per process, n_p / (n / N), so the per-process means DDP averages make
+        the mean over all n tokens. One all-reduce of three counts per mini-batch; (1, 1, 1) in one process."""
+        if self.accelerator.num_processes == 1:
+            return 1.0, 1.0, 1.0
+        zero = torch.zeros((), dtype=torch.long, device=self.device)
+        ppo = online = demo_tokens = zero
+        if rollout is not None:
+            response_mask = rollout.response_mask[index]
+            ppo = response_mask.sum()
+            if self.config.distill_online and rollout.teacher_logits is not None:
+                online = (response_mask & ~rollout.is_demo[index][:, None]).sum()
+        if demo is not None:
+            demo_tokens = demo["target_mask"][demo_rows].bool().sum()
+        local = torch.stack([ppo, online, demo_tokens]).double()
+        per_process = self._tokens_per_process(local)
+        return tuple((local / per_process.clamp_min(1e-12)).float())
+
+    def _tokens_per_process(self, counts: torch.Tensor) -> torch.Tensor:
+        """The mean over the processes of each of `counts` (this process's token counts); the counts themselves
+        in one process."""
+        n = self.accelerator.num_processes
+        return counts if n == 1 else self.accelerator.reduce(counts.double(), "sum").to(counts.dtype) / n
+
     def ppo_loss(
         self, rollout: Rollout, index: torch.Tensor, logits: Optional[torch.Tensor] = None,
-        values: Optional[torch.Tensor] = None,
+        values: Optional[torch.Tensor] = None, weights: tuple[Any, Any] = (1.0, 1.0),
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Clipped policy loss + vf_coef * clipped value loss - ent_coef * entropy (+ online distillation)
         on the rows `index` of the rollout; `logits` [M, V] and `values` [M] of the policy at their M response
-        predictions when the caller has them (minibatch_loss), else computed here."""
+        predictions when the caller has them (minibatch_loss), else computed here. `weights` multiply the PPO
+        terms and the online distillation (minibatch_loss's token weights over processes)."""
         cfg = self.config
         ids, response_mask = rollout.input_ids[index], rollout.response_mask[index]
         if logits is None:
@@ -814,6 +863,8 @@ class CustomPPOTrainer:
         loss = pg_loss + cfg.vf_coef * vf_loss
         if cfg.ent_coef:  # a zero-weighted term would still cost a backward pass through the entropy
             loss = loss - cfg.ent_coef * mean_entropy
+        w_ppo, w_online = weights
+        loss = w_ppo * loss
         stats = {  # 0-d tensors: read once per step (a .item() here would be a GPU sync per mini-batch)
             "loss/policy": pg_loss.detach(), "loss/value": vf_loss.detach(), "policy/entropy": mean_entropy.detach(),
             "policy/clipfrac": pg["clipfrac"], "policy/approx_kl": pg["approx_kl"], "policy/policykl": pg["policykl"],
@@ -824,7 +875,7 @@ class CustomPPOTrainer:
         if cfg.distill_online and rollout.teacher_logits is not None and bool(trials.any()):
             trial_tokens = (response_mask & trials[:, None])[response_mask]
             online = self.online_distill_loss(logits, rollout.teacher_logits[index][response_mask], trial_tokens)
-            loss = loss + cfg.distill_online_coef * online
+            loss = loss + w_online * cfg.distill_online_coef * online
             stats["loss/online_distill"] = online.detach()
         return loss, stats
 
@@ -875,6 +926,7 @@ class CustomPPOTrainer:
         cfg = self.config
         start = time.perf_counter()
         self.global_step += 1
+        self.last_trials, self.trained_trials = [], []
         stats: dict[str, float] = {key: _nan() for key in STAT_KEYS}
         stats.update({"objective/kl_coef": self.kl_ctl.value, "lr": self.scheduler.get_last_lr()[0],
                       "nonfinite_rewards": 0.0, "skipped": 0.0, "ppo/epochs": 0.0})
@@ -885,7 +937,9 @@ class CustomPPOTrainer:
             self._finish_step(stats, start)
             return stats
         ppo_batch = rollout if cfg.uses_trials else None
-        demo = self._demo_batch(shard(self.accelerator, self._draw_demos())) if cfg.demos_distilled else None
+        self.trained_trials = self.last_trials if ppo_batch is not None else []
+        # the step's demonstrations, all of them on every process: _optimize gives each mini-batch its share
+        demo = self._demo_batch(self._draw_demos()) if cfg.demos_distilled else None
         if ppo_batch is not None or demo is not None:  # 3
             stats.update(self._optimize(ppo_batch, demo))
         if ppo_batch is not None and cfg.lm_on_rollout:  # 4
@@ -903,7 +957,7 @@ class CustomPPOTrainer:
         cfg = self.config
         accelerator = self.accelerator
         prompts = [list(p) for p in prompts]
-        responses = self.last_trials = self._sample(prompts)
+        responses = self._sample(prompts)
         raw = self.compute_scores([p + r for p, r in zip(prompts, responses)])
         all_raw = accelerator.gather(raw)
         all_finite, finite = torch.isfinite(all_raw), torch.isfinite(raw)
@@ -922,6 +976,7 @@ class CustomPPOTrainer:
         scores = self.score_processor(raw[finite], population=all_raw[all_finite]) if cfg.uses_trials else raw[finite]
         stats["env/score_mean"] = scores.mean().item()
         prompts, responses = [prompts[i] for i in keep], [responses[i] for i in keep]
+        self.last_trials = responses  # the finite trials, the ones a PPO update can learn from
         is_demo = torch.zeros(len(keep), dtype=torch.bool)
         if cfg.demos_in_ppo_batch:
             d_prompts, d_responses = self._ppo_demonstrations(prompts)
@@ -969,10 +1024,17 @@ class CustomPPOTrainer:
     def _optimize(self, rollout: Optional[Rollout], demo: Optional[dict]) -> dict[str, float]:
         """ppo_epochs passes over shuffled mini-batches, each one `minibatch_loss` (PPO loss on its rows of
         the rollout + distill_coef x top-k KL on its slice of the demonstrations); an optimizer step every
-        gradient_accumulation_steps mini-batches (`accelerator.accumulate`: DDP synchronises only then)."""
+        gradient_accumulation_steps mini-batches (`accelerator.accumulate`: DDP synchronises only then).
+
+        `rollout` holds this process's rows, `demo` the step's whole batch of demonstrations: each epoch
+        splits the demonstrations into mini-batches the same way on every process, then each process takes
+        its share of each, so every mini-batch gets demo_batch_size / num_mini_batches of them whatever the
+        number of processes (a split of each process's share would leave some mini-batches without any on
+        every process once demo_batch_size / processes < num_mini_batches)."""
         cfg = self.config
         accelerator = self.accelerator
         shuffle = torch.Generator().manual_seed(self._step_seed(stream=1))
+        demo_shuffle = torch.Generator().manual_seed(self._step_seed(stream=3, shared=True))
         empty = torch.zeros(0, dtype=torch.long)
         logs: dict[str, list[torch.Tensor]] = {}
         epochs_done = 0
@@ -980,7 +1042,8 @@ class CustomPPOTrainer:
             n_mb = cfg.num_mini_batches
             ppo_slices = (torch.tensor_split(torch.randperm(len(rollout), generator=shuffle), n_mb)
                           if rollout is not None else [empty] * n_mb)
-            demo_slices = (torch.tensor_split(torch.randperm(demo["input_ids"].shape[0], generator=shuffle), n_mb)
+            demo_slices = ([torch.tensor(shard(accelerator, rows.tolist()), dtype=torch.long) for rows in
+                            torch.tensor_split(torch.randperm(demo["input_ids"].shape[0], generator=demo_shuffle), n_mb)]
                            if demo is not None else [empty] * n_mb)
             last_policykl = None
             for index, rows in zip(ppo_slices, demo_slices):
@@ -988,7 +1051,7 @@ class CustomPPOTrainer:
                     loss, parts = self.minibatch_loss(rollout, index.to(self.device), demo, rows.to(self.device))
                     accelerator.backward(loss)
                     if accelerator.sync_gradients:
-                        grad_norm = accelerator.clip_grad_norm_(self._clipped, cfg.max_grad_norm)
+                        grad_norm = clip_grad_norm(accelerator, self.optimizer, self._clipped, cfg.max_grad_norm)
                         if grad_norm is not None:  # DeepSpeed clips inside its engine and reports none
                             logs.setdefault("ppo/grad_norm", []).append(grad_norm.detach())
                     self.optimizer.step()
@@ -1033,7 +1096,7 @@ class CustomPPOTrainer:
         with the last chunk's backward. Returns the loss."""
         at = lm_positions(mask, at)
         optimizer = self.lm_optimizer or self.optimizer
-        n_tokens = at.sum().clamp_min(1)
+        n_tokens = self._tokens_per_process(at.sum()[None])[0].clamp_min(1)  # a mean over every process's tokens
         total = torch.zeros((), device=self.device)
         chunks_ = torch.split(torch.arange(ids.shape[0], device=ids.device), self.config.mini_batch_size)
         for i, rows in enumerate(chunks_):
@@ -1042,7 +1105,7 @@ class CustomPPOTrainer:
                 loss = self.lm_loss(ids[rows], mask[rows], at[rows]) / n_tokens
                 self.accelerator.backward(loss * self.accelerator.gradient_accumulation_steps)  # a whole step
             total += loss.detach()
-        self.accelerator.clip_grad_norm_(self._clipped, self.config.max_grad_norm)
+        clip_grad_norm(self.accelerator, optimizer, self._clipped, self.config.max_grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return total.item()

@@ -25,8 +25,10 @@ class ValueHead(nn.Module):
             self.summary.bias.zero_()
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        """[..., hidden] -> [...] values, computed in float32."""
-        return self.summary(hidden_states.to(self.summary.weight.dtype)).squeeze(-1)
+        """[..., hidden] -> [...] values, computed in the head's dtype (float32 in the trainer) also under
+        autocast, which would otherwise run the Linear in bf16/fp16 and round the values and returns."""
+        with torch.autocast(hidden_states.device.type, enabled=False):
+            return self.summary(hidden_states.to(self.summary.weight.dtype)).squeeze(-1)
 
 
 def hidden_size_of(model: nn.Module) -> int:
