@@ -168,12 +168,13 @@ def stage_inputs(name: str, params: Params) -> list[tuple[str, str]]:
     inputs = {
         "prepare_data": [(params.data.source, "source")],  # a local file; the nursery and hub names are not
         "train_teacher": [
-            (prepared / "train.jsonl", "training"), (prepared / "eval.jsonl", "evaluation"),
-            (prepared / "eval_prompts.jsonl", "evaluation"),
+            (prepared / "train.jsonl", "training"), (prepared / "valid.jsonl", "validation"),
+            (prepared / "eval.jsonl", "evaluation"), (prepared / "eval_prompts.jsonl", "evaluation"),
         ],
         "sample_ages": [(prepared / "prompts.jsonl", "prompts")] if objective == "age" else [],
         "train_reward": {
-            "pairwise": [(prepared / "pairs_train.jsonl", "training"), (prepared / "pairs_eval.jsonl", "evaluation")],
+            "pairwise": [(prepared / "pairs_train.jsonl", "training"), (prepared / "pairs_valid.jsonl", "validation"),
+                         (prepared / "pairs_eval.jsonl", "evaluation")],
             "regression": [(params.data.source, "training")],
             "age": [(AGES, "training")],
         }[objective],
@@ -181,7 +182,7 @@ def stage_inputs(name: str, params: Params) -> list[tuple[str, str]]:
         "score_rewards": [(index, "scoring"), (prepared / "eval.jsonl", "scoring")],
         "train_ppo": [(prepared / "prompts.jsonl", "training"), (index, "training")]
         + ([(prepared / "train.jsonl", "training")] if warm_up or params.tnd.lm_data == "corpus" else [])
-        + ([(prepared / "eval.jsonl", "evaluation")] if warm_up else []),  # the warm-up's validation
+        + ([(prepared / "valid.jsonl", "validation")] if warm_up else []),  # the warm-up's validation
         "evaluate": [(prepared / "eval_prompts.jsonl", "evaluation"), (prepared / "eval.jsonl", "evaluation")],
     }
     return [(str(path), context) for path, context in inputs.get(name, [])]

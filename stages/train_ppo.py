@@ -298,7 +298,8 @@ def train_ppo(params: Params, run: Tracker) -> None:
         if ckpt is not None:
             student.load_state_dict(ckpt["initial_student"])
         elif params.student.train.steps:
-            eval_texts = [row["text"] for row in prepared_rows("eval.jsonl")]  # its validation
+            # its validation: the validation split (the eval split stays for evaluate's report)
+            eval_texts = [row["text"] for row in prepared_rows("valid.jsonl")]
             pretrain_lm(student, tokenizer, texts, params.student.train, params.student_seed, desc="student warm-up",
                         eval_texts=eval_texts, on_eval=validation_logger(run, []), accelerator=accelerator,
                         name="student")

@@ -1,12 +1,12 @@
 """Stage train_teacher: build and pretrain the built-in teacher, or load one by name/path.
 
 Writes models/teacher/ (save_pretrained, with the tokenizer), metrics/teacher.json
-(eval perplexity, and on nursery data the grammaticality of sampled continuations; the
-validation's best step, steps run, early stop) and plots/teacher_validation.csv (the
-validation curve: train and held-out loss every teacher.train.eval_every steps, also logged
-to MLflow per step). The built-in teacher is validated on the eval split while it trains,
-stops after teacher.train.patience validations without improvement, and is saved with the
-weights of its best validation (teacher.train.keep_best).
+(perplexity on the eval split, and on nursery data the grammaticality of sampled continuations of
+the eval prompts; the validation's best step, steps run, early stop) and plots/teacher_validation.csv
+(the validation curve: train and held-out loss every teacher.train.eval_every steps, also logged
+to MLflow per step). The built-in teacher is validated on the validation split (valid.jsonl, disjoint
+from the eval split it is reported on) while it trains, stops after teacher.train.patience validations
+without improvement, and is saved with the weights of its best validation (teacher.train.keep_best).
 
 With teacher.train.age_checkpoints (reward.objective: age), the built-in teacher's weights at
 log-spaced steps of its pretraining (`tnd.trainers.lm.age_steps`) and at the step it ends on are
@@ -47,7 +47,8 @@ def train_teacher(params: Params, run: Tracker) -> None:
     cfg = params.teacher
     tokenizer = load_tokenizer(TOKENIZER)
     train_texts = [row["text"] for row in read_jsonl(Path(PREPARED) / "train.jsonl")]
-    eval_texts = [row["text"] for row in read_jsonl(Path(PREPARED) / "eval.jsonl")]
+    valid_texts = [row["text"] for row in read_jsonl(Path(PREPARED) / "valid.jsonl")]  # selects the weights
+    eval_texts = [row["text"] for row in read_jsonl(Path(PREPARED) / "eval.jsonl")]  # reports them
     prompts = [row["prompt_ids"] for row in read_jsonl(Path(PREPARED) / "eval_prompts.jsonl")]
 
     metrics: dict = {}
@@ -60,7 +61,7 @@ def train_teacher(params: Params, run: Tracker) -> None:
             model = build_causal_lm(cfg.arch, tokenizer, params.seed, params.tokenizer.pad_vocab_to)
             metrics.update(pretrain_lm(
                 model, tokenizer, train_texts, cfg.train, params.seed, on_log=run.log_metrics, desc="teacher",
-                eval_texts=eval_texts, on_eval=validation_logger(run, curve), accelerator=accelerator,
+                eval_texts=valid_texts, on_eval=validation_logger(run, curve), accelerator=accelerator,
                 on_step=age_keeper(model, tokenizer, cfg.train, ages, kept),
             ))
         else:

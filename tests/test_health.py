@@ -141,11 +141,11 @@ def test_a_small_real_corpus_with_the_default_params_is_flagged(project):
     write_params(project.path, data={"source": "texts.txt"})
     prepare_data.main([])
     stats = json.loads((project.path / "data/prepared/stats.json").read_text())
-    assert stats["n_train"] == 540 and stats["n_eval"] == 60
+    assert stats["n_train"] == 480 and stats["n_valid"] == stats["n_eval"] == 60  # a tenth each held out
     found = {c.name: c for c in health.run_checks(load_params(project.path / "params.yaml"), stats)}
-    assert found["prompts_repeated"].warn and "data.n_prompts = 2000 from 540 training texts" in found[
+    assert found["prompts_repeated"].warn and "data.n_prompts = 2000 from 480 training texts" in found[
         "prompts_repeated"].message
-    assert found["small_data"].warn and "teacher 1500 steps x 64 = 178 passes over 540 texts" in found[
+    assert found["small_data"].warn and "teacher 1500 steps x 64 = 200 passes over 480 texts" in found[
         "small_data"].message
 
 

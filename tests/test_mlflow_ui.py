@@ -82,11 +82,12 @@ def test_the_pipeline_on_a_tracking_server_as_a_user_of_mlflow_3_sees_it(
     # 3. What each run was trained (or evaluated) on, with the md5 DVC records for the file.
     prepared = project.path / "data/prepared"
     expected = {
-        "train_teacher": {"data/prepared/train.jsonl": "training", "data/prepared/eval.jsonl": "evaluation",
-                          "data/prepared/eval_prompts.jsonl": "evaluation"},
-        "train_reward": {"data/prepared/pairs_train.jsonl": "training", "data/prepared/pairs_eval.jsonl": "evaluation"},
+        "train_teacher": {"data/prepared/train.jsonl": "training", "data/prepared/valid.jsonl": "validation",
+                          "data/prepared/eval.jsonl": "evaluation", "data/prepared/eval_prompts.jsonl": "evaluation"},
+        "train_reward": {"data/prepared/pairs_train.jsonl": "training", "data/prepared/pairs_valid.jsonl": "validation",
+                         "data/prepared/pairs_eval.jsonl": "evaluation"},
         "train_ppo": {"data/prepared/prompts.jsonl": "training", "cache/teacher/index.json": "training",
-                      "data/prepared/train.jsonl": "training", "data/prepared/eval.jsonl": "evaluation"},
+                      "data/prepared/train.jsonl": "training", "data/prepared/valid.jsonl": "validation"},
         "evaluate": {"data/prepared/eval_prompts.jsonl": "evaluation", "data/prepared/eval.jsonl": "evaluation"},
     }
     for stage, files in expected.items():

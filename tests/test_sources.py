@@ -10,6 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from tnd.config import DataParams
+from tnd.data.prompts import make_eval_prompts, make_prompts
 from tnd.data.sources import load_corpus
 from tnd.data.tokenizer import decode, encode, load_tokenizer, train_bpe
 from tnd.errors import TndError
@@ -34,8 +35,51 @@ def write(path, kind, texts=TEXTS, field="text"):
 def test_each_local_format_loads_all_texts(tmp_path, kind):
     path = write(tmp_path / f"data.{kind}", kind)
     corpus = load_corpus(DataParams(source=str(path), n_eval=5), seed=0)
-    assert sorted(corpus.train + corpus.eval) == sorted(TEXTS)
-    assert len(corpus.eval) == 3  # at most a tenth goes to eval on small data
+    assert sorted(corpus.train + corpus.valid + corpus.eval) == sorted(TEXTS)
+    assert len(corpus.eval) == len(corpus.valid) == 3  # at most a tenth goes to eval (and to validation) on small data
+
+
+def test_nursery_splits_are_disjoint_and_full():
+    # Repro r01: 14.1% of the nursery eval texts were verbatim training texts (a positional split, no dedup).
+    data = DataParams()
+    corpus = load_corpus(data, seed=1234)
+    train, test = set(corpus.train), set(corpus.eval)
+    assert not test & train, f"{len(test & train)} eval texts are training texts"
+    valid = set(corpus.valid)
+    assert not valid & (train | test)
+    assert (len(corpus.train), len(corpus.valid), len(corpus.eval)) == (data.n_train, data.n_valid, data.n_eval)
+    assert len(train) + len(valid) + len(test) == data.n_train + data.n_valid + data.n_eval  # no repeats within
+    assert corpus.stats["duplicates_dropped"] > 0  # the grammar repeats its short sentences
+    assert corpus.stats["n_drawn"] == data.n_train + data.n_valid + data.n_eval + corpus.stats["duplicates_dropped"]
+    assert corpus.train == load_corpus(data, seed=1234).train
+
+
+def test_a_small_nursery_request_splits_exactly():
+    data = DataParams(n_train=400, n_valid=60, n_eval=60)
+    corpus = load_corpus(data, seed=0)
+    assert (len(corpus.train), len(corpus.valid), len(corpus.eval)) == (400, 60, 60)
+    assert len(set(corpus.train) | set(corpus.valid) | set(corpus.eval)) == 520
+
+
+def test_a_grammar_with_too_few_sentences_gives_smaller_splits_and_says_so(monkeypatch, capsys):
+    from tnd.data import sources
+
+    monkeypatch.setattr(sources.nursery, "generate_sentences", lambda n, seed: [f"s{i % 50}." for i in range(n)])
+    corpus = load_corpus(DataParams(n_train=400, n_valid=60, n_eval=60), seed=0)
+    assert (len(corpus.train), len(corpus.valid), len(corpus.eval)) == (40, 5, 5)  # a tenth each held out
+    assert corpus.stats["short_of_distinct"] == 470 and corpus.stats["n_drawn"] == 20 * 520
+    assert "gave 50 distinct sentences" in capsys.readouterr().err
+
+
+def test_local_duplicates_are_dropped_before_the_split(tmp_path):
+    texts = [f"text number {i}" for i in range(40)]
+    # repeats, one of them only up to whitespace (texts are compared as cleaned)
+    path = write(tmp_path / "d.jsonl", "jsonl", texts + texts[:20] + ["  text   number 3 "])
+    corpus = load_corpus(DataParams(source=str(path)), seed=0)
+    assert corpus.stats["duplicates_dropped"] == 21
+    assert sorted(corpus.train + corpus.valid + corpus.eval) == sorted(texts)
+    assert not set(corpus.eval) & set(corpus.train) and not set(corpus.valid) & (set(corpus.train) | set(corpus.eval))
+    assert len(corpus.eval) == len(corpus.valid) == 4  # a tenth each on small data
 
 
 def test_split_is_deterministic(tmp_path):
@@ -49,7 +93,7 @@ def test_long_texts_are_truncated_and_counted(tmp_path):
     path = write(tmp_path / "data.txt", "txt", TEXTS + ["word " * 500])
     corpus = load_corpus(DataParams(source=str(path), max_chars=100), seed=0)
     assert corpus.stats["truncated"] == 1
-    assert max(len(t) for t in corpus.train + corpus.eval) == 100
+    assert max(len(t) for t in corpus.train + corpus.valid + corpus.eval) == 100
 
 
 @pytest.mark.parametrize(
@@ -69,7 +113,8 @@ def test_long_texts_are_truncated_and_counted(tmp_path):
         (lambda p: write(p / "d.parquet", "parquet", []), "is empty"),
         (lambda p: (p / "d.parquet").write_text("not parquet") and p / "d.parquet", "not a readable .parquet file"),
         (lambda p: (p / "d.xlsx").write_text("x") and p / "d.xlsx", "unsupported type"),
-        (lambda p: write(p / "d.txt", "txt", ["only one"]), "need at least 2"),
+        (lambda p: write(p / "d.txt", "txt", ["only one", "and two"]), "need at least 3"),
+        (lambda p: write(p / "d.txt", "txt", ["only one", " only  one", "only one"]), "1 distinct non-empty"),
     ],
 )
 def test_bad_files_give_one_clear_line(tmp_path, setup, message):
@@ -84,7 +129,8 @@ def test_csv_cells_are_read_as_the_strings_in_the_file(tmp_path):
     path.write_text("n,text\n" + "".join(f"{i},{t}\n" for i, t in enumerate(["01", "NA", "1e3", "null", "a, b"] * 2)))
     path.write_text(path.read_text().replace("a, b", '"a, b"'))
     corpus = load_corpus(DataParams(source=str(path)), seed=0)
-    assert sorted(corpus.train + corpus.eval) == sorted(["01", "NA", "1e3", "null", "a, b"] * 2)
+    assert sorted(corpus.train + corpus.valid + corpus.eval) == sorted(["01", "NA", "1e3", "null", "a, b"])
+    assert corpus.stats["duplicates_dropped"] == 5
 
 
 def test_csv_column_changing_type_after_the_first_chunk_loads(tmp_path):
@@ -92,7 +138,7 @@ def test_csv_column_changing_type_after_the_first_chunk_loads(tmp_path):
     path = tmp_path / "d.csv"
     path.write_text("id,text\n" + "".join(f"{i if i < 10_000 else 'x'},text {i}\n" for i in range(10_010)))
     corpus = load_corpus(DataParams(source=str(path), n_train=20_000), seed=0)
-    assert len(corpus.train + corpus.eval) == 10_010
+    assert len(corpus.train + corpus.valid + corpus.eval) == 10_010
 
 
 def test_a_local_file_loads_offline_and_writes_nothing_outside(tmp_path):
@@ -102,12 +148,31 @@ def test_a_local_file_loads_offline_and_writes_nothing_outside(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "XDG_"))}
     env.update(HOME=str(home), TMPDIR=str(temp), HF_DATASETS_OFFLINE="1", PYTHONPATH=str(ROOT))
     code = ("import sys; from tnd.config import DataParams; from tnd.data.sources import load_corpus; "
-            "c = load_corpus(DataParams(source=sys.argv[1]), 0); print(len(c.train + c.eval))")
+            "c = load_corpus(DataParams(source=sys.argv[1]), 0); print(len(c.train + c.valid + c.eval))")
     proc = subprocess.run([sys.executable, "-c", code, str(path)], env=env, cwd=ROOT, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.split() == [str(len(TEXTS))]
     assert list(home.rglob("*")) == [] and list(temp.rglob("*")) == []
+
+
+def test_eval_prompts_avoid_the_training_prompts_and_count_what_they_cannot():
+    texts = [f"the {animal} runs to the {place}." for animal in ("dog", "cat", "cow", "pig") for place in ("park", "sea")]
+    tokenizer = train_bpe(texts * 5, vocab_size=300)
+    seen_openings = texts[:4]  # "the dog ...", "the cat ..."
+    train = make_prompts(tokenizer, seen_openings, 20, 2, seed=0)
+    train_ids = {tuple(p["prompt_ids"]) for p in train}
+    prompts, stats = make_eval_prompts(tokenizer, texts, 4, 2, seed=1, train_prompts=train)
+    assert len(prompts) == 4 and not {tuple(p["prompt_ids"]) for p in prompts} & train_ids
+    assert stats == {"n_eval_prompts": 4, "eval_prompts_distinct": 2, "eval_prompts_in_train": 0}
+    assert {p["prompt"] for p in prompts} == {"the cow", "the pig"}
+    # more prompts than texts with an unseen opening: those, then training prompts, counted
+    prompts, stats = make_eval_prompts(tokenizer, texts, 6, 2, seed=1, train_prompts=train)
+    assert len(prompts) == 6 and stats["eval_prompts_in_train"] == 2
+    assert stats["eval_prompts_in_train"] == sum(tuple(p["prompt_ids"]) in train_ids for p in prompts)
+    # nothing but training openings: the prompts are made anyway, every one counted
+    prompts, stats = make_eval_prompts(tokenizer, seen_openings, 3, 2, seed=1, train_prompts=train)
+    assert len(prompts) == 3 and stats["eval_prompts_in_train"] == 3
 
 
 def test_tokenizer_round_trip_and_special_tokens(tmp_path):

@@ -9,7 +9,7 @@ import yaml
 from tnd.data import nursery
 from tnd.io import read_jsonl
 from stages import prepare_data, train_teacher
-from tests.conftest import dvc, init_git_dvc, merge
+from tests.conftest import ROOT, dvc, init_git_dvc, merge
 
 pytestmark = pytest.mark.slow
 
@@ -27,6 +27,32 @@ def test_prepare_data_writes_every_output(project):
     assert all(nursery.is_grammatical(p["chosen"]) and not nursery.is_grammatical(p["rejected"]) for p in pairs)
     assert "adjacent_swap" in {p["kind"] for p in read_jsonl(out / "pairs_eval.jsonl")}
     assert (project.path / "artifacts/tokenizer/tokenizer.json").is_file()
+
+
+def test_prepare_data_on_the_default_nursery_data_holds_its_splits_apart(project, capsys):
+    # Finding 4 on the default params (repros r01, r06): 14.1% of the eval texts were training texts and 69.5%
+    # of the eval prompts were training prompts; validation and test were one split.
+    defaults = yaml.safe_load((ROOT / "params.yaml").read_text())
+    project.write(data=defaults["data"], tokenizer=defaults["tokenizer"])
+    prepare_data.main([])
+    out = project.path / "data/prepared"
+    prompts = {tuple(p["prompt_ids"]) for p in read_jsonl(out / "prompts.jsonl")}
+    eval_prompts = [tuple(p["prompt_ids"]) for p in read_jsonl(out / "eval_prompts.jsonl")]
+    overlap = sum(p in prompts for p in eval_prompts)
+    assert len(eval_prompts) == 200 and overlap == 0, f"{overlap} eval prompts are training prompts"
+    train, test = ({row["text"] for row in read_jsonl(out / f"{name}.jsonl")} for name in ("train", "eval"))
+    assert not test & train, f"{len(test & train)} eval texts are training texts"
+    texts = {name: [row["text"] for row in read_jsonl(out / f"{name}.jsonl")] for name in ("train", "valid", "eval")}
+    valid = set(texts["valid"])
+    assert not valid & train and not valid & test
+    assert [len(texts[name]) for name in ("train", "valid", "eval")] == [20000, 1000, 1000]
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["eval_prompts_in_train"] == overlap
+    assert stats["duplicates_dropped"] > 0 and stats["n_valid"] == 1000
+    pairs_valid = read_jsonl(out / "pairs_valid.jsonl")
+    assert {p["chosen"] for p in pairs_valid} <= valid and len(pairs_valid) == stats["n_pairs_valid"]
+    assert {p["kind"] for p in pairs_valid} <= set(defaults["data"]["pair_corruptions"])  # the held-out kind stays out
+    assert "none of them a training prompt" in capsys.readouterr().out
 
 
 def test_prepare_data_on_a_local_file(project):

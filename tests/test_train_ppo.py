@@ -286,3 +286,24 @@ def test_the_readme_library_example_runs(ready, capsys):
     exec(compile(code.replace("steps=10", "steps=2"), "README.md", "exec"), {})
     printed = capsys.readouterr().out.split()
     assert printed[0::2] == ["1", "2"] and all(math.isfinite(float(r)) for r in printed[1::2])
+
+
+@pytest.mark.slow
+def test_the_student_warm_up_is_validated_on_the_validation_split(ready, monkeypatch):
+    # Finding 4c: the warm-up's early stopping and keep_best read eval.jsonl, the split evaluate reports on.
+    from stages import train_ppo
+    from tnd.io import read_jsonl
+
+    seen = {}
+
+    def warm_up(model, tokenizer, texts, cfg, seed, eval_texts=None, **kwargs):
+        seen["eval_texts"] = list(eval_texts)
+        raise Crash("stop after the warm-up's inputs")
+
+    monkeypatch.setattr(train_ppo, "pretrain_lm", warm_up)
+    with pytest.raises(Crash):
+        run_stage()
+    prepared = ready.path / "data/prepared"
+    valid = [row["text"] for row in read_jsonl(prepared / "valid.jsonl")]
+    assert seen["eval_texts"] == valid
+    assert not set(valid) & {row["text"] for row in read_jsonl(prepared / "eval.jsonl")}

@@ -129,6 +129,79 @@ def test_reward_training_stops_and_keeps_its_best_validation(corpus, tokenizer):
     assert set(best) >= {"step", "train_loss", "eval_loss", "eval_accuracy", "best_step"}
 
 
+def validation_figure(project_path, stage: str) -> float:
+    """The saved teacher's perplexity (reward model: pairwise accuracy) on the rows it was validated on."""
+    from stages.common import REWARD, TEACHER, TOKENIZER
+    from tnd.config import load_params
+    from tnd.data.tokenizer import load_tokenizer
+    from tnd.io import read_jsonl
+    from tnd.models import load_causal_lm
+    from tnd.trainers.reward import load_reward_model
+
+    params = load_params(project_path / "params.yaml", quiet=True)
+    tokenizer = load_tokenizer(project_path / TOKENIZER)
+    prepared = project_path / "data/prepared"
+    if stage == "teacher":
+        texts = [row["text"] for row in read_jsonl(prepared / "valid.jsonl")][: params.teacher.train.eval_size]
+        model = load_causal_lm(str(project_path / TEACHER), tokenizer, role="teacher")
+        return perplexity(model, tokenizer, texts, params.teacher.train.max_length)
+    rows = read_jsonl(prepared / "pairs_valid.jsonl")[: params.reward.train.eval_size]
+    model = load_reward_model(str(project_path / REWARD), tokenizer)
+    return RewardTrainer(model, tokenizer, params.reward, params.seed).evaluate(rows)["pairwise_accuracy"]
+
+
+def test_the_teacher_selects_on_the_validation_split_and_reports_on_the_eval_split(project, monkeypatch):
+    # Finding 4c: eval.jsonl picked the teacher's (and warm-up's, reward model's) best checkpoint and was then
+    # reported by evaluate and health. Now the validation split (valid.jsonl, pairs_valid.jsonl) selects.
+    from stages import prepare_data, train_teacher
+    from stages.common import TEACHER, TOKENIZER
+    from tnd.config import load_params
+    from tnd.data.tokenizer import load_tokenizer
+    from tnd.io import read_jsonl
+    from tnd.models import load_causal_lm
+
+    seen: dict = {}
+
+    def fake_pretrain(model, tokenizer, texts, cfg, seed, eval_texts=None, **kwargs):
+        seen["teacher"] = list(eval_texts)
+        return {}
+
+    monkeypatch.setattr(train_teacher, "pretrain_lm", fake_pretrain)
+    prepare_data.main([])
+    prepared = project.path / "data/prepared"
+    valid = [row["text"] for row in read_jsonl(prepared / "valid.jsonl")]
+    test = [row["text"] for row in read_jsonl(prepared / "eval.jsonl")]
+    assert valid and test and not set(valid) & set(test)
+
+    train_teacher.main([])
+    assert seen["teacher"] == valid
+    reported = json.loads((project.path / "metrics/teacher.json").read_text())["eval_perplexity"]
+    tokenizer = load_tokenizer(project.path / TOKENIZER)
+    teacher = load_causal_lm(str(project.path / TEACHER), tokenizer, role="teacher")
+    max_length = load_params(project.path / "params.yaml", quiet=True).teacher.train.max_length
+    assert reported == pytest.approx(perplexity(teacher, tokenizer, test, max_length), rel=1e-6)  # the eval split
+
+
+def test_the_reward_model_selects_on_the_validation_pairs_and_reports_on_the_eval_pairs(project, monkeypatch):
+    from stages import prepare_data, train_reward
+    from tnd.io import read_jsonl
+
+    seen: dict = {}
+
+    def fake_train(self, rows, eval_rows=None, **kwargs):
+        seen["reward"] = list(eval_rows)
+        return {}
+
+    monkeypatch.setattr(train_reward.RewardTrainer, "train", fake_train)
+    prepare_data.main([])
+    prepared = project.path / "data/prepared"
+    train_reward.main([])
+    pairs_valid, pairs_eval = read_jsonl(prepared / "pairs_valid.jsonl"), read_jsonl(prepared / "pairs_eval.jsonl")
+    assert seen["reward"] == pairs_valid
+    assert not {p["chosen"] for p in pairs_valid} & {p["chosen"] for p in pairs_eval}
+    assert json.loads((project.path / "metrics/reward.json").read_text())["n_eval_pairs"] == len(pairs_eval)
+
+
 @pytest.mark.slow
 def test_the_stages_save_the_best_validation_and_its_curve(project):
     import csv
@@ -156,10 +229,11 @@ def test_the_stages_save_the_best_validation_and_its_curve(project):
         metrics = json.loads((p / f"metrics/{stage}.json").read_text())
         assert metrics["steps_run"] == 12 and metrics["stopped_early"] is False
         assert metrics["best_step"] == int(curve[-1]["best_step"])
-        # the saved model is the best validation's: the eval split is smaller than eval_size, so the final
-        # figure on the whole split is the best validation's
+        # the saved model is the best validation's: its figure on the validation rows it was chosen on is the
+        # best validation's (the reported `final` is on the eval split, which chose nothing)
         best = next(row for row in curve if int(row["step"]) == metrics["best_step"])
-        assert metrics[final] == pytest.approx(float(best[held_out]), rel=1e-5), stage
+        assert validation_figure(p, stage) == pytest.approx(float(best[held_out]), rel=1e-5), stage
+        assert metrics[final] > 0, stage
 
     mlflow.set_tracking_uri(f"sqlite:///{p}/mlflow.db")
     client = mlflow.MlflowClient()

@@ -48,6 +48,10 @@ class DataParams(Section):
     hub_split: str = "train"
     text_field: str = "text"
     n_train: PositiveInt = 20000  # nursery: sentences generated; other sources: at most this many
+    # Texts are deduplicated, then split three ways, disjoint: eval.jsonl is the test split (evaluate, health,
+    # the reported figures), valid.jsonl the validation split that early stopping and keep_best select on
+    # (teacher, student warm-up, reward model); a local file or hub source gives each at most a tenth
+    n_valid: PositiveInt = 1000
     n_eval: PositiveInt = 1000
     max_chars: PositiveInt = 2000  # longer texts are truncated (and counted in stats.json)
     prompt_tokens: PositiveInt = 2  # trial prompts are the first tokens of a text

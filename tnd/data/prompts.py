@@ -19,3 +19,34 @@ def make_prompts(tokenizer, texts: list[str], n: int, prompt_tokens: int, seed: 
     rng = random.Random(seed)
     chosen = [usable[rng.randrange(len(usable))][:prompt_tokens] for _ in range(n)]
     return [{"prompt": tokenizer.decode(ids).strip(), "prompt_ids": [tokenizer.bos_token_id] + ids} for ids in chosen]
+
+
+def make_eval_prompts(
+    tokenizer, texts: list[str], n: int, prompt_tokens: int, seed: int, train_prompts: list[dict]
+) -> tuple[list[dict], dict]:
+    """`n` prompts as make_prompts makes them, from texts whose prompt is none of `train_prompts` (held-out prompts:
+    the opening tokens of a small grammar repeat, so most texts' prompts are training prompts too).
+
+    Drawn without replacement from those texts; when they are fewer than `n` (too few distinct openings of
+    `prompt_tokens` tokens), all of them and then prompts that are training prompts, counted. Returns the prompts
+    and {"n_eval_prompts", "eval_prompts_distinct", "eval_prompts_in_train"} (the last: how many of the prompts
+    are training prompts, 0 when the texts allow)."""
+    exclude = {tuple(p["prompt_ids"]) for p in train_prompts}
+    usable = [[tokenizer.bos_token_id] + ids[:prompt_tokens]
+              for ids in (encode(tokenizer, t) for t in texts) if len(ids) > prompt_tokens]
+    held_out = [ids for ids in usable if tuple(ids) not in exclude]
+    seen = [ids for ids in usable if tuple(ids) in exclude]
+    rng = random.Random(seed)
+
+    def draw(pool: list[list[int]], k: int) -> list[list[int]]:
+        if not pool or k <= 0:
+            return []
+        return rng.sample(pool, k) if len(pool) >= k else [pool[rng.randrange(len(pool))] for _ in range(k)]
+
+    chosen = draw(held_out, min(n, len(held_out)))
+    chosen += draw(seen or held_out, n - len(chosen))  # what the texts cannot give without a training prompt
+    rng.shuffle(chosen)
+    prompts = [{"prompt": tokenizer.decode(ids[1:]).strip(), "prompt_ids": ids} for ids in chosen]
+    stats = {"n_eval_prompts": len(prompts), "eval_prompts_distinct": len({tuple(ids) for ids in chosen}),
+             "eval_prompts_in_train": sum(tuple(ids) in exclude for ids in chosen)}
+    return prompts, stats

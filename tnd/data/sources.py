@@ -13,6 +13,7 @@ import io
 import json
 import math
 import random
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Mapping
@@ -26,27 +27,79 @@ if TYPE_CHECKING:  # annotations only: tnd.trainers.reward reads files through h
 
 @dataclass
 class Corpus:
+    """Three disjoint splits of distinct texts: `train`, `valid` (validation: what early stopping and keep_best
+    select on) and `eval` (the test split the results are reported on)."""
+
     train: list[str]
     eval: list[str]
     stats: dict = field(default_factory=dict)
+    valid: list[str] = field(default_factory=list)
+
+
+# The nursery grammar repeats its short sentences (about 11% of 22,000 draws): it is drawn until the splits hold
+# this many distinct ones, giving up after NURSERY_MAX_DRAWS times as many draws (a grammar too small for them).
+NURSERY_MAX_DRAWS = 20
 
 
 def load_corpus(data: DataParams, seed: int) -> Corpus:
-    """Train and eval texts for `data.source`, split and shuffled deterministically."""
+    """Train, validation and eval texts for `data.source`: deduplicated, shuffled and split deterministically,
+    so that no text is in two splits. stats.json records `duplicates_dropped`."""
+    wanted = data.n_train + data.n_valid + data.n_eval
     if data.source == "nursery":
-        texts = nursery.generate_sentences(data.n_train + data.n_eval, seed)
-        return Corpus(texts[: data.n_train], texts[data.n_train :], {"source": "nursery"})
+        texts, drawn = _distinct_sentences(wanted, seed)
+        stats = {"source": "nursery", "n_drawn": drawn, "duplicates_dropped": drawn - len(texts)}
+        random.Random(seed).shuffle(texts)
+        if len(texts) >= wanted:
+            n_eval, n_valid = data.n_eval, data.n_valid
+        else:
+            n_eval, n_valid = _held_out_sizes(len(texts), data)
+            stats["short_of_distinct"] = wanted - len(texts)
+            print(f"warning: data: the nursery grammar gave {len(texts)} distinct sentences in {drawn} draws, not "
+                  f"the {wanted} of data.n_train + n_valid + n_eval; split {len(texts) - n_valid - n_eval} / "
+                  f"{n_valid} / {n_eval}", file=sys.stderr, flush=True)
+        return _split(texts, n_valid, n_eval, data.n_train, stats)
     raw = _load_raw(data)
-    texts, truncated, empty = _clean(raw, data.max_chars)
-    if len(texts) < 2:
+    cleaned, truncated, empty = _clean(raw, data.max_chars)
+    texts = list(dict.fromkeys(cleaned))  # first occurrences, in file order (then shuffled)
+    if len(texts) < 3:
         raise TndError(
-            f"data.source '{data.source}': found {len(texts)} non-empty text(s) in field "
-            f"'{data.text_field}'; need at least 2 (one for train, one for eval)"
+            f"data.source '{data.source}': found {len(texts)} distinct non-empty text(s) in field "
+            f"'{data.text_field}'; need at least 3 (one each for train, validation and eval)"
         )
     random.Random(seed).shuffle(texts)
-    n_eval = min(data.n_eval, max(1, len(texts) // 10))
-    stats = {"source": data.source, "n_raw": len(raw), "truncated": truncated, "empty_skipped": empty}
-    return Corpus(texts[n_eval : n_eval + data.n_train], texts[:n_eval], stats)
+    n_eval, n_valid = _held_out_sizes(len(texts), data)
+    stats = {"source": data.source, "n_raw": len(raw), "truncated": truncated, "empty_skipped": empty,
+             "duplicates_dropped": len(cleaned) - len(texts)}
+    return _split(texts, n_valid, n_eval, data.n_train, stats)
+
+
+def _held_out_sizes(n: int, data: DataParams) -> tuple[int, int]:
+    """(eval, validation) sizes from `n` distinct texts: at most a tenth each, at least one."""
+    tenth = max(1, n // 10)
+    return min(data.n_eval, tenth), min(data.n_valid, tenth)
+
+
+def _split(texts: list[str], n_valid: int, n_eval: int, n_train: int, stats: dict) -> Corpus:
+    held_out = n_eval + n_valid
+    return Corpus(texts[held_out : held_out + n_train], texts[:n_eval], stats, valid=texts[n_eval:held_out])
+
+
+def _distinct_sentences(n: int, seed: int) -> tuple[list[str], int]:
+    """The first `n` distinct sentences of the nursery grammar's stream for `seed`, and the draws that took
+    (at most NURSERY_MAX_DRAWS * n: fewer sentences when the grammar has no more)."""
+    size, limit = n + n // 8 + 16, NURSERY_MAX_DRAWS * n
+    while True:
+        # the same seed draws the same stream, so a longer list extends a shorter one
+        drawn = nursery.generate_sentences(size, seed)
+        if len(set(drawn)) >= n or size >= limit:
+            break
+        size = min(limit, 2 * size)
+    seen: dict[str, None] = {}
+    for draws, sentence in enumerate(drawn, start=1):
+        seen.setdefault(sentence)
+        if len(seen) == n:
+            return list(seen), draws
+    return list(seen), len(drawn)
 
 
 def _load_raw(data: DataParams) -> list:
