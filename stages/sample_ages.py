@@ -3,9 +3,11 @@
 From each teacher checkpoint that train_teacher kept (models/teacher_ages/step-NNNNNN/, see
 teacher.train.age_checkpoints), sample reward.age.n_samples_per_checkpoint continuations of the trial
 prompts (data/prepared/prompts.jsonl, cycled; the same prompts for every checkpoint, so that only the
-continuation tells the ages apart) and label each text, prompt + continuation, with the checkpoint's age,
-log2(step). Writes data/ages/labelled.jsonl, rows {"text", "label"}, which train_reward fits by regression;
-the student's PPO score is then the predicted age minus log2(PPO step) (tnd.score_offset: log2_step).
+continuation tells the ages apart) and label each sample, prompt + continuation, with the checkpoint's age,
+log2(step). Writes data/ages/labelled.jsonl, rows {"text", "ids", "label"}: "ids" are the prompt's and the
+sampled continuation's token ids as they are (no eos unless the sample ended), the sequence PPO scores for
+a trial, which train_reward fits by regression; "text" is their decoding, for people. The student's PPO
+score is then the predicted age minus log2(PPO step) (tnd.score_offset: log2_step).
 Sampling is seeded per checkpoint (seed + step), on the accelerator and in the mixed precision of `engine`.
 
 Under any other reward.objective it writes an empty file and loads no model: DVC runs every stage of
@@ -37,7 +39,7 @@ def sample_ages(params: Params, run: Tracker) -> None:
 
 
 def age_rows(params: Params, run: Tracker) -> list[dict]:
-    """{"text", "label": log2(step)} for every sample of every kept checkpoint, oldest last; each checkpoint's
+    """{"text", "ids", "label": log2(step)} for every sample of every kept checkpoint, oldest last; each checkpoint's
     mean sample length and share of samples that ended (eos) go to MLflow at its step."""
     # Imported here, not at the top: under the other objectives the stage loads neither transformers nor a model.
     from tnd.data.tokenizer import load_tokenizer
@@ -65,7 +67,8 @@ def age_rows(params: Params, run: Tracker) -> list[dict]:
         with accelerator.autocast():
             samples = sample_rows(model, tokenizer, prompts, cfg.max_new_tokens, params.seed + step, cfg.temperature,
                                   desc=f"step {step}")
-        rows += [{"text": sample["text"], "label": math.log2(step)} for sample in samples]
+        rows += [{"text": sample["text"], "ids": sample["prompt_ids"] + sample["continuation_ids"],
+                  "label": math.log2(step)} for sample in samples]
         run.log_metrics({"mean_length": sum(s["length"] for s in samples) / len(samples),
                          "ended": sum(s["ended"] for s in samples) / len(samples)}, step)
     return rows

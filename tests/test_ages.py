@@ -114,6 +114,19 @@ def test_sample_ages_without_checkpoints_is_one_line(project, capsys):
                       "run `dvc repro train_teacher` with teacher.train.age_checkpoints >= 2"]
 
 
+def test_labelled_ages_without_token_ids_are_one_line(project):
+    """A data/ages/labelled.jsonl of the old sample_ages (text only): the age model trains on the ids PPO scores."""
+    from stages.train_reward import age_rows
+    from tnd.errors import TndError
+    from tnd.io import atomic_write_jsonl
+
+    atomic_write_jsonl(project.path / AGES, [{"text": "the cat", "label": 0.0}, {"text": "a dog .", "label": 2.0}])
+    with pytest.raises(TndError) as error:
+        age_rows()
+    assert str(error.value) == (f'{AGES}: 2 of 2 labelled texts lack their token ids ("ids"; the file predates '
+                                "them); rerun `dvc repro sample_ages`")
+
+
 def _weights(path: Path) -> dict:
     from safetensors.torch import load_file
 
@@ -145,7 +158,16 @@ def test_teacher_checkpoints_ages_and_the_age_reward_model(project, capsys):
     sample_ages.main([])
     written = (project.path / AGES).read_bytes()
     rows = [json.loads(line) for line in written.decode().splitlines()]
-    assert len(rows) == 4 * 60 and all(set(row) == {"text", "label"} and row["text"] for row in rows)
+    assert len(rows) == 4 * 60 and all(set(row) == {"text", "ids", "label"} and row["text"] for row in rows)
+    from tnd.data.tokenizer import decode, load_tokenizer
+
+    tokenizer = load_tokenizer(project.path / "artifacts/tokenizer")
+    prompts = [json.loads(line)["prompt_ids"] for line in (project.path / "data/prepared/prompts.jsonl").open()]
+    for i, row in enumerate(rows):  # the prompt's ids and the sampled ones as they are, no eos added
+        prompt = prompts[i % 60 % len(prompts)]
+        assert row["ids"][: len(prompt)] == prompt and len(row["ids"]) <= len(prompt) + 8
+        assert decode(tokenizer, row["ids"]) == row["text"]
+    assert not all(row["ids"][-1] == tokenizer.eos_token_id for row in rows)
     assert [row["label"] for row in rows] == [label for label in (0.0, 2.0, 4.0, 6.0) for _ in range(60)]  # log2
     sample_ages.main([])
     assert (project.path / AGES).read_bytes() == written  # seeded
@@ -153,7 +175,7 @@ def test_teacher_checkpoints_ages_and_the_age_reward_model(project, capsys):
     train_reward.main([])
     metrics = json.loads((project.path / "metrics/reward.json").read_text())
     labels = torch.tensor([row["label"] for row in rows])
-    assert metrics["objective"] == "age" and metrics["n_train"] + metrics["n_eval"] == len(rows)
+    assert metrics["objective"] == "age" and (metrics["n_train"], metrics["n_eval"]) == (192, 24)  # + 24 validation
     # on held-out texts: well below the MSE of always predicting the mean age, and correlated
     assert metrics["mse"] < 0.8 * float(labels.var(unbiased=False)) and metrics["pearson"] > 0.5
     curve = (project.path / "plots/reward_validation.csv").read_text().splitlines()

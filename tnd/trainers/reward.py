@@ -5,18 +5,20 @@ Two losses (reward.objective):
                 loss = -log sigmoid(r(chosen) - r(rejected) - margin)
   regression -- mean squared error to a numeric label, on rows {"text", "label"}
                 (`tnd.data.sources.load_labelled_texts`)
-  age        -- the same regression, on texts sampled from the teacher's pretraining checkpoints and
-                labelled log2(step) (stage sample_ages): the TnD paper's age predictor
+  age        -- the same regression, on samples of the teacher's pretraining checkpoints labelled
+                log2(step), rows {"text", "ids", "label"} (stage sample_ages): the TnD paper's age predictor
 
 Texts are always scored as bos + text + eos (as in `tnd.batching.encode_for_lm`),
 right-padded, and the classifier reads the last non-pad token (HF finds it through
 `config.pad_token_id`). Token-id sequences -- PPO's trials, the cached demonstrations,
-evaluate's samples -- all go through `score_token_ids`: bos in front when missing, scored
-whole, refused in one line when longer than the model's positions or holding an id it
-lacks. Training runs in the loop the teacher's has (tnd/trainers/fit.py: AdamW, linear warm-up
-and cosine decay, seeded random mini-batches, gradient clipping, a progress bar, on accelerate's
-engine) with the same held-out validation (`Validation`: every cfg.train.eval_every steps, early
-stopping after cfg.train.patience, the best weights kept) on the eval rows, when given.
+evaluate's samples, the age rows' "ids" -- all go through `score_token_ids`: bos in front when
+missing, no eos added, scored whole, refused in one line when longer than the model's positions
+or holding an id it lacks. So the age model trains on exactly the sequences PPO scores
+(`RewardTrainer._sequences`); what the texts of the other objectives leave out is said there.
+Training runs in the loop the teacher's has (tnd/trainers/fit.py: AdamW, linear warm-up and cosine
+decay, seeded random mini-batches, gradient clipping, a progress bar, on accelerate's engine) with
+the same held-out validation (`Validation`: every cfg.train.eval_every steps, early stopping after
+cfg.train.patience, the best weights kept) on the validation rows, when given.
 """
 
 from __future__ import annotations
@@ -105,8 +107,9 @@ def _score_encoded(model: nn.Module, pad_id: int, sequences: list[list[int]], ba
 
 def with_bos(ids: Sequence[int] | torch.Tensor, tokenizer: PreTrainedTokenizerBase) -> list[int]:
     """The one way a token-id sequence is prepared for the reward model: a bos in front when missing
-    (training saw bos + text + eos); an eos is never added, so an unfinished sample is scored as
-    unfinished; an empty sequence with no bos is scored as the pad token alone."""
+    (every training sequence starts with one); an eos is never added, so an unfinished sample is scored
+    as unfinished (the age model trained on such sequences; a text-trained one extrapolates, see
+    `RewardTrainer._sequences`); an empty sequence with no bos is scored as the pad token alone."""
     ids = [int(t) for t in (ids.tolist() if isinstance(ids, torch.Tensor) else ids)]
     bos = tokenizer.bos_token_id
     if bos is not None and (not ids or ids[0] != bos):
@@ -289,10 +292,14 @@ def _validation_score(metrics: dict[str, float]) -> tuple[float, ...]:
     return (-metrics["eval_loss"],)
 
 
+ROW_KEYS = {"pairwise": ("chosen", "rejected"), "regression": ("text", "label"), "age": ("ids", "label")}
+
+
 class RewardTrainer:
     """Trains a scalar reward model in place with the objective in `cfg.objective`.
 
-    pairwise rows: {"chosen", "rejected", "kind"}; regression and age rows: {"text", "label"}.
+    pairwise rows: {"chosen", "rejected", "kind"}; regression rows: {"text", "label"}; age rows:
+    {"ids", "label"} (sample_ages adds the "text", for people). How each row is encoded: `_sequences`.
     """
 
     def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, cfg: RewardParams, seed: int):
@@ -305,17 +312,37 @@ class RewardTrainer:
 
     # data
     def _encode(self, texts: list[str]) -> list[list[int]]:
+        """Texts as bos + text + eos, cut to cfg.train.max_length: finished texts.
+
+        Preference pairs are whole sentences and stay so: PPO also scores unfinished trials (no eos),
+        on which a pairwise model extrapolates. Training on prefixes too is not done: a pair cut before
+        its corruption is two equal texts, and cut after it the rejected prefix may still begin a good
+        sentence, so the label "chosen is better" holds only for the whole sentences."""
         return encode_for_lm(self.tokenizer, texts, self.cfg.train.max_length)
 
+    def _sequences(self, rows: Sequence[dict]) -> list[list[int]]:
+        """What a regression or age row is trained and evaluated on.
+
+        A row with "ids" (an age row: prompt + continuation as sampled) is `with_bos(ids)`, the very
+        sequence `score_token_ids` scores for that trial in PPO: not re-tokenized (sampled ids need not
+        be the tokenizer's encoding of their text), no eos unless the sample ended, never cut
+        (`check_scorable` refuses what the model cannot hold). A row with only a "text" (a user's
+        labelled file) is a finished text, bos + text + eos (`_encode`): its label is that of the whole
+        text, and a prefix's label is unknown, so an unfinished trial is scored by extrapolation."""
+        sequences = [with_bos(r["ids"], self.tokenizer) if "ids" in r else self._encode([r["text"]])[0] for r in rows]
+        check_scorable(self.model, sequences)
+        return sequences
+
     def _check_rows(self, rows: Sequence[dict], what: str) -> None:
-        keys = ("chosen", "rejected") if self.cfg.objective == "pairwise" else ("text", "label")
+        keys = ROW_KEYS[self.cfg.objective]
+        rerun = "rerun `dvc repro sample_ages`" if self.cfg.objective == "age" else "rerun prepare_data or check data.source"
         if not rows:
-            raise TndError(f"reward: no {what} rows for objective '{self.cfg.objective}'; rerun prepare_data or check data.source")
+            raise TndError(f"reward: no {what} rows for objective '{self.cfg.objective}'; {rerun}")
         missing = [k for k in keys if k not in rows[0]]
         if missing:
             raise TndError(
                 f"reward: {what} rows lack {', '.join(missing)} (objective '{self.cfg.objective}' needs "
-                f"{', '.join(keys)}); rerun prepare_data or fix reward.objective"
+                f"{', '.join(keys)}); {rerun} or fix reward.objective"
             )
 
     def _held_out_metrics(self, rows: Sequence[dict]) -> Callable[[], dict[str, float]]:
@@ -334,7 +361,7 @@ class RewardTrainer:
                     "eval_accuracy": float((r_chosen > r_rejected).double().mean()),
                 }
         else:
-            texts = self._encode([r["text"] for r in rows])
+            texts = self._sequences(rows)
             labels = torch.tensor([float(r["label"]) for r in rows], dtype=torch.float32)
 
             def evaluate() -> dict[str, float]:
@@ -371,7 +398,7 @@ class RewardTrainer:
             rejected = self._encode([r["rejected"] for r in rows])
             n = len(chosen)
         else:
-            texts = self._encode([r["text"] for r in rows])
+            texts = self._sequences(rows)
             labels = torch.tensor([float(r["label"]) for r in rows], dtype=torch.float32)
             n = len(texts)
         held_out = list(eval_rows or [])[: cfg.eval_size]
@@ -397,7 +424,8 @@ class RewardTrainer:
                    desc, on_log, log_every)
 
     def evaluate(self, rows: Sequence[dict], batch_size: int | None = None) -> dict:
-        """pairwise: pairwise_accuracy (+ per kind); regression: mse and pearson."""
+        """pairwise: pairwise_accuracy (+ per kind); regression and age: mse and pearson, of the sequences
+        they train on (`_sequences`), scored through `score_token_ids` as PPO scores."""
         self._check_rows(rows, "evaluation")
         batch_size = batch_size or max(self.cfg.train.batch_size, 64)
         max_length = self.cfg.train.max_length
@@ -405,6 +433,6 @@ class RewardTrainer:
             r_chosen = score_texts(self.model, self.tokenizer, [r["chosen"] for r in rows], batch_size, max_length)
             r_rejected = score_texts(self.model, self.tokenizer, [r["rejected"] for r in rows], batch_size, max_length)
             return pairwise_metrics(r_chosen, r_rejected, [r.get("kind") for r in rows])
-        scores = score_texts(self.model, self.tokenizer, [r["text"] for r in rows], batch_size, max_length)
+        scores = score_token_ids(self.model, self.tokenizer, self._sequences(rows), batch_size)
         labels = torch.tensor([float(r["label"]) for r in rows], dtype=torch.float32)
         return {"mse": float(F.mse_loss(scores, labels)), "pearson": pearson(scores, labels), "n_eval": len(rows)}
