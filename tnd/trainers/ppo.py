@@ -632,16 +632,19 @@ class CustomPPOTrainer:
 
     def _logits_at(self, model: nn.Module, name: str, input_ids, attention_mask, at, values: bool = False):
         """(logits, values) of a ForwardAt `model` under autocast: at `at`, or at every position ([B, T, ...],
-        padded) when `at` is None. Logits over the tokenizer's ids only: rows past it (a padded vocabulary) are
-        the ones the sampler masks (tnd.generation.TokenizerIdsOnly), so log-probs, entropy, KL and the
-        distillation losses are those of the distribution that sampled."""
+        padded) when `at` is None. Rows past the tokenizer (a padded vocabulary) are masked as the sampler masks
+        them (tnd.generation.TokenizerIdsOnly), so log-probs, entropy, KL and the distillation losses are those
+        of the distribution that sampled."""
         full = at is None
         at = attention_mask.new_ones(attention_mask.shape, dtype=torch.bool) if full else at
         with self.accelerator.autocast():
             logits, values = model(input_ids.to(self.device), attention_mask.to(self.device), at.to(self.device),
                                    self._packed[name] and not full, values)
         if logits.shape[-1] > self.n_ids:
-            logits = logits[..., : self.n_ids]
+            # Masked, not cut, so the losses run at the model's width. -1e4 rather than -inf: exp() of it is exactly 0
+            # in fp32, bf16 and fp16, as the sampler's -inf, while 0 x logit in the entropy stays 0, not NaN.
+            padded = torch.arange(logits.shape[-1], device=logits.device) >= self.n_ids
+            logits = logits.masked_fill(padded, -1e4)
         if full:
             logits = logits.view(*input_ids.shape, -1)
             values = None if values is None else values.view(input_ids.shape)
