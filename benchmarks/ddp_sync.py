@@ -9,6 +9,9 @@ Measured in one run, per optimizer step of a PPO mini-batch (the median of --rep
   flat_allreduce_ms    one all_reduce of every gradient as one flat tensor: the floor any scheme pays
   per_param_ms         one blocking all_reduce per parameter: what tnd/trainers/distributed.py did before
                        the trainer moved onto accelerate
+  token_counts_ms      the all-reduce of a mini-batch's three token counts, which makes each loss a mean over
+                       every process's tokens (`_token_weights`), and `token_counts_share`: all of a step's
+                       (ppo_epochs x mini-batches) as a share of the step's time
 and the median time of a whole `trainer.step()`. Goal: sync_ms at most 1.2 x flat_allreduce_ms.
 
     python benchmarks/ddp_sync.py            # -> benchmarks/results/ddp-sync-cpu.json
@@ -120,6 +123,9 @@ def worker(rank: int, port: int, args, out: str) -> None:
     flat = torch.cat([g.flatten() for g in grads])
     flat_ms = median_ms(lambda: dist.all_reduce(flat), args.repeats)
     per_param_ms = median_ms(lambda: [dist.all_reduce(g) for g in grads], args.repeats)
+    counts = torch.tensor([40.0, 0.0, 12.0], dtype=torch.float64)
+    counts_ms = median_ms(lambda: trainer._tokens_per_process(counts), args.repeats)
+    counts_share = counts_ms * 1e-3 * config.ppo_epochs * config.num_mini_batches / statistics.median(step_s)
     if rank == 0:
         record = {
             "meta": {"processes": 2, "backend": dist.get_backend(), "torch": torch.__version__, "smoke": args.smoke,
@@ -128,6 +134,7 @@ def worker(rank: int, port: int, args, out: str) -> None:
             "backward_sync_ms": backward_sync, "backward_local_ms": backward_local,
             "sync_ms": backward_sync - backward_local, "flat_allreduce_ms": flat_ms, "per_param_ms": per_param_ms,
             "sync_over_flat": (backward_sync - backward_local) / flat_ms, "step_s": statistics.median(step_s),
+            "token_counts_ms": counts_ms, "token_counts_share": counts_share,
         }
         Path(out).write_text(json.dumps(record, indent=1) + "\n")
     # No dist.destroy_process_group() here: the process group is accelerate's, torn down as the process
@@ -144,11 +151,14 @@ def main() -> None:
         mp.spawn(worker, args=(port, args, scratch), nprocs=2, join=True)
         record = json.loads(Path(scratch).read_text())
     print(f"{record['meta']['parameters']:,} parameters in {record['meta']['tensors']} tensors, 2 gloo processes")
-    for key in ("backward_sync_ms", "backward_local_ms", "sync_ms", "flat_allreduce_ms", "per_param_ms"):
+    for key in ("backward_sync_ms", "backward_local_ms", "sync_ms", "flat_allreduce_ms", "per_param_ms",
+                "token_counts_ms"):
         print(f"{key:20s}{record[key]:10.2f}")
     print(f"sync / flat all-reduce: {record['sync_over_flat']:.2f}x (goal <= 1.2); "
           f"per-parameter loop / flat: {record['per_param_ms'] / record['flat_allreduce_ms']:.2f}x; "
           f"trainer step {record['step_s']:.2f} s")
+    print(f"token counts all-reduce {record['token_counts_ms']:.3f} ms per mini-batch, "
+          f"{100 * record['token_counts_share']:.2f}% of a step")
     out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / "ddp-sync-cpu.json"
     if args.out or not args.smoke:
         out.parent.mkdir(parents=True, exist_ok=True)

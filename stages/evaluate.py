@@ -184,7 +184,7 @@ def read_trial_words(path: Path) -> dict[str, int]:
     """plots/train_trial_words.csv (train_ppo) as word -> count."""
     try:
         with open(path, newline="", encoding="utf-8") as handle:
-            return {row["word"]: int(row["count"]) for row in csv.DictReader(handle)}
+            return {row["word"]: int(row["trained_count"]) for row in csv.DictReader(handle)}
     except (OSError, KeyError, ValueError) as exc:
         raise TndError(f"{path}: cannot be read ({one_line(exc, 120)}); run `dvc repro train_ppo`") from None
 
@@ -284,7 +284,7 @@ def evaluate_on(device: torch.device, params: Params, run: Tracker) -> None:
     atomic_write_text(plots / "eval_naoa.csv", naoa_table)
     atomic_write_text(plots / "eval_naoa_words.csv", naoa_words)
     atomic_write_csv(plots / "eval_practice.csv", practice_rows,
-                     ["word", "category", "trial_count", "surprisal", "naoa_t50"])
+                     ["word", "category", "trained_count", "surprisal", "naoa_t50"])
     figures = []
     with atomic_dir(EVAL) as out:
         atomic_write_jsonl(out / "samples.jsonl", sample_table)

@@ -9,8 +9,9 @@ name/path. The student training starts from is saved to models/initial_student/.
 
 Writes models/student/, metrics/train.json (step-1 / final / mean-of-last-10 figures, time
 and tokens/s), plots/train.csv (one row per step: `step` + every trainer stat) and
-plots/train_trial_words.csv (each nursery content word's count in the student's trials over the run, the
-practice evaluate sets against how well the word is known). Every
+plots/train_trial_words.csv (each nursery content word's count, `trained_count`, in the trials that entered a
+PPO update over the run: the practice evaluate sets against how well the word is known; none in demos_only and
+lm_only, whose trials are sampled for monitoring only). Every
 ppo.save_every steps and after the last one it checkpoints into checkpoints/ppo/:
 
     latest.json      names the checkpoint to resume from; replaced atomically once a new one is complete
@@ -76,7 +77,7 @@ from stages.common import (
     check_positions, fmt, prepared_rows, run_stage, snapshot_due, snapshot_path, snapshot_steps, validation_logger,
 )
 
-CHECKPOINT_FORMAT = 4  # 4: run.pt holds trial_words
+CHECKPOINT_FORMAT = 5  # 4: run.pt holds trial_words; 5: only the trials that entered an update are counted
 LATEST = "latest.json"  # names the checkpoint to resume from; replaced, atomically, only once a new one is complete
 RUN_STATE = "run.pt"  # the stage's part of a checkpoint: meta, csv rows so far, trial word counts, the initial student
 # The params that change what training computes (not tracking/eval, not kernels.backend, not save_every).
@@ -319,7 +320,7 @@ def train_ppo(params: Params, run: Tracker) -> None:
         if params.tnd.lm_data == "corpus" else None,
     )
     rows: list[dict] = []
-    trial_words: dict[str, int] = {}  # content word -> times in the trials so far, over all processes
+    trial_words: dict[str, int] = {}  # content word -> times in the trained trials so far, over all processes
     if ckpt is not None:
         try:
             trainer.load_checkpoint(ckpt["dir"])
@@ -340,7 +341,7 @@ def train_ppo(params: Params, run: Tracker) -> None:
 
     def on_step(stats: dict, step: int) -> None:
         rows.append({"step": step, **stats})
-        practised = word_counts(tokenizer.batch_decode(trainer.last_trials, skip_special_tokens=True),
+        practised = word_counts(tokenizer.batch_decode(trainer.trained_trials, skip_special_tokens=True),
                                 nursery.CONTENT_WORDS)
         for counts in gather_object([practised]):
             for word, n in counts.items():
@@ -367,7 +368,8 @@ def train_ppo(params: Params, run: Tracker) -> None:
     summary = {**summarise(rows, config.batch_size), "processes": trainer.accelerator.num_processes}
     write_csv(csv_path, rows)
     by_count = sorted(trial_words.items(), key=lambda item: (-item[1], item[0]))
-    atomic_write_csv(Path(PLOTS) / "train_trial_words.csv", [{"word": w, "count": n} for w, n in by_count], ["word", "count"])
+    atomic_write_csv(Path(PLOTS) / "train_trial_words.csv", [{"word": w, "trained_count": n} for w, n in by_count],
+                     ["word", "trained_count"])
     save_model(trainer.student, tokenizer, STUDENT, state_dict=weights)
     atomic_write_json(Path(METRICS) / "train.json", summary)
     run.log_metrics({f"{part}.{k}": v for part in ("final", "last10") for k, v in summary[part].items()

@@ -181,7 +181,7 @@ def test_evaluate_stage_end_to_end(project, capsys):
         "step,env/reward_mean,objective/kl,objective/kl_coef,loss/policy,loss/value,loss/distill\n"
         "1,0.1,0.5,0.05,0.2,0.3,1.0\n2,0.2,0.4,0.05,0.1,0.2,0.9\n"
     )
-    (p / "plots/train_trial_words.csv").write_text("word,count\ndog,7\ncat,3\nfish,1\n")
+    (p / "plots/train_trial_words.csv").write_text("word,trained_count\ndog,7\ncat,3\nfish,1\n")
 
     evaluate.main([])
     metrics = json.loads((p / "metrics/eval.json").read_text())
@@ -243,7 +243,7 @@ def test_evaluate_stage_end_to_end(project, capsys):
     # practice: each word's count from train_ppo beside its final surprisal, and their rank correlation
     practice = _read_csv(p / "plots/eval_practice.csv")
     assert [r["word"] for r in practice] == [r["word"] for r in words]
-    counts = {r["word"]: int(r["trial_count"]) for r in practice}
+    counts = {r["word"]: int(r["trained_count"]) for r in practice}
     assert {w: n for w, n in counts.items() if n} == {w: n for w, n in {"dog": 7, "cat": 3, "fish": 1}.items()
                                                     if w in counts}
     assert [float(r["surprisal"]) for r in practice] == pytest.approx([float(r["student"]) for r in words])
@@ -266,7 +266,7 @@ def test_evaluate_stage_end_to_end(project, capsys):
     with pytest.raises(SystemExit) as exc:
         evaluate.main([])
     assert exc.value.code == 2 and "run `dvc repro train_ppo`" in capsys.readouterr().err
-    (p / "plots/train_trial_words.csv").write_text("word,count\n")
+    (p / "plots/train_trial_words.csv").write_text("word,trained_count\n")
 
     # A snapshot of another architecture is refused with one line naming it.
     write_snapshot(7, build_causal_lm(TINY_ARCH, tokenizer, seed=7))

@@ -132,8 +132,8 @@ def test_stage_writes_every_output_and_a_finished_checkpoint_is_not_resumed(read
     assert [r["step"] for r in rows] == ["1", "2", "3", "4"]
     assert "env/reward_mean" in rows[0] and "loss/distill" in rows[0]
     practised = list(csv.DictReader(open(p / "plots/train_trial_words.csv", newline="")))
-    assert practised and all(r["word"] in nursery.CONTENT_WORDS and int(r["count"]) > 0 for r in practised)
-    assert [int(r["count"]) for r in practised] == sorted((int(r["count"]) for r in practised), reverse=True)
+    assert practised and all(r["word"] in nursery.CONTENT_WORDS and int(r["trained_count"]) > 0 for r in practised)
+    assert [int(r["trained_count"]) for r in practised] == sorted((int(r["trained_count"]) for r in practised), reverse=True)
     # The checkpoint of a finished run is no resume point: other params start afresh.
     ready.write(**merge(PPO, {"ppo": {"learning_rate": 3e-4, "steps": 2}}))
     run_stage()

@@ -530,13 +530,13 @@ def practice(counts: Mapping[str, int], final: Mapping[str, dict], fits: Mapping
     for word in sorted(final):
         fit = fits.get(word)
         half = fit.naoa.get(0.5) if fit is not None and fit.status == "fitted" else None
-        rows.append({"word": word, "category": word_category(word), "trial_count": counts.get(word, 0),
+        rows.append({"word": word, "category": word_category(word), "trained_count": counts.get(word, 0),
                      "surprisal": final[word]["surprisal"], "naoa_t50": half})
 
     def rho(key: str) -> Optional[float]:
-        pairs = [(r["trial_count"], r[key]) for r in rows if r[key] is not None and math.isfinite(r[key])]
+        pairs = [(r["trained_count"], r[key]) for r in rows if r[key] is not None and math.isfinite(r[key])]
         return spearman([c for c, _ in pairs], [v for _, v in pairs])
 
-    summary = {"words": len(rows), "practised": sum(r["trial_count"] > 0 for r in rows),
+    summary = {"words": len(rows), "practised": sum(r["trained_count"] > 0 for r in rows),
                "spearman_surprisal": rho("surprisal"), "spearman_naoa_t50": rho("naoa_t50")}
     return rows, summary

@@ -199,7 +199,7 @@ def practice(rows: Sequence[Mapping], summary: Mapping, path: str | Path) -> Pat
     """The paper's "practice makes perfect": per word, its count in the student's trials (log10 of 1 + it) against
     its final surprisal and its nAoA@0.5, one colour per category; the rank correlations in the titles.
 
-    rows: {"word", "category", "trial_count", "surprisal", "naoa_t50"} as in plots/eval_practice.csv.
+    rows: {"word", "category", "trained_count", "surprisal", "naoa_t50"} as in plots/eval_practice.csv.
     """
     if not rows:
         return None
@@ -207,7 +207,7 @@ def practice(rows: Sequence[Mapping], summary: Mapping, path: str | Path) -> Pat
     fig, panels = plt.subplots(1, 2, figsize=(10, 3.8))
     for panel, key, label in zip(panels, ("surprisal", "naoa_t50"), ("final surprisal (bits)", "nAoA@0.5 (log10 step)")):
         for category in sorted({row["category"] for row in rows}):
-            points = [(math.log10(row["trial_count"] + 1), _number(row[key])) for row in rows if row["category"] == category]
+            points = [(math.log10(row["trained_count"] + 1), _number(row[key])) for row in rows if row["category"] == category]
             points = [(x, y) for x, y in points if math.isfinite(y)]
             panel.scatter([x for x, _ in points], [y for _, y in points], s=10, alpha=0.6, label=category)
         panel.set_xlabel("log10(count in the student's trials + 1)")
