@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # Small enough for a 2-core CI machine, large enough that every code path runs.
 TINY = {
-    "data": {"n_train": 400, "n_eval": 60, "n_prompts": 40, "n_eval_prompts": 16},
+    "data": {"n_train": 400, "n_valid": 60, "n_eval": 60, "n_prompts": 40, "n_eval_prompts": 16},
     "tokenizer": {"vocab_size": 400},
     "teacher": {
         "arch": {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "intermediate_size": 64},

@@ -1,4 +1,9 @@
-"""The README stays true to the code."""
+"""The README and the docs stay true to the code, and inside the repository."""
+
+import os
+import re
+import subprocess
+import sys
 
 from tnd import params_doc
 
@@ -26,3 +31,29 @@ def test_params_table_lists_every_leaf_key():
     assert sorted(leaves - {row[0] for row in params_doc.rows()}) == []
     readme = (ROOT / "README.md").read_text()
     assert [key for key in sorted(leaves) if f"| `{key}` |" not in readme] == []
+
+
+def test_the_docs_build_strictly(tmp_path):
+    """mkdocs refuses (strict) a page outside the nav, a broken link or a missing anchor."""
+    result = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "--quiet", "--site-dir", str(tmp_path)],
+                            cwd=ROOT, capture_output=True, text=True, env={**os.environ, "NO_MKDOCS_2_WARNING": "1"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (tmp_path / "design" / "index.html").is_file()
+
+
+def test_no_file_links_outside_the_repository():
+    """A user's clone has nothing beside it: no tracked text points into a parent directory of the repository."""
+    tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+    outside = []
+    for name in tracked:
+        path = ROOT / name
+        if path.suffix not in {".md", ".py", ".yaml", ".yml", ".toml", ".sh", ".cfg"} or not path.is_file():
+            continue
+        text = path.read_text(encoding="utf-8", errors="replace")
+        for target in re.findall(r"\]\(([^)#\s]+)", text) + re.findall(r"(?<![\w.])\.\./shared\b[^\s`'\")]*", text):
+            if "://" in target:
+                continue
+            resolved = (path.parent / target).resolve()
+            if ROOT.resolve() not in (resolved, *resolved.parents):
+                outside.append(f"{name}: {target}")
+    assert outside == []
