@@ -1,4 +1,5 @@
-# Two commands on a fresh clone: `make pipeline` and `make test`.
+# Two commands on a fresh clone: `make pipeline` and `make test` (CI: `make lint test`).
+# `make test-fast`: the unit tests only (no whole stages, no dvc), for the edit-test loop.
 #
 # torch is installed first and pinned here, because an unpinned torch from the
 # registry is a multi-GB CUDA build. On a GPU machine pick your build, e.g.
@@ -12,13 +13,19 @@ PYTEST_ARGS ?=
 BIN := $(VENV)/bin
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: pipeline test install install-dev clean
+.PHONY: pipeline test test-fast lint install install-dev clean
 
 pipeline: $(VENV)/.installed
 	dvc repro
 
 test: $(VENV)/.installed-dev
-	python -m pytest $(PYTEST_ARGS)
+	python -m pytest --durations=15 $(PYTEST_ARGS)
+
+test-fast: $(VENV)/.installed-dev
+	python -m pytest -m "not slow" --durations=10 $(PYTEST_ARGS)
+
+lint: $(VENV)/.installed-dev
+	ruff check .
 
 install: $(VENV)/.installed
 install-dev: $(VENV)/.installed-dev

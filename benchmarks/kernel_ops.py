@@ -118,7 +118,6 @@ def copy_bandwidth() -> float:
     src = torch.empty(nbytes // 2, dtype=torch.bfloat16, device=DEVICE).fill_(1.0)
     dst = torch.empty_like(src)
     ms = bench_ms(lambda: dst.copy_(src))
-    del src, dst
     return 2 * nbytes / (ms * 1e-3)
 
 
