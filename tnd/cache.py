@@ -64,7 +64,9 @@ that name the file and the fix.
 Several processes write one cache (`write_teacher_cache`): shard j holds prompts [j P, (j+1) P)
 (P = shard_prompts: a whole number of batches), process r of R writes shards r, r + R, ..., each
 batch of prompts sampled with its own seed (seed + the index of its first prompt), and process 0
-writes index.json once all have finished. So the same params give the same files whatever R.
+writes index.json once all have finished. So the same params give the same shards whatever R, and the same
+index.json but for its `reconstruction_kl` diagnostic: it is computed from the teacher's unrounded log-probs,
+whose last bits depend on the threads a process's matrix products run on.
 """
 
 from __future__ import annotations
