@@ -1,4 +1,4 @@
-# Two commands on a fresh clone: `make pipeline` and `make test` (CI: `make lint test`).
+# Two commands on a fresh clone: `make pipeline` and `make test` (CI: `make lint`, then `make test`).
 # `make test-fast`: the unit tests only (no whole stages, no dvc), for the edit-test loop.
 #
 # torch is installed first and pinned here, because an unpinned torch from the
