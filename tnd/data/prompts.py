@@ -13,12 +13,22 @@ def make_prompts(tokenizer, texts: list[str], n: int, prompt_tokens: int, seed: 
     The bos is part of the ids because every model here is trained on bos-prefixed text:
     generation, the teacher cache and the reward model all take these ids as they are.
     """
-    usable = [ids for ids in (encode(tokenizer, t) for t in texts) if len(ids) > prompt_tokens]
+    usable = _openings(tokenizer, texts, prompt_tokens)
     if not usable:
         return []
     rng = random.Random(seed)
-    chosen = [usable[rng.randrange(len(usable))][:prompt_tokens] for _ in range(n)]
-    return [{"prompt": tokenizer.decode(ids).strip(), "prompt_ids": [tokenizer.bos_token_id] + ids} for ids in chosen]
+    return _prompt_rows(tokenizer, [usable[rng.randrange(len(usable))] for _ in range(n)])
+
+
+def _openings(tokenizer, texts: list[str], prompt_tokens: int) -> list[list[int]]:
+    """bos + the first `prompt_tokens` token ids of each text that has something left to continue."""
+    return [[tokenizer.bos_token_id] + ids[:prompt_tokens]
+            for ids in (encode(tokenizer, t) for t in texts) if len(ids) > prompt_tokens]
+
+
+def _prompt_rows(tokenizer, openings: list[list[int]]) -> list[dict]:
+    """prompts.jsonl's rows: the opening's text (without the bos) and its ids."""
+    return [{"prompt": tokenizer.decode(ids[1:]).strip(), "prompt_ids": list(ids)} for ids in openings]
 
 
 def make_eval_prompts(
@@ -32,8 +42,7 @@ def make_eval_prompts(
     and {"n_eval_prompts", "eval_prompts_distinct", "eval_prompts_in_train"} (the last: how many of the prompts
     are training prompts, 0 when the texts allow)."""
     exclude = {tuple(p["prompt_ids"]) for p in train_prompts}
-    usable = [[tokenizer.bos_token_id] + ids[:prompt_tokens]
-              for ids in (encode(tokenizer, t) for t in texts) if len(ids) > prompt_tokens]
+    usable = _openings(tokenizer, texts, prompt_tokens)
     held_out = [ids for ids in usable if tuple(ids) not in exclude]
     seen = [ids for ids in usable if tuple(ids) in exclude]
     rng = random.Random(seed)
@@ -46,7 +55,7 @@ def make_eval_prompts(
     chosen = draw(held_out, min(n, len(held_out)))
     chosen += draw(seen or held_out, n - len(chosen))  # what the texts cannot give without a training prompt
     rng.shuffle(chosen)
-    prompts = [{"prompt": tokenizer.decode(ids[1:]).strip(), "prompt_ids": ids} for ids in chosen]
+    prompts = _prompt_rows(tokenizer, chosen)
     stats = {"n_eval_prompts": len(prompts), "eval_prompts_distinct": len({tuple(ids) for ids in chosen}),
              "eval_prompts_in_train": sum(tuple(ids) in exclude for ids in chosen)}
     return prompts, stats
