@@ -7,7 +7,7 @@ pipeline's shape) plus its share of index.json, for:
   * v2         the previous layout (format_version 2): float16 log-probs, int16 (V < 32768) or int32
                indices, float32 tail; written here as that code wrote it
   * compact    format 3, the default: bit-packed ceil(log2 V)-bit indices, the 2.875-bit log-prob code,
-               float16 step, float32 tail (tnd/cache.py)
+               float16 step, float32 tail (tnd/cache/codec.py)
   * float16    format 3 with float16 log-probs (bit-packed indices)
 
 Reconstruction error: the mean (and median, 99th percentile, max) over stored rows of KL(exact || stored)

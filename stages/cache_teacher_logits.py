@@ -10,10 +10,10 @@ Several processes: with engine.processes > 1 the stage starts itself again under
 (shard j holds a fixed range of prompts; process r writes shards r, r + R, ...; each batch of prompts
 is sampled with the seed params.seed + the index of its first prompt) and process 0 writes index.json
 once all have finished, so the cache is the same files whatever the number of processes
-(tnd/cache.py: `write_teacher_cache`). Memory per batch: the teacher's body on cache.batch_size
+(tnd/cache/writer.py: `write_teacher_cache`). Memory per batch: the teacher's body on cache.batch_size
 sequences, then its output head on cache.chunk_tokens positions at a time.
 
-Writes cache/teacher/ (format: tnd/cache.py) and metrics/cache.json. In the metrics, a
+Writes cache/teacher/ (format: tnd/cache/codec.py) and metrics/cache.json. In the metrics, a
 token is a target (continuation) token, i.e. one stored top-k row; sample_seconds is the
 time spent sampling, write_seconds the teacher forward passes + top-k + encoding + shard writes
 (both summed over the processes), seconds the wall time of both, tokens_per_second =
