@@ -397,7 +397,7 @@ def build_workdir(workdir: Path, args) -> dict:
     params = load_params(args.params)
     n_texts, vocab = params.data.n_train, params.tokenizer.vocab_size
     archs = {"student": params.student.arch, "teacher": params.teacher.arch, "reward": params.reward.arch}
-    # raw scores on both sides: TRL 0.11's score scaling fails (README, "Differences from classic TRL")
+    # raw scores on both sides: TRL 0.11's score scaling fails (docs/trainer.md, "Differences from classic TRL")
     overrides = {"mode": "trials_only", "kernel_backend": "torch", "use_score_scaling": False, "use_score_norm": False}
     warmup = params.student.train
     if args.smoke:

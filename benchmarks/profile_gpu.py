@@ -93,7 +93,7 @@ SHAPES = [(8, 300)] if SMOKE else [(n, v) for n in (4096, 8192, 16384) for v in 
 SWEEP_SHAPES = [(8, 300)] if SMOKE else [(4096, 32000), (16384, 128256)]
 SWEEP = [(256, 4), (1024, 4)] if SMOKE else [(1024, 4), (2048, 4), (2048, 8), (4096, 4), (4096, 8), (4096, 16),
                                               (8192, 8), (8192, 16)]
-REFERENCE_SHAPE = (16384, 128256)  # where the static floors are evaluated (the README's headline shape)
+REFERENCE_SHAPE = (16384, 128256)  # where the static floors are evaluated (the headline shape of docs/results.md)
 H200 = SimpleNamespace(sms=132, clock_hz=1.98e9, copy_bytes_s=4261e9)  # until a GPU run measures its own
 BUDGET_S = {"bench": 80, "ncu": 60, "trainer": 80}  # a part stops starting new work past its budget
 

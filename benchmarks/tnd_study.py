@@ -220,7 +220,7 @@ def summarise(per_seed: list[dict]) -> dict:
 
 
 def table(summary: dict) -> str:
-    """The README's table: one row per recipe and mode."""
+    """The table of docs/results.md: one row per recipe and mode."""
     def cell(entry, digits=2):
         if entry is None:
             return "—"

@@ -66,7 +66,7 @@ def health(params: Params, run: Tracker) -> None:
     if fired and params.health.strict:
         raise TndError(
             f"health: {len(fired)} check(s) fired with health.strict: true ({', '.join(c.name for c in fired)}); "
-            "see the warnings above, metrics/health.json and README 'Your own data'; fix the run, list a check in "
+            "see the warnings above, metrics/health.json and docs/pipeline.md 'Health checks'; fix the run, list a check in "
             "health.ignore, or set health.strict: false"
         )
 

@@ -236,7 +236,7 @@ def test_batches_too_small_to_share_are_a_clear_error(tmp_path):
 
 
 def test_train_ppo_under_accelerate_launch_with_two_processes(ready):
-    """The stage launched as the README says: one student, outputs and one MLflow run from process 0."""
+    """The stage launched as docs/multi-gpu.md says: one student, outputs and one MLflow run from process 0."""
     ready.write(**PPO, tracking={"enabled": True, "experiment": "ddp"})
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",

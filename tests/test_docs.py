@@ -1,4 +1,4 @@
-"""The README and the docs stay true to the code, and inside the repository."""
+"""The docs stay true to the code, and inside the repository."""
 
 import os
 import re
@@ -10,9 +10,9 @@ from tnd import params_doc
 from tests.conftest import ROOT, repo_params
 
 
-def test_readme_params_table_matches_the_schema():
-    readme = (ROOT / "README.md").read_text()
-    assert params_doc.replace_in(readme) == readme, "run `python -m tnd.params_doc --write`"
+def test_params_page_table_matches_the_schema():
+    page = params_doc.PAGE.read_text()
+    assert params_doc.replace_in(page) == page, "run `python -m tnd.params_doc --write`"
 
 
 def leaf_keys(tree: dict, prefix: str = ""):
@@ -25,12 +25,12 @@ def leaf_keys(tree: dict, prefix: str = ""):
 
 
 def test_params_table_lists_every_leaf_key():
-    # Every parameter params.yaml sets has its row, in the generated table and in the README.
+    # Every parameter params.yaml sets has its row, in the generated table and on the params page.
     leaves = set(leaf_keys(repo_params()))
     assert len(leaves) > 100  # the walk really reached the nested sections
     assert sorted(leaves - {row[0] for row in params_doc.rows()}) == []
-    readme = (ROOT / "README.md").read_text()
-    assert [key for key in sorted(leaves) if f"| `{key}` |" not in readme] == []
+    page = params_doc.PAGE.read_text()
+    assert [key for key in sorted(leaves) if f"| `{key}` |" not in page] == []
 
 
 def test_the_docs_build_strictly(tmp_path):

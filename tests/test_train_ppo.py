@@ -278,12 +278,12 @@ def test_an_unfinished_checkpoint_against_another_reward_model_is_refused(ready,
 
 
 @pytest.mark.slow
-def test_the_readme_library_example_runs(ready, capsys):
+def test_the_docs_library_example_runs(ready, capsys):
     run_stage()  # the example loads models/initial_student, which train_ppo writes
     capsys.readouterr()
-    readme = (ROOT / "README.md").read_text()
-    code = re.search(r"### As a library\n\n```python\n(.*?)```", readme, re.S).group(1)
-    exec(compile(code.replace("steps=10", "steps=2"), "README.md", "exec"), {})
+    page = (ROOT / "docs" / "trainer.md").read_text()
+    code = re.search(r"## As a library\n\n```python\n(.*?)```", page, re.S).group(1)
+    exec(compile(code.replace("steps=10", "steps=2"), "docs/trainer.md", "exec"), {})
     printed = capsys.readouterr().out.split()
     assert printed[0::2] == ["1", "2"] and all(math.isfinite(float(r)) for r in printed[1::2])
 

@@ -180,7 +180,7 @@ class RewardParams(Section):
 class CacheParams(Section):
     n_prompts: PositiveInt = 8000  # demonstrations; prompts are reused (resampled) past data.n_prompts
     max_new_tokens: PositiveInt = 24
-    top_k: PositiveInt = 128  # per token; the rest of the vocabulary is one tail bucket (see README)
+    top_k: PositiveInt = 128  # per token; the rest of the vocabulary is one tail bucket (docs/pipeline.md)
     temperature: PositiveFloat = 1.0  # the teacher's softmax temperature for stored log-probs
     sample_temperature: PositiveFloat = 1.0
     sample_top_k: NonNegativeInt = 0  # 0 = no top-k filtering
@@ -305,7 +305,7 @@ class EvalParams(Section):
 
 
 class HealthParams(Section):
-    """The health stage's checks (tnd/health.py; README "Your own data")."""
+    """The health stage's checks (tnd/health.py; docs/pipeline.md "Health checks")."""
 
     strict: bool = False  # a check that fires fails the health stage (exit code 2) instead of only warning
     ignore: list[

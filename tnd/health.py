@@ -3,7 +3,7 @@
 Every stage can end green while the run is useless: a teacher that memorised a small corpus and
 is worse than the student it should teach, a reward model at chance, a student that PPO moved away
 from the teacher, a policy that games the reward. Each check here reads the figures the stages
-already write and says, in one line, what it saw and what to do (README "Your own data" explains
+already write and says, in one line, what it saw and what to do (docs/pipeline.md "Health checks" explains
 each). `run_checks` runs them all; the `health` stage writes the result to metrics/health.json and
 prints one `warning:` line per check that fired.
 
@@ -98,7 +98,7 @@ def small_data(params, stats: Optional[dict], reward: Optional[dict] = None) -> 
              for who, epochs, cfg, n, unit in over]
     return Check(name, True, "the data is small for the steps asked: " + "; ".join(parts) + f" (more than "
                  f"{MAX_EPOCHS:g} overfits); validation stops training and keeps the best weights, but lower "
-                 "<model>.train.steps, or add data (README: Your own data)")
+                 "<model>.train.steps, or add data (docs/getting-started.md: A small corpus)")
 
 
 def prompts_repeated(params, stats: Optional[dict]) -> Check:

@@ -1,7 +1,7 @@
-"""The params reference table in README.md, generated from the schema so it cannot drift.
+"""The params reference table in docs/params.md, generated from the schema so it cannot drift.
 
     python -m tnd.params_doc            # print the table
-    python -m tnd.params_doc --write    # refresh it in README.md (between the markers)
+    python -m tnd.params_doc --write    # refresh it in docs/params.md (between the markers)
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from tnd.config import Params, _allowed
 from tnd.io import atomic_write_text
 
 START, END = "<!-- params-table:start -->", "<!-- params-table:end -->"
+PAGE = Path(__file__).resolve().parent.parent / "docs" / "params.md"
 
 
 def rows(model: type[BaseModel] = Params, default: BaseModel | None = None, prefix: tuple = ()) -> list[tuple]:
@@ -45,11 +46,10 @@ def replace_in(text: str) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--write", action="store_true", help="refresh the table in README.md")
+    parser.add_argument("--write", action="store_true", help="refresh the table in docs/params.md")
     args = parser.parse_args()
     if args.write:
-        readme = Path("README.md")
-        atomic_write_text(readme, replace_in(readme.read_text()))
+        atomic_write_text(PAGE, replace_in(PAGE.read_text()))
     else:
         print(table())
 
