@@ -1,9 +1,10 @@
-"""Stage cache_teacher_logits: the teacher's demonstrations and its top-k log-probs, on disk.
+"""Stage cache_teacher_logits: the teacher's demonstrations and its distribution over them, on disk.
 
 The teacher samples one continuation per prompt (data/prepared/prompts.jsonl, the first
 cache.n_prompts, cycled if there are fewer), then a forward pass over prompt +
-continuation gives, at every position that predicts a continuation token, the top-k of
-log_softmax(logits / cache.temperature) and the log of the remaining mass.
+continuation gives, at every position that predicts a continuation token, by cache.targets: the
+top-k of log_softmax(logits / cache.temperature) and the log of the remaining mass (topk_tail), or
+cache.samples draws from softmax(logits / cache.temperature), kept as distinct ids and counts (sampled).
 
 Several processes: with engine.processes > 1 the stage starts itself again under `accelerate launch`
 (stages/common.py), as train_ppo does; each process samples and writes its share of the shards
@@ -14,11 +15,12 @@ once all have finished, so the cache is the same files whatever the number of pr
 sequences, then its output head on cache.chunk_tokens positions at a time.
 
 Writes cache/teacher/ (format: tnd/cache/codec.py) and metrics/cache.json. In the metrics, a
-token is a target (continuation) token, i.e. one stored top-k row; sample_seconds is the
+token is a target (continuation) token, i.e. one stored row; sample_seconds is the
 time spent sampling, write_seconds the teacher forward passes + top-k + encoding + shard writes
 (both summed over the processes), seconds the wall time of both, tokens_per_second =
 n_tokens / write_seconds, and reconstruction_kl_mean / _max the KL of the stored (k+1)-bucket
-distribution from the exact one (0 for float32; the rounding of the compact code or of float16).
+distribution from the exact one (0 for float32; the rounding of the compact code or of float16;
+topk_tail only), distinct_mean the mean distinct ids of a sampled row (sampled only).
 """
 
 from __future__ import annotations
@@ -70,8 +72,10 @@ def cache_teacher_logits(params: Params, run: Tracker) -> None:
     # Ids beyond the tokenizer (padded embedding rows) can never be decoded or learnt by a
     # student built on this tokenizer, so the stored distribution is over the tokenizer's ids.
     vocab = len(tokenizer)
-    if cfg.top_k > vocab:
-        raise TndError(f"cache.top_k = {cfg.top_k} exceeds the vocabulary size ({vocab}); set cache.top_k <= {vocab}")
+    width = "top_k" if cfg.targets == "topk_tail" else "samples"
+    if getattr(cfg, width) > vocab:  # sampled: each row's slots hold distinct ids, fillers included
+        raise TndError(f"cache.{width} = {getattr(cfg, width)} exceeds the vocabulary size ({vocab}); "
+                       f"set cache.{width} <= {vocab}")
     prompts = load_prompts(cfg.n_prompts)
     max_positions = getattr(teacher.config, "max_position_embeddings", None)
     longest = max(len(p) for p in prompts) + cfg.max_new_tokens
@@ -85,7 +89,8 @@ def cache_teacher_logits(params: Params, run: Tracker) -> None:
     index = write_teacher_cache(
         CACHE, teacher, tokenizer, prompts,
         k=cfg.top_k, max_new_tokens=cfg.max_new_tokens, seed=params.seed, temperature=cfg.temperature,
-        dtype=cfg.dtype, sample_temperature=cfg.sample_temperature, sample_top_k=cfg.sample_top_k,
+        dtype=cfg.dtype, targets=cfg.targets, samples=cfg.samples, sample_temperature=cfg.sample_temperature,
+        sample_top_k=cfg.sample_top_k,
         sample_top_p=cfg.sample_top_p, batch_size=cfg.batch_size, shard_tokens=cfg.shard_tokens,
         chunk_tokens=cfg.chunk_tokens, accelerator=accelerator,
     )
@@ -102,14 +107,16 @@ def cache_teacher_logits(params: Params, run: Tracker) -> None:
         "n_tokens": n_tokens,
         "n_shards": len(index["shards"]),
         "processes": accelerator.num_processes if accelerator is not None else 1,
-        "format": index["dtype"],
+        "targets": index["targets"],
+        "format": index.get("dtype", "sampled"),
         "index_bits": index_bits(vocab),
         "bytes_on_disk": on_disk,
         "bytes_per_token": per_token,
         "dense_fp16_bytes_per_token": 2 * vocab,
         "compression_vs_dense": 2 * vocab / per_token if per_token else None,
-        "reconstruction_kl_mean": index["reconstruction_kl"]["mean"],
-        "reconstruction_kl_max": index["reconstruction_kl"]["max"],
+        **({"reconstruction_kl_mean": index["reconstruction_kl"]["mean"],
+            "reconstruction_kl_max": index["reconstruction_kl"]["max"]} if "reconstruction_kl" in index
+           else {"samples": index["samples"], "distinct_mean": index["distinct_mean"]}),
         "sample_seconds": timing["sample_seconds"],
         "write_seconds": timing["write_seconds"],
         "seconds": seconds,
@@ -117,10 +124,11 @@ def cache_teacher_logits(params: Params, run: Tracker) -> None:
     }
     atomic_write_json(Path(METRICS) / "cache.json", metrics)
     run.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float)) and v is not None})
+    stored = (f"{index['dtype']} log-probs, reconstruction KL {metrics['reconstruction_kl_mean']:.2e} mean"
+              if "reconstruction_kl" in index else f"{index['samples']} draws, {index['distinct_mean']:.2f} distinct ids mean")
     print(
         f"cache_teacher_logits: {metrics['n_sequences']} sequences, {n_tokens} tokens, "
-        f"{per_token:.1f} bytes/token ({metrics['compression_vs_dense'] or 0:.1f}x smaller than dense fp16), "
-        f"{index['dtype']} log-probs, reconstruction KL {metrics['reconstruction_kl_mean']:.2e} mean"
+        f"{per_token:.1f} bytes/token ({metrics['compression_vs_dense'] or 0:.1f}x smaller than dense fp16), {stored}"
     )
 
 

@@ -180,13 +180,17 @@ class RewardParams(Section):
 class CacheParams(Section):
     n_prompts: PositiveInt = 8000  # demonstrations; prompts are reused (resampled) past data.n_prompts
     max_new_tokens: PositiveInt = 24
+    # what is stored per token (docs/cache.md): topk_tail (the top_k log-probs + the tail's mass, exact
+    # buckets) | sampled (`samples` draws from the teacher as ids + counts: unbiased, a tenth of the bytes)
+    targets: Literal["topk_tail", "sampled"] = "topk_tail"
     top_k: PositiveInt = 128  # per token; the rest of the vocabulary is one tail bucket (docs/pipeline.md)
+    samples: PositiveInt = 12  # targets = sampled: draws per token at cache.temperature
     temperature: PositiveFloat = 1.0  # the teacher's softmax temperature for stored log-probs
     sample_temperature: PositiveFloat = 1.0
     sample_top_k: NonNegativeInt = 0  # 0 = no top-k filtering
     sample_top_p: typing.Annotated[float, Field(gt=0, le=1)] = 1.0
     # the top-k log-probs on disk: compact (2.8125 bits a log-prob, ~329 bytes/token at V=128k, k=128;
-    # tnd/cache.py) | float16 | bfloat16 | float32 (exact)
+    # tnd/cache/codec.py) | float16 | bfloat16 | float32 (exact); topk_tail only
     dtype: Literal["compact", "float16", "bfloat16", "float32"] = "compact"
     batch_size: PositiveInt = 64
     shard_tokens: PositiveInt = 65536  # about this many target tokens per shard (whole batches of prompts)
@@ -356,6 +360,13 @@ class Params(Section):
                 f"({self.cache.temperature}): the cached teacher log-probs are at cache.temperature and a top-k + tail "
                 "distribution cannot be re-tempered exactly; set both (changing cache.temperature reruns "
                 "cache_teacher_logits)"
+            )
+        if topk_loss and self.cache.targets == "sampled" and self.distill.loss != "forward_kl":
+            # Only the cross-entropy is linear in the teacher's distribution, so only forward KL is
+            # unbiased on draws; reverse KL and JSD would weigh the student's mass off the draws as infinitely wrong.
+            raise ValueError(
+                f"distill.loss = {self.distill.loss} with cache.targets = sampled: the sampled targets give an unbiased "
+                "loss for forward_kl only; set distill.loss: forward_kl or cache.targets: topk_tail"
             )
         try:  # the trainer's own rules, checked here too so that a bad mix fails before any stage runs
             CustomPPOConfig.from_params(self)

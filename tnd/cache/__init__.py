@@ -10,17 +10,24 @@ Everything public is importable from `tnd.cache`.
 """
 
 from .codec import (
-    COMMON_TENSORS,
     DTYPES,
     FORMAT_VERSION,
     INDEX,
     MAX_DEPTH,
     RERUN,
+    SAMPLE_TENSORS,
+    SEQUENCE_TENSORS,
     SHARD_KEYS,
+    TARGETS,
+    TOPK_TENSORS,
     VALUE_TENSORS,
     CacheError,
     decode_logprobs,
+    decode_samples,
+    distinct_counts,
     encode_logprobs,
+    encode_samples,
+    group_bytes,
     index_bits,
     levels,
     pack_bits,
@@ -30,12 +37,24 @@ from .codec import (
 )
 from .fingerprints import fingerprint_model, fingerprint_tokenizer, fingerprint_vocabulary, tokenizer_content
 from .reader import CachedSequence, TeacherCache, cache_bytes
-from .writer import VOCAB_SLICE, CacheWriter, shard_prompts, teacher_rows, teacher_topk, write_teacher_cache
+from .writer import (
+    VOCAB_SLICE,
+    CacheWriter,
+    sample_targets,
+    shard_prompts,
+    target_seed,
+    teacher_logit_chunks,
+    teacher_rows,
+    teacher_topk,
+    write_teacher_cache,
+)
 
 __all__ = [
-    "COMMON_TENSORS", "DTYPES", "FORMAT_VERSION", "INDEX", "MAX_DEPTH", "RERUN", "SHARD_KEYS", "VALUE_TENSORS",
-    "VOCAB_SLICE", "CacheError", "CachedSequence", "CacheWriter", "TeacherCache", "cache_bytes", "decode_logprobs",
-    "encode_logprobs", "fingerprint_model", "fingerprint_tokenizer", "fingerprint_vocabulary", "index_bits",
-    "levels", "pack_bits", "reconstruction_kl", "shard_prompts", "teacher_rows", "teacher_topk",
-    "tokenizer_content", "unpack_bits", "value_bytes", "write_teacher_cache",
+    "DTYPES", "FORMAT_VERSION", "INDEX", "MAX_DEPTH", "RERUN", "SAMPLE_TENSORS", "SEQUENCE_TENSORS", "SHARD_KEYS",
+    "TARGETS", "TOPK_TENSORS", "VALUE_TENSORS", "VOCAB_SLICE", "CacheError", "CachedSequence", "CacheWriter",
+    "TeacherCache", "cache_bytes", "decode_logprobs", "decode_samples", "distinct_counts", "encode_logprobs",
+    "encode_samples", "fingerprint_model", "fingerprint_tokenizer", "fingerprint_vocabulary", "group_bytes",
+    "index_bits", "levels", "pack_bits", "reconstruction_kl", "sample_targets", "shard_prompts", "target_seed",
+    "teacher_logit_chunks", "teacher_rows", "teacher_topk", "tokenizer_content", "unpack_bits", "value_bytes",
+    "write_teacher_cache",
 ]

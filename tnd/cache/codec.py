@@ -1,5 +1,14 @@
 """The teacher-logit cache format: the layout on disk and the codec of its rows.
 
+A cache stores, per continuation token, one of two `targets` (index.json `targets`, from
+cache.targets):
+
+  * topk_tail  the teacher's top-k log-probs, their ids and the exact log-mass of the rest: the
+               (k+1)-bucket distribution the trainer distils on exactly
+  * sampled    `samples` (S) ids drawn from the teacher at the cache temperature, stored as the
+               distinct ids and their counts: the empirical distribution c_j / S, an unbiased
+               estimate of the teacher's (random-sampling KD; below, "The sampled targets")
+
 Layout of one cache directory (normally `cache/teacher/`)::
 
     index.json                 written last, atomically, by one process; the only list of valid shards
@@ -16,12 +25,18 @@ n_seq sequences and N = the number of continuation tokens ("targets", one stored
     target_offsets  int64   [n_seq + 1]   sequence i's rows are [target_offsets[i]:target_offsets[i+1]]
     topk_indices    uint8   [N, ceil(k b / 8)]  the k token ids of a row, b = ceil(log2 V) bits each
     tail_logmass    float32 [N]   log(1 - top-k mass), exact; -inf when k == V
-    and the top-k log-probs, by the index's `dtype`:
+    and the top-k log-probs, by the index's `dtype` (topk_tail):
       compact (default):
         topk_codes  uint8   [N, value_bytes]   the log-probs' levels, unary-coded (below)
         topk_step   float16 [N]   the level step of the row, in nats
       float16 | bfloat16 | float32:
         topk_logprobs dtype [N, k]
+  sampled, instead of the top-k tensors:
+    sample_groups   uint8   [N, ceil((S - 1) / 8)]  bit i - 1 (i = 1..S-1) is 1 when the i-th of the
+                                  row's S sorted draws differs from the one before: a row has
+                                  m = 1 + (its one bits) distinct ids, and the run lengths are their counts
+    sample_ids      uint8   [ceil(M b / 8)]  the distinct ids of every row of the shard, ascending
+                                  within a row, row after row, as one bit string (M = the sum of m)
 
 Row j of sequence i (0 <= j < n_continuation) is the teacher's distribution at position
 prompt_len + j - 1, i.e. the one that predicts continuation token input_ids[prompt_len + j].
@@ -50,9 +65,23 @@ constant c per row (plus the clamp at D). At V = 128,256, k = 128 a row takes 27
 `reconstruction_kl` (KL of the stored distribution from the exact one, over the k + 1 buckets)
 measures what the rounding costs and the writer records it in index.json.
 
-index.json records format_version, the teacher and tokenizer fingerprints, vocab size, k,
-temperature, dtype, index_bits, value_bytes and levels (compact), totals, the mean and largest
-reconstruction KL, and per shard: file, n_sequences, n_tokens (target tokens), bytes and
+The sampled targets. Row j's S draws x_1..x_S ~ p = softmax(logits / T) at the cache temperature
+give w_v = (count of v) / S, with E[w] = p. The student's cross-entropy against w,
+-sum_v w_v log q_v, has expectation CE(p, q) = KL(p || q) + H(p), so its gradient q - w is an
+unbiased estimate of the full forward-KL gradient q - p (Anshumann et al., ACL 2025, "Sparse
+Logit Sampling"); top-k, renormalised or not, is biased. No teacher log-prob is stored: with the
+draws from p itself the weights are the counts. The reader gives a sampled row as S slots with
+topk_logprobs = log w (-inf in the S - m slots past the distinct ids, which hold other distinct
+filler ids) and tail_logmass = -inf (no mass outside the draws), so the top-k + tail loss reads it
+unchanged: its forward KL over those buckets is KL(w || q) = CE(w, q) - H(w), the RS-KD loss up to
+H(w), a constant of the student; its expectation is KL(p || q) + H(p) - E[H(w)], above the full
+KL by H(p) - E[H(w)] >= 0 (the empirical entropy is biased low), and its gradient is exactly q - w.
+The KL of the stored distribution from the teacher's is infinite (w is 0 off the draws): a
+sampled cache has no `reconstruction_kl`; index.json records `distinct_mean`, the mean m.
+
+index.json records format_version, targets, the teacher and tokenizer fingerprints, vocab size,
+temperature, index_bits, totals, per targets k, dtype, value_bytes and levels (compact), the mean
+and largest reconstruction KL (topk_tail) or samples and distinct_mean (sampled), and per shard: file, n_sequences, n_tokens (target tokens), bytes and
 sha256, computed once as the shard is written. Files in the directory that index.json does not
 list (a shard left by a crash before the index was written) are ignored.
 
@@ -63,7 +92,8 @@ that name the file and the fix.
 
 Several processes write one cache (`write_teacher_cache`): shard j holds prompts [j P, (j+1) P)
 (P = shard_prompts: a whole number of batches), process r of R writes shards r, r + R, ..., each
-batch of prompts sampled with its own seed (seed + the index of its first prompt), and process 0
+batch of prompts sampled with its own seed (seed + the index of its first prompt; the sampled
+targets of that batch with a seed derived from it, `target_seed`), and process 0
 writes index.json once all have finished. So the same params give the same shards whatever R, and the same
 index.json but for its `reconstruction_kl` diagnostic: it is computed from the teacher's unrounded log-probs,
 whose last bits depend on the threads a process's matrix products run on.
@@ -80,19 +110,22 @@ from tnd.errors import TndError
 
 # 2: the tokenizer fingerprint covers merges, normalizer and pre-tokenizer (`tokenizer_content`).
 # 3: bit-packed indices, the compact log-prob code, per-batch sampling seeds (several processes), sha256
-#    checked on first read, the threaded teacher fingerprint. Older caches are refused by their version.
-FORMAT_VERSION = 3
+#    checked on first read, the threaded teacher fingerprint.
+# 4: index.json `targets` (topk_tail | sampled) and the sampled targets. Older caches are refused by their version.
+FORMAT_VERSION = 4
 INDEX = "index.json"
 RERUN = "rerun `dvc repro -f cache_teacher_logits`"
 DTYPES = {"compact": None, "float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
-COMMON_TENSORS = ("input_ids", "seq_offsets", "prompt_lengths", "target_offsets", "topk_indices", "tail_logmass")
+TARGETS = ("topk_tail", "sampled")
+SEQUENCE_TENSORS = ("input_ids", "seq_offsets", "prompt_lengths", "target_offsets")
+TOPK_TENSORS = ("topk_indices", "tail_logmass")
+SAMPLE_TENSORS = ("sample_groups", "sample_ids")
 VALUE_TENSORS = {"compact": ("topk_codes", "topk_step")}  # any other dtype: ("topk_logprobs",)
 MAX_DEPTH = 30.0  # nats below the top-1 log-prob beyond which the compact code clamps
 
 
 class CacheError(TndError):
     """The teacher-logit cache is missing, corrupted, or made by another teacher/tokenizer."""
-
 
 
 SHARD_KEYS = ("file", "n_sequences", "n_tokens", "bytes", "sha256")
@@ -113,10 +146,10 @@ def levels(k: int) -> int:
     return 8 * value_bytes(k) - (int(k) - 1)
 
 
-def _spans(m: int, bits: int) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """For m values of `bits` bits in a little-endian bit string: each value's first byte, its bit
-    offset in that byte, and how many bytes a value can touch."""
-    offsets = torch.arange(m, dtype=torch.int64) * bits
+def _spans(m: int, bits: int, start: int = 0) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """For m values of `bits` bits in a little-endian bit string, from its bit `start`: each value's
+    first byte, its bit offset in that byte, and how many bytes a value can touch."""
+    offsets = start + torch.arange(m, dtype=torch.int64) * bits
     return offsets // 8, offsets % 8, (bits + 7 + 7) // 8
 
 
@@ -133,9 +166,9 @@ def pack_bits(values: torch.Tensor, bits: int) -> torch.Tensor:
     return out[:, :n_bytes].to(torch.uint8)
 
 
-def unpack_bits(data: torch.Tensor, bits: int, m: int) -> torch.Tensor:
-    """int64 [N, m]: the inverse of `pack_bits`."""
-    first, shift, span = _spans(m, bits)
+def unpack_bits(data: torch.Tensor, bits: int, m: int, start: int = 0) -> torch.Tensor:
+    """int64 [N, m]: the inverse of `pack_bits` (the values from bit `start` of each row on)."""
+    first, shift, span = _spans(m, bits, start)
     padded = torch.cat([data, data.new_zeros(data.shape[0], span)], dim=1).long()
     first = first.to(data.device)
     word = padded[:, first]
@@ -213,3 +246,55 @@ def reconstruction_kl(exact: torch.Tensor, stored: torch.Tensor) -> torch.Tensor
     terms = p_log.exp() * (torch.expm1(-diff) + diff).clamp_min(0.0)
     return torch.where(p_log > -math.inf, terms, 0.0).sum(-1, dtype=torch.float64)
 
+
+
+# --- the sampled targets -----------------------------------------------------------------------
+
+
+def group_bytes(samples: int) -> int:
+    """Bytes of a sampled row's `sample_groups`: one bit per draw after the first."""
+    return -(-(int(samples) - 1) // 8)
+
+
+def encode_samples(draws: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sample_groups uint8 [N, group_bytes(S)], the distinct ids int64 [M], row after row, ascending
+    within a row) of the draws [N, S]; the ids are bit-packed per shard (`pack_bits` of [1, M])."""
+    draws = draws.sort(dim=-1).values
+    new = draws[:, 1:] != draws[:, :-1]
+    first = torch.ones(draws.shape[0], 1, dtype=torch.bool, device=draws.device)
+    return pack_bits(new.long(), 1), draws[torch.cat([first, new], dim=1)]
+
+
+def distinct_counts(groups: torch.Tensor, samples: int) -> torch.Tensor:
+    """int64 [N]: m, the distinct ids of each sampled row, from its `sample_groups`."""
+    return 1 + unpack_bits(groups, 1, int(samples) - 1).sum(-1)
+
+
+def decode_samples(groups: torch.Tensor, ids: torch.Tensor, samples: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log-weights float32 [N, S], ids int64 [N, S]) of sampled rows from their `sample_groups` and
+    their distinct ids [M] (`encode_samples`). A row's first m slots are its distinct ids with
+    log(count / S); the other S - m hold the smallest ids not among them, with -inf, so the ids of a
+    row are distinct (the top-k loss's contract) and weigh nothing. Raises ValueError on groups and
+    ids that do not fit together (a corrupted cache)."""
+    n, s = groups.shape[0], int(samples)
+    new = unpack_bits(groups, 1, s - 1).bool()
+    if groups.shape[1] * 8 > s - 1 and bool((groups[:, -1].long() >> ((s - 1) % 8 or 8)).any()):
+        raise ValueError("sampled rows: padding bits set in sample_groups")
+    starts = torch.cat([torch.ones(n, 1, dtype=torch.bool, device=groups.device), new], dim=1)
+    m = starts.sum(-1)
+    if int(m.sum()) != ids.numel():
+        raise ValueError(f"sampled rows: sample_groups give {int(m.sum())} distinct ids, sample_ids holds {ids.numel()}")
+    counts = torch.zeros(n, s, dtype=torch.int64, device=groups.device)
+    counts.scatter_add_(1, starts.long().cumsum(-1) - 1, torch.ones_like(counts))
+    slot = torch.arange(s, device=groups.device).expand(n, s)
+    used = slot < m.unsqueeze(-1)
+    row_ids = torch.zeros(n, s, dtype=torch.int64, device=groups.device)
+    row_ids[used] = ids.long()
+    if bool((used[:, 1:] & (row_ids[:, 1:] <= row_ids[:, :-1])).any()):
+        raise ValueError("sampled rows: the ids of a row are not strictly ascending")
+    # At most m of the candidates 0..S-1 are taken, so at least the S - m fillers needed are free.
+    taken = ((slot.unsqueeze(-1) == row_ids.unsqueeze(1)) & used.unsqueeze(1)).any(-1)
+    free = slot.gather(1, taken.long().argsort(dim=-1, stable=True))
+    filled = torch.where(used, row_ids, free.gather(1, (slot - m.unsqueeze(-1)).clamp_min(0)))
+    log_weights = torch.where(used, torch.log(counts.float() / s), -math.inf)
+    return log_weights, filled

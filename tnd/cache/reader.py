@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,15 +18,21 @@ from tnd.batching import right_pad
 from tnd.errors import one_line
 
 from .codec import (
-    COMMON_TENSORS,
     DTYPES,
     FORMAT_VERSION,
     INDEX,
     RERUN,
+    SAMPLE_TENSORS,
+    SEQUENCE_TENSORS,
     SHARD_KEYS,
+    TARGETS,
+    TOPK_TENSORS,
     VALUE_TENSORS,
     CacheError,
     decode_logprobs,
+    decode_samples,
+    distinct_counts,
+    group_bytes,
     index_bits,
     levels,
     unpack_bits,
@@ -35,7 +42,8 @@ from .codec import (
 
 @dataclass
 class CachedSequence:
-    """One demonstration. Row j of the top-k tensors predicts input_ids[prompt_len + j]."""
+    """One demonstration. Row j of the top-k tensors predicts input_ids[prompt_len + j]. Of a sampled
+    cache they are the sampled rows as the top-k loss reads them (codec: "The sampled targets")."""
 
     input_ids: torch.Tensor  # int64 [L]
     prompt_len: int
@@ -49,7 +57,8 @@ class TeacherCache:
 
     Opening reads index.json, checks its format_version, the fingerprints (when given) and every
     listed shard's size; a shard's sha256 is checked (when `verify`) the first time the shard is
-    read. Any problem is a `CacheError` naming the file.
+    read. Any problem is a `CacheError` naming the file. `k` is the width of a row: the top-k's k, or
+    a sampled cache's samples.
     """
 
     def __init__(
@@ -64,13 +73,15 @@ class TeacherCache:
         self.index = self._read_index()
         self._check_fingerprint("teacher", teacher_fingerprint)
         self._check_fingerprint("tokenizer", tokenizer_fingerprint)
-        self.k = int(self.index["k"])
+        self.targets = self.index["targets"]
+        self.sampled = self.targets == "sampled"
+        self.k = int(self.index["samples" if self.sampled else "k"])
         self.vocab_size = int(self.index["vocab_size"])
         self.temperature = float(self.index["temperature"])
-        self.dtype = self.index["dtype"]
+        self.dtype = self.index.get("dtype")
         self.bits = index_bits(self.vocab_size)
         self._handles: dict[int, Any] = {}
-        self._headers: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self._headers: dict[int, tuple[torch.Tensor, ...]] = {}
         self._verified: set[int] = set()
         starts = [0]
         for shard in self.index["shards"]:
@@ -104,20 +115,23 @@ class TeacherCache:
                               f"{FORMAT_VERSION}; the format changed)")
         if version != FORMAT_VERSION:
             self._fail(INDEX, f"unknown format_version {version!r} (this code reads version {FORMAT_VERSION})")
-        required = ("teacher_fingerprint", "tokenizer_fingerprint", "vocab_size", "k", "temperature", "dtype",
-                    "index_bits", "n_sequences", "n_tokens", "shards")
+        if index.get("targets") not in TARGETS:
+            self._fail(INDEX, f"not valid: targets {index.get('targets')!r} is none of {', '.join(TARGETS)}")
+        width = "samples" if index["targets"] == "sampled" else "k"
+        required = ("teacher_fingerprint", "tokenizer_fingerprint", "vocab_size", width, "temperature",
+                    "index_bits", "n_sequences", "n_tokens", "shards") + (("dtype",) if width == "k" else ())
         missing = [key for key in required if key not in index]
         if missing:
             self._fail(INDEX, f"not valid: missing {', '.join(missing)}")
-        if index["dtype"] not in DTYPES:
+        if width == "k" and index["dtype"] not in DTYPES:
             self._fail(INDEX, f"not valid: unknown dtype {index['dtype']!r}")
-        if not (isinstance(index["vocab_size"], int) and isinstance(index["k"], int)
-                and 1 <= index["k"] <= index["vocab_size"]):
-            self._fail(INDEX, "not valid: vocab_size and k must be integers with 1 <= k <= vocab_size")
+        if not (isinstance(index["vocab_size"], int) and isinstance(index[width], int)
+                and 1 <= index[width] <= index["vocab_size"]):
+            self._fail(INDEX, f"not valid: vocab_size and {width} must be integers with 1 <= {width} <= vocab_size")
         if index["index_bits"] != index_bits(index["vocab_size"]):
             self._fail(INDEX, f"not valid: index_bits {index['index_bits']!r} does not fit vocab_size "
                               f"{index['vocab_size']} (expected {index_bits(index['vocab_size'])})")
-        if index["dtype"] == "compact" and (index.get("value_bytes"), index.get("levels")) != (
+        if index.get("dtype") == "compact" and (index.get("value_bytes"), index.get("levels")) != (
             value_bytes(index["k"]), levels(index["k"])
         ):
             self._fail(INDEX, f"not valid: value_bytes / levels do not match k = {index['k']}")
@@ -174,10 +188,17 @@ class TeacherCache:
                 self._headers[number] = self._load_shard_header(number, handle)
         return handle
 
-    def _load_shard_header(self, number: int, handle: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _row_tensors(self) -> tuple[str, ...]:
+        if self.sampled:
+            return SAMPLE_TENSORS
+        return TOPK_TENSORS + VALUE_TENSORS.get(self.dtype, ("topk_logprobs",))
+
+    def _load_shard_header(self, number: int, handle: Any) -> tuple[torch.Tensor, ...]:
+        """seq_offsets, target_offsets and prompt_lengths of shard `number`, and for a sampled cache
+        id_starts [n_tokens + 1]: where each row's distinct ids start in its sample_ids."""
         shard = self.index["shards"][number]
         file = shard["file"]
-        names = COMMON_TENSORS + VALUE_TENSORS.get(self.dtype, ("topk_logprobs",))
+        names = SEQUENCE_TENSORS + self._row_tensors()
         missing = [name for name in names if name not in handle.keys()]
         if missing:
             self._fail(file, f"not a teacher-cache shard of this format (missing tensors {', '.join(missing)})")
@@ -185,6 +206,14 @@ class TeacherCache:
         target_offsets = handle.get_tensor("target_offsets")
         prompt_lengths = handle.get_tensor("prompt_lengths").long()
         n, rows = shard["n_sequences"], shard["n_tokens"]
+        id_starts = None
+        if self.sampled:
+            groups = handle.get_slice("sample_groups")
+            if groups.get_dtype() != "U8" or list(groups.get_shape()) != [rows, group_bytes(self.k)]:
+                self._fail(file, f"tensor sample_groups is {groups.get_dtype()} {groups.get_shape()}, index.json "
+                                 f"implies U8 {[rows, group_bytes(self.k)]} (inconsistent cache)")
+            id_starts = torch.cat([torch.zeros(1, dtype=torch.int64),
+                                   distinct_counts(handle.get_tensor("sample_groups"), self.k).cumsum(0)])
         expected = {
             "input_ids": ("I32", None),
             "seq_offsets": ("I64", [n + 1]),
@@ -195,6 +224,8 @@ class TeacherCache:
             "topk_codes": ("U8", [rows, value_bytes(self.k)]),
             "topk_step": ("F16", [rows]),
             "topk_logprobs": ({"float16": "F16", "bfloat16": "BF16", "float32": "F32"}.get(self.dtype), [rows, self.k]),
+            "sample_groups": ("U8", [rows, group_bytes(self.k)]),
+            "sample_ids": ("U8", [-(-int(id_starts[-1]) * self.bits // 8)] if id_starts is not None else None),
         }
         for name in names:
             dtype, shape = expected[name]
@@ -211,19 +242,21 @@ class TeacherCache:
         )
         if not ok:
             self._fail(file, "tensor shapes do not match index.json (inconsistent cache)")
-        return seq_offsets, target_offsets, prompt_lengths
+        if id_starts is None:
+            return seq_offsets, target_offsets, prompt_lengths
+        return seq_offsets, target_offsets, prompt_lengths, id_starts
 
     # --- access ---
 
     @property
     def n_tokens(self) -> int:
-        """Number of target (continuation) tokens, i.e. of stored top-k rows."""
+        """Number of target (continuation) tokens, i.e. of stored rows."""
         return int(self.index["n_tokens"])
 
     def __len__(self) -> int:
         return int(self.index["n_sequences"])
 
-    def _locate(self, i: int) -> tuple[Any, str, int, int, int, int, int]:
+    def _locate(self, i: int) -> tuple[Any, int, int, int, int, int, int]:
         n = len(self)
         if not -n <= i < n:
             raise IndexError(f"sequence {i} out of range for a cache of {n}")
@@ -231,21 +264,35 @@ class TeacherCache:
         number = int(torch.searchsorted(self._shard_starts, torch.tensor(i), right=True)) - 1
         local = i - int(self._shard_starts[number])
         handle = self._handle(number)
-        seq_offsets, target_offsets, prompt_lengths = self._headers[number]
+        seq_offsets, target_offsets, prompt_lengths = self._headers[number][:3]
         s0, s1 = (int(x) for x in seq_offsets[local : local + 2])
         t0, t1 = (int(x) for x in target_offsets[local : local + 2])
-        return handle, self.index["shards"][number]["file"], s0, s1, t0, t1, int(prompt_lengths[local])
+        return handle, number, s0, s1, t0, t1, int(prompt_lengths[local])
 
     def _raw(self, i: int) -> tuple[torch.Tensor, int, str, dict[str, torch.Tensor]]:
-        """input_ids, prompt_len, shard file and the stored rows of sequence i (memory-mapped slices)."""
-        handle, file, s0, s1, t0, t1, prompt_len = self._locate(i)
-        names = ("topk_indices", "tail_logmass") + VALUE_TENSORS.get(self.dtype, ("topk_logprobs",))
-        return handle.get_slice("input_ids")[s0:s1].long(), prompt_len, file, {
-            name: handle.get_slice(name)[t0:t1] for name in names
-        }
+        """input_ids, prompt_len, shard file and the stored rows of sequence i (memory-mapped slices;
+        a sampled cache's distinct ids unpacked)."""
+        handle, number, s0, s1, t0, t1, prompt_len = self._locate(i)
+        if self.sampled:
+            first, last = (int(x) for x in self._headers[number][3][[t0, t1]])
+            byte = first * self.bits // 8
+            packed = handle.get_slice("sample_ids")[byte : -(-last * self.bits // 8)]
+            rows = {"sample_groups": handle.get_slice("sample_groups")[t0:t1],
+                    "sample_ids": unpack_bits(packed.reshape(1, -1), self.bits, last - first,
+                                              first * self.bits - 8 * byte).reshape(-1)}
+        else:
+            rows = {name: handle.get_slice(name)[t0:t1] for name in self._row_tensors()}
+        return handle.get_slice("input_ids")[s0:s1].long(), prompt_len, self.index["shards"][number]["file"], rows
 
     def _decode(self, rows: dict[str, torch.Tensor], files: list[str]) -> tuple[torch.Tensor, ...]:
         """(topk_logprobs fp32, topk_indices int64, tail_logmass fp32) of stored rows."""
+        if self.sampled:
+            try:
+                logprobs, indices = decode_samples(rows["sample_groups"], rows["sample_ids"], self.k)
+            except ValueError as exc:
+                self._fail(files[0] if len(set(files)) == 1 else INDEX, f"{exc} (corrupted; files {sorted(set(files))})")
+            self._check_ids(indices, files)
+            return logprobs, indices, torch.full((indices.shape[0],), -math.inf)
         indices = unpack_bits(rows["topk_indices"], self.bits, self.k)
         tails = rows["tail_logmass"].float()
         if self.dtype == "compact":
@@ -255,10 +302,13 @@ class TeacherCache:
                 self._fail(files[0] if len(set(files)) == 1 else INDEX, f"{exc} (corrupted; files {sorted(set(files))})")
         else:
             logprobs = rows["topk_logprobs"].float()
+        self._check_ids(indices, files)
+        return logprobs, indices, tails
+
+    def _check_ids(self, indices: torch.Tensor, files: list[str]) -> None:
         if indices.numel() and int(indices.max()) >= self.vocab_size:
             self._fail(files[0] if len(set(files)) == 1 else INDEX, f"a token id >= vocab_size (corrupted; files "
                                                                    f"{sorted(set(files))})")
-        return logprobs, indices, tails
 
     def __getitem__(self, i: int) -> CachedSequence:
         input_ids, prompt_len, file, rows = self._raw(i)

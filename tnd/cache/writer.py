@@ -8,7 +8,7 @@ import hashlib
 import math
 import time
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 import torch
 from safetensors.torch import save as safetensors_save
@@ -23,8 +23,10 @@ from .codec import (
     FORMAT_VERSION,
     INDEX,
     SHARD_KEYS,
+    TARGETS,
     decode_logprobs,
     encode_logprobs,
+    encode_samples,
     index_bits,
     levels,
     pack_bits,
@@ -34,6 +36,7 @@ from .codec import (
 from .fingerprints import fingerprint_model, fingerprint_tokenizer
 
 VOCAB_SLICE = 16384  # vocabulary columns upcast to float32 at a time in teacher_topk
+SAMPLE_FLOATS = 1 << 22  # float32 probabilities in memory at a time in sample_targets (16 MiB)
 
 
 def teacher_topk(
@@ -77,8 +80,30 @@ def teacher_topk(
 
 
 
+def sample_targets(
+    logits: torch.Tensor, samples: int, temperature: float, generator: torch.Generator
+) -> torch.Tensor:
+    """int64 [N, samples]: draws with replacement from softmax(logits / temperature) per row of
+    logits [N, V], sorted within a row; a few rows at a time, so no [N, V] float32 copy is made."""
+    n, vocab = logits.shape
+    rows = max(1, SAMPLE_FLOATS // max(vocab, 1))
+    out = [
+        torch.multinomial(torch.softmax(logits[i : i + rows].float() / float(temperature), dim=-1), samples,
+                          replacement=True, generator=generator)
+        for i in range(0, n, rows)
+    ]
+    return torch.cat(out).sort(dim=-1).values if out else torch.zeros(0, samples, dtype=torch.long)
+
+
+def target_seed(seed: int) -> int:
+    """The seed of a batch's sampled targets, from the seed its continuations were sampled with:
+    a different stream, so that the first draws do not repeat the draws of the continuation's tokens."""
+    return int.from_bytes(hashlib.sha256(f"sampled targets {int(seed)}".encode()).digest()[:8], "little") >> 1
+
+
 class CacheWriter:
-    """Appends sequences and their teacher top-k; writes shards as they fill, index.json on close.
+    """Appends sequences and their teacher targets (top-k + tail, or sampled: `targets`); writes shards
+    as they fill, index.json on close.
 
     Write into a fresh directory (the stage uses `tnd.io.atomic_dir`): shards are written
     atomically one by one and index.json last, so a crash leaves no index (or the old one)
@@ -88,7 +113,8 @@ class CacheWriter:
             writer.add(prompt + continuation, len(prompt), logits[len(prompt) - 1 : -1])
 
     With shard_tokens=None shards are written only by `flush(number)`, under the number given
-    (several processes writing one cache; `write_teacher_cache`).
+    (several processes writing one cache; `write_teacher_cache`). Sampled targets are drawn with a
+    generator seeded from `seed` (`target_seed`), reseeded by `add_demonstrations(..., seed=)`.
     """
 
     def __init__(
@@ -96,9 +122,12 @@ class CacheWriter:
         path: str | Path,
         *,
         vocab_size: int,
-        k: int,
+        k: int = 128,
         temperature: float = 1.0,
         dtype: str = "compact",
+        targets: str = "topk_tail",
+        samples: int = 12,
+        seed: int = 0,
         teacher_fingerprint: str = "",
         tokenizer_fingerprint: str = "",
         shard_tokens: Optional[int] = 65536,
@@ -106,12 +135,18 @@ class CacheWriter:
     ):
         if dtype not in DTYPES:
             raise ValueError(f"dtype = {dtype!r}; allowed: {', '.join(DTYPES)}")
-        if not 1 <= k <= vocab_size:
-            raise ValueError(f"k = {k} must be between 1 and vocab_size ({vocab_size})")
+        if targets not in TARGETS:
+            raise ValueError(f"targets = {targets!r}; allowed: {', '.join(TARGETS)}")
+        width, name = (k, "k") if targets == "topk_tail" else (samples, "samples")
+        if not 1 <= width <= vocab_size:
+            raise ValueError(f"{name} = {width} must be between 1 and vocab_size ({vocab_size})")
         self.path = Path(path)
         self.path.mkdir(parents=True, exist_ok=True)
         self.vocab_size, self.k, self.temperature = int(vocab_size), int(k), float(temperature)
-        self.dtype = dtype
+        self.dtype, self.targets, self.samples = dtype, targets, int(samples)
+        self.sampled = targets == "sampled"
+        self.seed = target_seed(seed)
+        self._generators: dict[str, torch.Generator] = {}
         self.bits = index_bits(self.vocab_size)
         self.teacher_fingerprint, self.tokenizer_fingerprint = teacher_fingerprint, tokenizer_fingerprint
         self.shard_tokens = None if shard_tokens is None else int(shard_tokens)
@@ -125,15 +160,30 @@ class CacheWriter:
         self._prompt_lengths: list[int] = []
         self._target_lengths: list[int] = []
         self._rows: dict[str, list[torch.Tensor]] = {}
-        self._kl_sum, self._kl_max = 0.0, 0.0
+        self._kl_sum, self._kl_max, self._distinct = 0.0, 0.0, 0
         self._n_targets = 0
 
     def add(self, input_ids: Sequence[int] | torch.Tensor, prompt_len: int, logits: torch.Tensor) -> None:
         """One demonstration: its full token ids, its prompt length, and the teacher logits
         [len(input_ids) - prompt_len, V] at the positions that predict each continuation token
         (that is, logits[prompt_len - 1 : len(input_ids) - 1] of a forward pass over input_ids)."""
+        if self.sampled:
+            ids = torch.as_tensor(input_ids, dtype=torch.long).reshape(-1)
+            if not 1 <= prompt_len <= ids.numel() or logits.shape[0] != ids.numel() - prompt_len:
+                raise ValueError(f"expected logits of {ids.numel() - prompt_len} rows (one per continuation token) "
+                                 f"and 1 <= prompt_len <= {ids.numel()}, got {logits.shape[0]} rows, prompt_len {prompt_len}")
+            self.add_batch([ids], [int(prompt_len)], self.draw(logits))
+            return
         topk = teacher_topk(logits, self.k, self.temperature) if logits.shape[0] else None
         self.add_topk(input_ids, prompt_len, *(topk or self._empty_rows()))
+
+    def draw(self, logits: torch.Tensor) -> torch.Tensor:
+        """The sampled targets [N, samples] of teacher logits [N, V], from this writer's generator on
+        the logits' device (one stream per device, continued from call to call)."""
+        device = str(logits.device)
+        if device not in self._generators:
+            self._generators[device] = torch.Generator(device=logits.device).manual_seed(self.seed)
+        return sample_targets(logits, self.samples, self.temperature, self._generators[device])
 
     def add_topk(
         self,
@@ -157,32 +207,44 @@ class CacheWriter:
             raise ValueError(f"expected tail_logmass of shape ({n_targets},), got {tuple(tail_logmass.shape)}")
         self.add_batch([ids], [int(prompt_len)], topk_logprobs, topk_indices, tail_logmass)
 
-    def add_batch(
-        self, sequences: list[torch.Tensor], prompt_lens: list[int], logprobs: torch.Tensor,
-        indices: torch.Tensor, tails: torch.Tensor,
-    ) -> None:
+    def add_batch(self, sequences: list[torch.Tensor], prompt_lens: list[int], *rows: torch.Tensor) -> None:
         """Sequences (int64 ids), their prompt lengths and their rows, concatenated in sequence order
-        (not validated: see `add_topk`); the rows are encoded now."""
+        (not validated: see `add_topk`): (logprobs, indices, tails) of `teacher_topk` for topk_tail,
+        (draws,) of `sample_targets` for sampled. The rows are encoded now."""
         if self.closed:
             raise RuntimeError("CacheWriter is closed")
-        rows = self.encode(logprobs, indices, tails)
-        kl = rows.pop("kl")
-        if kl.numel():
+        n_rows = int(rows[0].shape[0])
+        rows = self.encode(*rows)
+        kl = rows.pop("kl", None)
+        if kl is not None and kl.numel():
             self._kl_sum += float(kl.sum())
             self._kl_max = max(self._kl_max, float(kl.max()))
+        if self.sampled:
+            self._distinct += int(rows["sample_ids"].numel())
         for name, value in rows.items():
             self._rows.setdefault(name, []).append(value)
         for ids, prompt_len in zip(sequences, prompt_lens):
             self._ids.append(ids.to(torch.int32))
             self._prompt_lengths.append(prompt_len)
             self._target_lengths.append(ids.numel() - prompt_len)
-        self._n_targets += int(tails.shape[0])
+        self._n_targets += n_rows
         if self.shard_tokens is not None and self._n_targets >= self.shard_tokens:
             self.flush()
 
-    def encode(self, logprobs: torch.Tensor, indices: torch.Tensor, tails: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The stored form of rows (CPU tensors by shard tensor name), and `kl` [N]: each row's
-        `reconstruction_kl` (the stored distribution decoded against the exact one)."""
+    def encode(self, *rows: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The stored form of rows (as `add_batch` takes them; CPU tensors by shard tensor name, the
+        sampled ids still unpacked), and for topk_tail `kl` [N]: each row's `reconstruction_kl` (the
+        stored distribution decoded against the exact one)."""
+        if self.sampled:
+            (draws,) = rows
+            draws = draws.detach().cpu()
+            if draws.shape[1:] != (self.samples,):
+                raise ValueError(f"expected sampled rows of shape (N, {self.samples}), got {tuple(draws.shape)}")
+            if draws.numel() and not 0 <= int(draws.min()) <= int(draws.max()) < self.vocab_size:
+                raise ValueError(f"sampled ids must lie in [0, vocab_size = {self.vocab_size})")
+            groups, distinct = encode_samples(draws)
+            return {"sample_groups": groups, "sample_ids": distinct}
+        logprobs, indices, tails = rows
         logprobs = logprobs.detach().to("cpu", torch.float32)
         indices = indices.detach().cpu()
         tails = tails.detach().to("cpu", torch.float32).contiguous()
@@ -209,18 +271,24 @@ class CacheWriter:
         continuations: Sequence[Sequence[int]],
         pad_id: int,
         batch_size: int,
+        seed: Optional[int] = None,
     ) -> None:
-        """Each prompt + its continuation, with the teacher's top-k at the continuation's positions,
-        from one forward pass per `batch_size` demonstrations (`teacher_rows`: the output head on
+        """Each prompt + its continuation, with the teacher's targets at the continuation's positions,
+        from one forward pass per `batch_size` demonstrations (`teacher_logit_chunks`: the output head on
         chunk_tokens rows at a time). The teacher's logits beyond `vocab_size` (padded embedding
-        rows) are dropped."""
+        rows) are dropped. With `seed`, the sampled targets are drawn afresh from `target_seed(seed)`,
+        so that they depend on this call's demonstrations only."""
+        if seed is not None:
+            self.seed, self._generators = target_seed(seed), {}
         for start in range(0, len(prompts), batch_size):
             batch_prompts = [list(p) for p in prompts[start : start + batch_size]]
             sequences = [p + list(c) for p, c in zip(batch_prompts, continuations[start : start + batch_size])]
-            rows = teacher_rows(
-                teacher, sequences, [len(p) for p in batch_prompts], pad_id,
-                k=self.k, temperature=self.temperature, vocab_size=self.vocab_size, chunk_tokens=self.chunk_tokens,
-            )
+            chunks = teacher_logit_chunks(teacher, sequences, [len(p) for p in batch_prompts], pad_id,
+                                          vocab_size=self.vocab_size, chunk_tokens=self.chunk_tokens)
+            if self.sampled:
+                rows: tuple = (torch.cat([self.draw(c).cpu() for c in chunks] or [torch.zeros(0, self.samples).long()]),)
+            else:
+                rows = _cat_rows([teacher_topk(c, self.k, self.temperature) for c in chunks], self.k)
             self.add_batch([torch.tensor(s, dtype=torch.long) for s in sequences], [len(p) for p in batch_prompts],
                            *rows)
 
@@ -241,6 +309,8 @@ class CacheWriter:
             "target_offsets": target_lengths.cumsum(0),
             **{name: torch.cat(parts).contiguous() for name, parts in self._rows.items()},
         }
+        if self.sampled:  # one bit string for the shard: no row pads its ids to a whole byte
+            tensors["sample_ids"] = pack_bits(tensors["sample_ids"].reshape(1, -1), self.bits).reshape(-1)
         data = safetensors_save(tensors, metadata={"format_version": str(FORMAT_VERSION)})
         name = f"shard-{len(self.shards) if number is None else number:05d}.safetensors"
         atomic_write_bytes(self.path / name, data)
@@ -252,6 +322,7 @@ class CacheWriter:
             "sha256": hashlib.sha256(data).hexdigest(),
             "kl_sum": self._kl_sum,
             "kl_max": self._kl_max,
+            "distinct": self._distinct,
         }
         self.shards.append(entry)
         self._reset()
@@ -263,18 +334,22 @@ class CacheWriter:
         kl_mean = sum(s["kl_sum"] for s in shards) / n_tokens if n_tokens else 0.0
         index = {
             "format_version": FORMAT_VERSION,
+            "targets": self.targets,
             "teacher_fingerprint": self.teacher_fingerprint,
             "tokenizer_fingerprint": self.tokenizer_fingerprint,
             "vocab_size": self.vocab_size,
-            "k": self.k,
             "temperature": self.temperature,
-            "dtype": self.dtype,
             "index_bits": self.bits,
             "n_sequences": sum(s["n_sequences"] for s in shards),
             "n_tokens": n_tokens,
-            "reconstruction_kl": {"mean": kl_mean, "max": max((s["kl_max"] for s in shards), default=0.0)},
             "shards": [{key: s[key] for key in SHARD_KEYS} for s in shards],
         }
+        if self.sampled:
+            distinct = sum(s["distinct"] for s in shards)
+            index.update(samples=self.samples, distinct_mean=distinct / n_tokens if n_tokens else 0.0)
+            return index
+        kl_max = max((s["kl_max"] for s in shards), default=0.0)
+        index.update(k=self.k, dtype=self.dtype, reconstruction_kl={"mean": kl_mean, "max": kl_max})
         if self.dtype == "compact":
             index.update(value_bytes=value_bytes(self.k), levels=levels(self.k))
         return index
@@ -328,19 +403,17 @@ def _head_split(teacher: torch.nn.Module) -> Optional[tuple[torch.nn.Module, tor
 
 
 @torch.no_grad()
-def teacher_rows(
+def teacher_logit_chunks(
     teacher: torch.nn.Module,
     sequences: Sequence[Sequence[int]],
     prompt_lens: Sequence[int],
     pad_id: int,
     *,
-    k: int,
-    temperature: float,
     vocab_size: int,
     chunk_tokens: int = 1024,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The teacher's top-k rows (`teacher_topk`, on the CPU) at the continuation positions of
-    `sequences` (right-padded into one forward pass), sequence after sequence.
+) -> Iterator[torch.Tensor]:
+    """The teacher's logits [<= chunk_tokens, vocab_size] at the continuation positions of
+    `sequences` (right-padded into one forward pass), sequence after sequence, a chunk at a time.
 
     Memory: the model's body runs on the batch; the output head then runs on the hidden states of
     at most `chunk_tokens` target positions at a time, so the logits in memory are [chunk_tokens, V]
@@ -363,13 +436,33 @@ def teacher_rows(
         logits = teacher(input_ids=ids, attention_mask=mask, use_cache=False).logits
         logits = logits.reshape(-1, logits.shape[-1])
         logits_at = lambda part: logits[flat_at[part]]
-    outs = []
     for start in range(0, flat_at.numel(), chunk_tokens):
-        chunk = logits_at(slice(start, start + chunk_tokens))[:, :vocab_size]
-        outs.append([t.cpu() for t in teacher_topk(chunk, k, temperature)])
-    if not outs:
+        yield logits_at(slice(start, start + chunk_tokens))[:, :vocab_size]
+
+
+def _cat_rows(parts: list[tuple[torch.Tensor, ...]], k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The top-k rows of chunks, concatenated on the CPU."""
+    if not parts:
         return torch.zeros(0, k), torch.zeros(0, k, dtype=torch.long), torch.zeros(0)
-    return tuple(torch.cat(parts) for parts in zip(*outs))  # type: ignore[return-value]
+    return tuple(torch.cat([t.cpu() for t in tensors]) for tensors in zip(*parts))  # type: ignore[return-value]
+
+
+def teacher_rows(
+    teacher: torch.nn.Module,
+    sequences: Sequence[Sequence[int]],
+    prompt_lens: Sequence[int],
+    pad_id: int,
+    *,
+    k: int,
+    temperature: float,
+    vocab_size: int,
+    chunk_tokens: int = 1024,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The teacher's top-k rows (`teacher_topk`, on the CPU) at the continuation positions of
+    `sequences`, sequence after sequence, in the memory of `teacher_logit_chunks`."""
+    chunks = teacher_logit_chunks(teacher, sequences, prompt_lens, pad_id, vocab_size=vocab_size,
+                                  chunk_tokens=chunk_tokens)
+    return _cat_rows([teacher_topk(chunk, k, temperature) for chunk in chunks], k)
 
 
 # --- the cache of a teacher's demonstrations, by one or several processes -------------------------
@@ -392,6 +485,8 @@ def write_teacher_cache(
     seed: int,
     temperature: float = 1.0,
     dtype: str = "compact",
+    targets: str = "topk_tail",
+    samples: int = 12,
     sample_temperature: float = 1.0,
     sample_top_k: int = 0,
     sample_top_p: float = 1.0,
@@ -401,8 +496,8 @@ def write_teacher_cache(
     accelerator: Any = None,
     progress: bool = True,
 ) -> Optional[dict]:
-    """Sample one continuation per prompt from the teacher and cache the teacher's top-k over it at
-    `path` (replaced whole, atomically). With an accelerate `accelerator` of R processes, process r
+    """Sample one continuation per prompt from the teacher and cache the teacher's targets over it
+    (top-k + tail or sampled) at `path` (replaced whole, atomically). With an accelerate `accelerator` of R processes, process r
     samples and writes shards r, r + R, ... (module docstring); process 0 writes index.json after
     all have finished and returns the index with "timing" (sample / write seconds summed over the
     processes), the others return None. Every process must call it with the same arguments."""
@@ -419,7 +514,8 @@ def write_teacher_cache(
 
             out = Path(broadcast_object_list([str(out) if main else None], from_process=0)[0])
         writer = CacheWriter(
-            out, vocab_size=vocab, k=k, temperature=temperature, dtype=dtype, teacher_fingerprint=fingerprint,
+            out, vocab_size=vocab, k=k, temperature=temperature, dtype=dtype, targets=targets, samples=samples,
+            seed=seed, teacher_fingerprint=fingerprint,
             tokenizer_fingerprint=fingerprint_tokenizer(tokenizer), shard_tokens=None, chunk_tokens=chunk_tokens,
         )
         sample_seconds = write_seconds = 0.0
@@ -437,7 +533,8 @@ def write_teacher_cache(
                 )
                 sample_seconds += time.perf_counter() - started
                 started = time.perf_counter()
-                writer.add_demonstrations(teacher, batch, continuations, tokenizer.pad_token_id, len(batch))
+                writer.add_demonstrations(teacher, batch, continuations, tokenizer.pad_token_id, len(batch),
+                                          seed=seed + start)
                 write_seconds += time.perf_counter() - started
                 bar.update()
             started = time.perf_counter()

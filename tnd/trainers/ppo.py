@@ -894,7 +894,14 @@ class CustomPPOTrainer:
 
     def demo_distill_loss(self, demo: dict[str, torch.Tensor], logits: Optional[torch.Tensor] = None) -> torch.Tensor:
         """topk_distill_loss of the student's logits at the target positions (`logits` [M, V] when the caller
-        has them) against the cached top-k."""
+        has them) against the cached top-k.
+
+        A sampled cache (cache.targets: sampled) reads as S slots of ids with log(count / S) and a -inf tail, so the
+        same kernel gives the random-sampling KD estimator (Anshumann et al., 2025) unchanged: forward KL over those
+        buckets is KL(w || q) = CE(w, q) - H(w) for the empirical distribution w of the draws. Its gradient q - w is
+        unbiased for the full-KD gradient q - p; its value is, in expectation, KL(p || q) + H(p) - E[H(w)]: above the
+        full KL by the constant H(p) - E[H(w)] >= 0 (the draws' entropy is biased low), so loss/distill reads higher
+        than a top-k cache's for the same student."""
         import tnd_kernels
 
         cfg = self.config
