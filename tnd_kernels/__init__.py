@@ -11,6 +11,9 @@ before this package is imported):
 * `token_logprobs_entropy(logits, tokens, temperature=..., backend=...)` - per-token
   log-prob and entropy, differentiable in both (its torch backend: the reference's values with
   a closed-form backward).
+* `fused_head_token_logprobs_entropy`, `fused_head_topk_distill_loss`, `fused_head_distill_loss`
+  and the general `fused_head_loss` - the same from the last hidden states and the output head
+  (`head_logits_ref`), a chunk of rows at a time: no [N, V] logits (fused_head.py).
 
 `tnd_kernels.reference` holds the exact torch implementations (the specification). The
 package imports without triton; then only the torch backend is available.
@@ -18,10 +21,18 @@ package imports without triton; then only the torch backend is available.
 
 from ._common import HAS_TRITON
 from .distill import distill_loss
+from .fused_head import (
+    default_chunk_size,
+    fused_head_distill_loss,
+    fused_head_loss,
+    fused_head_token_logprobs_entropy,
+    fused_head_topk_distill_loss,
+)
 from .reference import (
     LOSSES,
     REDUCTIONS,
     distill_loss_ref,
+    head_logits_ref,
     token_logprobs_entropy_ref,
     topk_distill_loss_ref,
 )
@@ -32,8 +43,14 @@ __all__ = [
     "HAS_TRITON",
     "LOSSES",
     "REDUCTIONS",
+    "default_chunk_size",
     "distill_loss",
     "distill_loss_ref",
+    "fused_head_distill_loss",
+    "fused_head_loss",
+    "fused_head_token_logprobs_entropy",
+    "fused_head_topk_distill_loss",
+    "head_logits_ref",
     "token_logprobs_entropy",
     "token_logprobs_entropy_ref",
     "topk_distill_loss",

@@ -189,3 +189,21 @@ def token_logprobs_entropy_ref(
     logp = log_q.gather(1, tokens.long()[:, None]).squeeze(1)
     entropy = -_plogp_ratio(log_q, log_q, torch.zeros_like(log_q)).sum(-1)
     return logp, entropy
+
+
+def head_logits_ref(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    logit_scale: float = 1.0,
+    softcap: float | None = None,
+) -> torch.Tensor:
+    """The output head the fused-head ops apply a chunk at a time: logits [N, V] = s(c (hidden @ weight.T + bias)),
+    c the logit scale (Cohere's logit_scale) and s(z) = k tanh(z / k) the final soft-cap (Gemma-2's
+    final_logit_softcapping k; none when None), in the order and dtype the models apply them."""
+    logits = torch.nn.functional.linear(hidden, weight, bias)
+    if logit_scale != 1.0:
+        logits = logits * logit_scale
+    if softcap is not None:
+        logits = torch.tanh(logits / softcap) * softcap
+    return logits
