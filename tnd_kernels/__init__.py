@@ -12,7 +12,7 @@ before this package is imported):
   log-prob and entropy, differentiable in both (its torch backend: the reference's values with
   a closed-form backward).
 * `fused_head_token_logprobs_entropy`, `fused_head_topk_distill_loss`, `fused_head_distill_loss`
-  and the general `fused_head_loss` - the same from the last hidden states and the output head
+  and the general `fused_head_loss` (with `split_rows`) - the same from the last hidden states and the output head
   (`head_logits_ref`), a chunk of rows at a time: no [N, V] logits (fused_head.py).
 
 `tnd_kernels.reference` holds the exact torch implementations (the specification). The
@@ -27,6 +27,7 @@ from .fused_head import (
     fused_head_loss,
     fused_head_token_logprobs_entropy,
     fused_head_topk_distill_loss,
+    split_rows,
 )
 from .reference import (
     LOSSES,
@@ -51,6 +52,7 @@ __all__ = [
     "fused_head_token_logprobs_entropy",
     "fused_head_topk_distill_loss",
     "head_logits_ref",
+    "split_rows",
     "token_logprobs_entropy",
     "token_logprobs_entropy_ref",
     "topk_distill_loss",

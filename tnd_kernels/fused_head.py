@@ -7,7 +7,8 @@ logit scale and final soft-capping) instead of logits [N, V]:
   caller defines on them per chunk (PPO's clipped objective, an entropy bonus, cross-entropy);
 * `fused_head_topk_distill_loss`: the top-k + tail distillation loss against cached teacher rows;
 * `fused_head_distill_loss`: the dense KL / JSD against teacher logits;
-* `fused_head_loss`: the general form the three are built on (any per-chunk loss of the logits).
+* `fused_head_loss`: the general form the three are built on (any per-chunk loss of the logits), and
+  `split_rows`, which gives row ranges their own losses in one pass (PPO tokens and demonstrations).
 
 Structure (Liger-Kernel's fused linear cross-entropy and fused linear JSD): forward walks N in chunks of
 rows; per chunk it computes the chunk's logits with one matmul, the chunk's loss and its gradient w.r.t.
@@ -55,11 +56,17 @@ from .topk_distill import check_topk_args, topk_distill_loss
 ChunkLoss = Callable[[torch.Tensor, slice], "tuple[Optional[torch.Tensor], tuple[torch.Tensor, ...]]"]
 
 
+# A chunk runs a dozen ops and an autograd call (about a millisecond on CPU whatever its size): at least this
+# many logits per chunk keep that small against the chunk's own work when V is small.
+MIN_CHUNK_ELEMENTS = 2**20
+
+
 def default_chunk_size(n: int, v: int, h: int) -> int:
-    """Liger's choice: chunks of about N * H / V rows (a power of two), so a chunk's logits are about the size
-    of the hidden states."""
-    inc = max(1, math.ceil(v / max(h, 1)))
-    return max(1, min(C.next_pow2(math.ceil(max(n, 1) / inc)), max(n, 1)))
+    """Liger's choice, chunks of about N * H / V rows (a power of two) so that a chunk's logits are about the
+    size of the hidden states, but at least MIN_CHUNK_ELEMENTS / V rows; at most N."""
+    n = max(n, 1)
+    liger = C.next_pow2(math.ceil(n / max(1, math.ceil(v / max(h, 1)))))
+    return min(max(liger, C.next_pow2(math.ceil(MIN_CHUNK_ELEMENTS / v))), n)
 
 
 def _compute_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
@@ -174,6 +181,26 @@ def fused_head_loss(
         _compute_dtype(hidden, weight), need_grad, n_outputs,
     )
     return (loss, *(out.detach() for out in outputs))
+
+
+def split_rows(*parts: tuple[int, int, Callable[[torch.Tensor, slice], Optional[torch.Tensor]]]) -> ChunkLoss:
+    """A chunk_loss for `fused_head_loss` made of row ranges with losses of their own, so that rows with
+    different losses (a mini-batch's PPO tokens and its demonstrations) share one pass over the head (one
+    [V, H] gradient buffer, one cast of W). parts: (start, stop, fn); fn(logits of its rows in the chunk, those
+    rows as a slice from `start`) -> the loss of those rows, or None. A chunk may straddle parts."""
+
+    def chunk_loss(logits, rows):
+        total = None
+        for start, stop, fn in parts:
+            lo, hi = max(rows.start, start), min(rows.stop, stop)
+            if lo >= hi:
+                continue
+            part = fn(logits[lo - rows.start : hi - rows.start], slice(lo - start, hi - start))
+            if part is not None:
+                total = part if total is None else total + part
+        return total, ()
+
+    return chunk_loss
 
 
 def _check_rows(name: str, t: Optional[torch.Tensor], n: int) -> None:

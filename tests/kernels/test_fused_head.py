@@ -304,4 +304,29 @@ def test_a_dtensor_head_is_refused():
 def test_default_chunk_keeps_logits_near_the_hidden_states_size():
     assert K.default_chunk_size(8192, 128256, 1024) == 128  # 126 x the hidden size in V: 8192 / 126 -> 2**7
     assert K.default_chunk_size(100, 50, 64) == 100  # V <= H: one chunk
+    assert K.default_chunk_size(4096, 2048, 128) == 512  # a small head: 2**20 logits per chunk, not 256 rows
     assert _common.next_pow2(K.default_chunk_size(8192, 32000, 512)) == K.default_chunk_size(8192, 32000, 512)
+
+
+@pytest.mark.parametrize("chunk", [3, 4, 16])
+def test_split_rows_gives_ranges_their_own_losses(device, chunk):
+    """PPO rows 0-4 and demonstration rows 5-10 in one pass (chunks straddle row 5) = the two unfused losses."""
+    h, w, b = inputs(device, torch.float32)
+    g = torch.Generator().manual_seed(9)
+    tokens = torch.randint(0, V, (5,), generator=g).to(device)
+    old, adv = torch.randn(5, generator=g).to(device) - 7, torch.randn(5, generator=g).to(device)
+    tlp, idx, tail = topk_teacher(6, device)
+    f, u = leaves(h, w, b), leaves(h, w, b)
+
+    def ppo(logits, rows):
+        logp, ent = K.token_logprobs_entropy(logits, tokens[rows], 1.2)
+        return ppo_like(logp, ent, old[rows], adv[rows], 5)
+
+    def distill(logits, rows):
+        return 0.3 * K.topk_distill_loss(logits, tlp[rows], idx[rows], tail[rows], reduction="sum") / 6
+
+    (fused,) = K.fused_head_loss(f[0], f[1], K.split_rows((0, 5, ppo), (5, N, distill)), bias=f[2], chunk_size=chunk)
+    logits = head_logits_ref(u[0], u[1], u[2])
+    unfused = ppo_like(*K.token_logprobs_entropy(logits[:5], tokens, 1.2), old, adv, 5) + 0.3 * K.topk_distill_loss(
+        logits[5:], tlp, idx, tail)
+    compare(fused, unfused, f, u, torch.float32)
