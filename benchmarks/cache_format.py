@@ -34,10 +34,12 @@ import json
 import math
 import os
 import platform
+import shutil
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable, Optional
 
 import torch
 
@@ -51,8 +53,8 @@ from tnd.cache import (
     CacheWriter,
     cache_bytes,
     index_bits,
+    pack_bits,
     shard_prompts,
-    teacher_rows,
 )
 from tnd.io import atomic_write_json
 
@@ -133,20 +135,15 @@ def kl_stats(kl: torch.Tensor) -> dict:
 
 def reconstruction(teacher, tokenizer, prompts: list[list[int]], max_new_tokens: int, batch_size: int = 64) -> dict:
     """KL statistics of each format over the rows of teacher-sampled continuations of `prompts`."""
-    from tnd.generation import sample_continuations
+    from tnd.cache import teacher_topk
 
     vocab = len(tokenizer)
     kls: dict[str, list[torch.Tensor]] = {dtype: [] for dtype in FORMATS}
     top1, mass, n_rows = [], [], 0
     scratch = tempfile.TemporaryDirectory()  # the writers only encode: nothing is written there
     writers = {dtype: CacheWriter(scratch.name, vocab_size=vocab, k=min(K, vocab), dtype=dtype) for dtype in FORMATS}
-    for start in range(0, len(prompts), batch_size):
-        batch = prompts[start : start + batch_size]
-        continuations = sample_continuations(teacher, tokenizer, batch, max_new_tokens, seed=start, batch_size=len(batch),
-                                             progress=False)
-        sequences = [p + c for p, c in zip(batch, continuations)]
-        logprobs, indices, tails = teacher_rows(teacher, sequences, [len(p) for p in batch], tokenizer.pad_token_id,
-                                                k=min(K, vocab), temperature=1.0, vocab_size=vocab)
+    for logits in teacher_logit_rows(teacher, tokenizer, prompts, max_new_tokens, batch_size):
+        logprobs, indices, tails = teacher_topk(logits, min(K, vocab))
         for dtype, writer in writers.items():
             kls[dtype].append(writer.encode(logprobs, indices, tails)["kl"])
         top1.append(logprobs[:, 0].exp())
@@ -211,9 +208,277 @@ def teacher_32k(args) -> dict:
     teacher.eval()
     prompts = [[tokenizer.bos_token_id, *encode(tokenizer, t)[:4]] for t in held_out][: args.prompts]
     built = time.perf_counter() - started
-    return {"teacher": f"32k: BPE {len(tokenizer)} tokens on {sum(map(len, train))} chars of stdlib source, "
-                       f"Llama hidden 128 x 2 layers, {args.steps32k} steps (train loss {result['train_loss']:.2f})",
-            "build_seconds": built, **reconstruction(teacher, tokenizer, prompts, 24)}
+    curve = curve_rows(teacher, tokenizer, prompts, 24)
+    record = {"teacher": f"32k: BPE {len(tokenizer)} tokens on {sum(map(len, train))} chars of stdlib source, "
+                         f"Llama hidden 128 x 2 layers, {args.steps32k} steps (train loss {result['train_loss']:.2f})",
+              "build_seconds": built, **reconstruction(teacher, tokenizer, prompts, 24),
+              "settings": curve["rows"], "id_coding_k128": id_coding(curve["ids128"], len(tokenizer))}
+    return record, curve["draws"]
+
+
+# --- the bytes-vs-quality curve (issue 31) ------------------------------------------------------
+
+KS = (8, 32, 64, 128)
+SAMPLES = (4, 12, 32)
+
+
+def curve_settings() -> list[dict]:
+    return ([{"targets": "topk_tail", "top_k": k} for k in KS] + [{"targets": "sampled", "samples": s} for s in SAMPLES])
+
+
+def setting_name(setting: dict) -> str:
+    return f"topk_tail k={setting['top_k']}" if setting["targets"] == "topk_tail" else f"sampled S={setting['samples']}"
+
+
+def teacher_logit_rows(teacher, tokenizer, prompts: list[list[int]], max_new_tokens: int, batch_size: int = 64):
+    """The teacher's logits [rows, V] at the continuation positions of its own samples of `prompts`, a batch at a time."""
+    from tnd.cache import teacher_logit_chunks
+    from tnd.generation import sample_continuations
+
+    for start in range(0, len(prompts), batch_size):
+        batch = prompts[start : start + batch_size]
+        continuations = sample_continuations(teacher, tokenizer, batch, max_new_tokens, seed=start, batch_size=len(batch),
+                                             progress=False)
+        sequences = [p + c for p, c in zip(batch, continuations)]
+        yield torch.cat(list(teacher_logit_chunks(teacher, sequences, [len(p) for p in batch], tokenizer.pad_token_id,
+                                                  vocab_size=len(tokenizer))))
+
+
+def id_coding(indices: torch.Tensor, vocab: int) -> dict:
+    """Bytes per row of a row's k top-k ids [N, k] under the codes tried: the stored bit-packing, zstd of that
+    packed stream (a whole shard, levels 3 and 19), delta coding (ids sorted, gaps Rice-coded with the row's best
+    parameter, plus log2(k!) bits to restore the order) and the ideal entropy code of a per-cache frequency table
+    (order 0, and by rank: one table per top-k position), table not counted: the bound no such coder beats."""
+    n, k = indices.shape
+    bits = index_bits(vocab)
+    packed = pack_bits(indices, bits)
+    out = {"rows": n, "k": k, "vocab": vocab, "packed": packed.shape[1]}
+    try:
+        import zstandard
+    except ImportError:
+        out["zstd"] = "zstandard not installed"
+    else:
+        raw = packed.numpy().tobytes()
+        for level in (3, 19):
+            out[f"zstd_{level}"] = len(zstandard.ZstdCompressor(level=level).compress(raw)) / n
+    gaps = indices.sort(dim=-1).values.double()
+    gaps = torch.cat([gaps[:, :1], gaps.diff(dim=-1) - 1], dim=-1)  # >= 0
+    best = None
+    for r in range(0, bits):  # Rice(r): quotient in unary (q + 1 bits) + r bits
+        cost = ((gaps / (1 << r)).floor() + 1 + r).sum(-1)
+        best = cost if best is None else torch.minimum(best, cost + 5)  # 5 bits name the parameter
+    out["delta_rice"] = float((best + math.lgamma(k + 1) / math.log(2)).mean()) / 8
+    flat = indices.reshape(-1)
+    freq = torch.bincount(flat, minlength=vocab).double()
+    p = freq / freq.sum()
+    out["entropy_order0"] = float(-(torch.log2(p[flat])).sum()) / 8 / n
+    by_rank = 0.0
+    for j in range(k):
+        f = torch.bincount(indices[:, j], minlength=vocab).double()
+        by_rank += float(-(torch.log2((f / f.sum())[indices[:, j]])).sum())
+    out["entropy_by_rank"] = by_rank / 8 / n
+    return out
+
+
+def curve_rows(teacher, tokenizer, prompts: list[list[int]], max_new_tokens: int) -> dict:
+    """Per setting on one teacher's rows: the (k+1)-bucket KL of the compact code for topk_tail (the stored
+    distribution from the exact one), the mass the tail bucket hides; for sampled the mean distinct ids of a row
+    (KL(teacher || stored) is infinite: the draws' distribution is 0 off the draws). And the draws themselves,
+    for the bytes of `curve_bytes`, and the top-128 ids, for `id_coding`."""
+    from tnd.cache import sample_targets, teacher_topk
+
+    vocab = len(tokenizer)
+    scratch = tempfile.TemporaryDirectory()
+    writers = {k: CacheWriter(scratch.name, vocab_size=vocab, k=min(k, vocab)) for k in KS}
+    kls: dict[int, list] = {k: [] for k in KS}
+    tails: dict[int, list] = {k: [] for k in KS}
+    draws: dict[int, list] = {s: [] for s in SAMPLES}
+    ids128 = []
+    generator = torch.Generator().manual_seed(0)
+    for logits in teacher_logit_rows(teacher, tokenizer, prompts, max_new_tokens):
+        for k, writer in writers.items():
+            logprobs, indices, tail = teacher_topk(logits, min(k, vocab))
+            kls[k].append(writer.encode(logprobs, indices, tail)["kl"])
+            tails[k].append(tail.exp())
+            if k == 128:
+                ids128.append(indices)
+        for s in SAMPLES:
+            draws[s].append(sample_targets(logits, s, 1.0, generator))
+    scratch.cleanup()
+    rows = {}
+    for k in KS:
+        rows[f"topk_tail k={k}"] = {"kl_stored_from_teacher_buckets": kl_stats(torch.cat(kls[k])),
+                                    "mean_tail_mass": float(torch.cat(tails[k]).mean())}
+    for s in SAMPLES:
+        d = torch.cat(draws[s])
+        distinct = (d[:, 1:] != d[:, :-1]).sum(-1) + 1
+        rows[f"sampled S={s}"] = {"kl_stored_from_teacher": None, "distinct_mean": float(distinct.double().mean())}
+    return {"rows": rows, "draws": {s: torch.cat(v) for s, v in draws.items()}, "ids128": torch.cat(ids128)}
+
+
+def curve_bytes(vocab: int, n_seq: int, draws: dict[int, torch.Tensor], generator: torch.Generator) -> dict:
+    """Bytes per token of one default-size shard + index.json per setting at `vocab`: topk_tail with the compact code
+    (random rows: its size does not depend on the values), sampled with a teacher's real draws (the size follows the
+    distinct ids per row), cycled to fill the shard."""
+    sequences = [torch.randint(0, vocab, (PROMPT + CONTINUATION,), generator=generator) for _ in range(n_seq)]
+    n_tokens = n_seq * CONTINUATION
+    out = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for setting in curve_settings():
+            path = Path(tmp) / setting_name(setting).replace(" ", "_")
+            if setting["targets"] == "topk_tail":
+                rows = random_rows(n_tokens, vocab, setting["top_k"], generator)
+                writer = CacheWriter(path, vocab_size=vocab, k=setting["top_k"], shard_tokens=None)
+            else:
+                d = draws[setting["samples"]]
+                rows = (d.repeat(math.ceil(n_tokens / d.shape[0]), 1)[:n_tokens],)
+                writer = CacheWriter(path, vocab_size=vocab, targets="sampled", samples=setting["samples"],
+                                     shard_tokens=None)
+            writer.add_batch(sequences, [PROMPT] * n_seq, *rows)
+            writer.close()
+            out[setting_name(setting)] = cache_bytes(path) / n_tokens
+    return out
+
+
+# --- end to end: train_ppo demos_only on each setting ---------------------------------------------
+
+E2E = {  # the sizes of the end-to-end runs: small enough for 2 CPU cores, large enough to read
+    "data": {"n_train": 4000, "n_valid": 200, "n_eval": 300, "n_prompts": 500, "n_eval_prompts": 200},
+    "teacher": {"arch": {"hidden_size": 64, "num_layers": 2, "num_heads": 2, "intermediate_size": 192},
+                "train": {"steps": 400, "batch_size": 32, "warmup_steps": 40, "eval_every": 100},
+                "eval": {"n_samples": 16, "max_new_tokens": 16}},
+    "student": {"arch": {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "intermediate_size": 96},
+                "train": {"steps": 20, "batch_size": 32, "warmup_steps": 5, "eval_every": 0}},
+    "reward": {"arch": {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "intermediate_size": 64},
+               "train": {"steps": 8, "batch_size": 8, "warmup_steps": 2, "eval_every": 0}},
+    "cache": {"n_prompts": 512, "max_new_tokens": 16, "batch_size": 64},
+    "ppo": {"steps": 60, "batch_size": 4, "mini_batch_size": 4, "ppo_epochs": 1, "max_new_tokens": 8, "learning_rate": 3e-3,
+            "warmup_steps": 0, "save_every": 1000, "keep_student_snapshots": False},
+    "tnd": {"mode": "demos_only", "demo_batch_size": 32},
+    "eval": {"n_prompts": 200},
+    "tracking": {"enabled": False},
+}
+
+
+SMOKE_E2E = {"data": {"n_train": 300, "n_valid": 40, "n_eval": 40, "n_prompts": 40, "n_eval_prompts": 16},
+             "tokenizer": {"vocab_size": 400}, "teacher": {"train": {"steps": 4, "eval_every": 0}},
+             "student": {"train": {"steps": 2}}, "cache": {"n_prompts": 16, "max_new_tokens": 6},
+             "ppo": {"steps": 2}, "tnd": {"demo_batch_size": 4}, "eval": {"n_prompts": 8}}
+
+
+def merge_sizes(base: dict, override: dict) -> dict:
+    from tests.conftest import merge
+
+    return merge(base, override)
+
+
+def end_to_end(settings: list[dict], seeds: list[int], sizes: dict, save: Callable[[dict], None]) -> dict:
+    """prepare_data, train_teacher and train_reward once; then per setting cache_teacher_logits and score_rewards,
+    and per seed (student.seed: the student's initialisation, warm-up and PPO) train_ppo in demos_only mode and
+    evaluate: the student's held-out KL(teacher || student) per token on the eval texts and the share of its
+    continuations the nursery grammar accepts. `save` gets the record after every run."""
+    import yaml
+
+    from stages import (cache_teacher_logits, evaluate, prepare_data, score_rewards, train_ppo, train_reward,
+                        train_teacher)
+
+    merge = merge_sizes
+    base = merge(yaml.safe_load((ROOT / "params.yaml").read_text()), sizes)
+    cwd = os.getcwd()
+    results, started = [], time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        os.chdir(tmp)
+        try:
+            def write(params: dict) -> None:
+                Path("params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+            write(base)
+            for stage in (prepare_data, train_teacher, train_reward):
+                stage.main([])
+            record = {"sizes": sizes, "seeds": seeds, "upstream_seconds": time.perf_counter() - started,
+                      "teacher": default_curve(base), "runs": results}
+            save(record)
+            for setting in settings:
+                params = merge(base, {"cache": setting})
+                write(params)
+                t0 = time.perf_counter()
+                for stage in (cache_teacher_logits, score_rewards):
+                    stage.main([])
+                cache_metrics = json.loads(Path("metrics/cache.json").read_text())
+                for seed in seeds:
+                    write(merge(params, {"student": {"seed": seed}}))
+                    for folder in ("checkpoints", "models/student", "models/initial_student"):
+                        shutil.rmtree(folder, ignore_errors=True)
+                    t1 = time.perf_counter()
+                    train_ppo.main([])
+                    evaluate.main([])
+                    ev = json.loads(Path("metrics/eval.json").read_text())
+                    row = {"setting": setting_name(setting), **setting, "student_seed": seed,
+                           "bytes_per_token": cache_metrics["bytes_per_token"], "index_bits": cache_metrics["index_bits"],
+                           "kl_to_teacher": ev["student"]["kl_to_teacher"], "grammaticality": ev["student"]["grammaticality"],
+                           "initial_kl_to_teacher": ev["initial_student"]["kl_to_teacher"],
+                           "initial_grammaticality": ev["initial_student"]["grammaticality"],
+                           "teacher_grammaticality": ev["teacher"]["grammaticality"],
+                           "seconds": time.perf_counter() - t1, "cache_seconds": cache_metrics["seconds"]}
+                    print(f"  {row['setting']:<16} seed {seed}: {row['bytes_per_token']:6.1f} bytes/token (this vocabulary), "
+                          f"held-out KL {row['kl_to_teacher']:.4f} (initial {row['initial_kl_to_teacher']:.4f}), "
+                          f"grammatical {row['grammaticality']:.3f} ({row['seconds']:.0f} s)", flush=True)
+                    results.append(row)
+                    save(record)
+                print(f"  {setting_name(setting)}: {time.perf_counter() - t0:.0f} s", flush=True)
+        finally:
+            os.chdir(cwd)
+    return record
+
+
+def default_curve(params: dict) -> dict:
+    """`curve_rows` and `id_coding` on the teacher the end-to-end runs distil (cwd: their project)."""
+    from tnd.data.tokenizer import load_tokenizer
+    from tnd.io import read_jsonl
+    from tnd.models import load_causal_lm
+
+    tokenizer = load_tokenizer("artifacts/tokenizer")
+    teacher = load_causal_lm("models/teacher", tokenizer, role="teacher").eval()
+    prompts = [list(row["prompt_ids"]) for row in read_jsonl("data/prepared/prompts.jsonl")][:256]
+    curve = curve_rows(teacher, tokenizer, prompts, params["cache"]["max_new_tokens"])
+    return {"vocab": len(tokenizer), "prompts": len(prompts), "settings": curve["rows"],
+            "id_coding_k128": id_coding(curve["ids128"], len(tokenizer))}
+
+
+def plot_curve(record: dict, path: Path, vocab: str = "128256") -> None:
+    """Held-out KL and grammaticality of the end-to-end students against the bytes/token their setting takes at
+    `vocab` (mean over seeds, bars from the lowest to the highest seed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curve = record["curve"]
+    sizes = curve["bytes_per_token"][vocab]
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
+    for targets, marker in (("topk_tail", "o"), ("sampled", "s")):
+        names = [n for n in sizes if n.startswith(targets) and any(r["setting"] == n for r in curve["end_to_end"]["runs"])]
+        names.sort(key=lambda n: sizes[n])
+        for ax, key in zip(axes, ("kl_to_teacher", "grammaticality")):
+            values = [[r[key] for r in curve["end_to_end"]["runs"] if r["setting"] == n] for n in names]
+            mean = [sum(v) / len(v) for v in values]
+            low = [m - min(v) for m, v in zip(mean, values)]
+            high = [max(v) - m for m, v in zip(mean, values)]
+            ax.errorbar([sizes[n] for n in names], mean, yerr=[low, high], marker=marker, capsize=3, label=targets)
+            for n, m in zip(names, mean):
+                ax.annotate(n.split(" ")[1], (sizes[n], m), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    initial = curve["end_to_end"]["runs"][0]
+    axes[0].axhline(initial["initial_kl_to_teacher"], color="grey", ls=":", label="student before")
+    axes[1].axhline(initial["teacher_grammaticality"], color="grey", ls="--", label="teacher")
+    for ax, label in zip(axes, ("student's held-out KL(teacher || student), nats/token", "grammatical continuations")):
+        ax.set_xscale("log")
+        ax.set_xlabel(f"cache bytes / token at V = {int(vocab):,}")
+        ax.set_ylabel(label, fontsize=8)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 # --- main ----------------------------------------------------------------------------------
@@ -228,8 +493,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--vocab32k", type=int, default=32000)
     parser.add_argument("--corpus-chars", type=int, default=12_000_000)  # enough for 32,000 BPE tokens
     parser.add_argument("--smoke", action="store_true", help="tiny sizes: proves the script runs")
+    parser.add_argument("--e2e", default="all", help="end-to-end settings: all, none, or names as 'topk_tail k=128,sampled S=12'")
+    parser.add_argument("--seeds", default="1,2", help="student seeds of each end-to-end setting")
     parser.add_argument("--out", default=None)
+    parser.add_argument("--figure", default=str(ROOT / "docs/img/cache-format-curve.png"))
+    parser.add_argument("--plot", default=None, help="only draw --figure from this results file")
     args = parser.parse_args(argv)
+    if args.plot:
+        plot_curve(json.loads(Path(args.plot).read_text()), Path(args.figure))
+        return
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     n_seq = shard_prompts(65536, CONTINUATION, 64)  # the default shard: 2,688 sequences
     if args.smoke:
@@ -244,11 +516,20 @@ def main(argv: list[str] | None = None) -> None:
         teachers.append(default_teacher(args))
     else:
         print(f"no default teacher at {args.project}/models/teacher (run `dvc repro train_teacher`): skipped")
-    teachers.append(teacher_32k(args))
+    record_32k, draws_32k = teacher_32k(args)
+    teachers.append(record_32k)
     for row in teachers:
         kl = "  ".join(f"{dtype} {stats['mean']:.2e} (p99 {stats['p99']:.1e})" for dtype, stats in row["kl"].items())
         print(f"{row['teacher']}\n  V = {row['vocab']}, {row['rows']} rows, top-1 p {row['mean_top1_prob']:.3f}, "
               f"top-k mass {row['mean_topk_mass']:.3f}; mean KL: {kl}")
+    curve = {"bytes_per_token": {v: curve_bytes(int(v), n_seq, draws_32k, generator) for v in args.vocabs.split(",")},
+             "bytes_from": "topk_tail: the compact code; sampled: the 32k teacher's draws (its distinct ids per row), "
+                           "one default-size shard + index.json", "teacher_32k": record_32k["settings"]}
+    for vocab, row in curve["bytes_per_token"].items():
+        print(f"V = {vocab:>6}  " + "  ".join(f"{name} {value:.1f}" for name, value in row.items()))
+    print("id coding, k = 128, 32k teacher (bytes/row):", json.dumps(record_32k["id_coding_k128"]))
+    by_name = {setting_name(st): st for st in curve_settings()}
+    chosen = list(by_name.values()) if args.e2e == "all" else [by_name[n] for n in args.e2e.split(",") if n in by_name]
 
     record = {
         "meta": {
@@ -261,10 +542,23 @@ def main(argv: list[str] | None = None) -> None:
         },
         "bytes_per_token": sizes,
         "reconstruction": teachers,
+        "curve": curve,
     }
-    out = Path(args.out) if args.out else None if args.smoke else ROOT / "benchmarks/results/cache-format-cpu.json"
+    out = Path(args.out) if args.out else None if args.smoke else ROOT / "benchmarks/results/cache-format-curve-cpu.json"
+
+    def save(end_to_end_so_far: Optional[dict] = None) -> None:  # after every run: a stopped benchmark keeps its runs
+        if end_to_end_so_far is not None:
+            curve["end_to_end"] = end_to_end_so_far
+        if out is not None:
+            atomic_write_json(out, record)
+
+    save()
+    if args.e2e != "none" and chosen:
+        sizes_e2e = E2E if not args.smoke else merge_sizes(E2E, SMOKE_E2E)
+        end_to_end(chosen, [int(x) for x in args.seeds.split(",")], sizes_e2e, save)
+        if not args.smoke:
+            plot_curve(record, Path(args.figure))
     if out is not None:
-        atomic_write_json(out, record)
         print(f"wrote {out}")
 
 

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Everything the project measures on a GPU, as one command for a short GPU window (about 9 minutes on one
-# H100/H200; the parts' limits add up to 14), most valuable first, each part under its own time limit so that one
-# slow part cannot eat the rest; it prints as it goes and keeps a log (benchmarks/results/run_gpu-<time>.log):
+# H100/H200 before part 6 was added; the parts' limits add up to 16), most valuable first, each part under its own
+# time limit so that one slow part cannot eat the rest; it prints as it goes and keeps a log
+# (benchmarks/results/run_gpu-<time>.log):
 #   1. the whole pipeline under params/gpu_small.yaml (32k-row vocabulary, GPT-2-small-shaped teacher), each
 #      stage in its own process with tracking off: its wall time and peak GPU memory
 #      (benchmarks/gpu_pipeline.py -> benchmarks/results/gpu-pipeline-<gpu>.json; sized for 5 minutes)
@@ -12,6 +13,9 @@
 #      e.g. `benchmarks/run_gpu.sh --ops distill` for a slice, which merges into the same JSON)
 #   5. the trainer on the Triton and the torch backends, then the same with bf16 mixed precision
 #      (-> results/trainer-backends-<gpu>*.json)
+#   6. the fused output head (benchmarks/fused_head.py --gpu): M = 8192, H = 4096, V = 128,256 in bf16, fused vs
+#      unfused vs Liger's fused linear cross-entropy and JSD (when liger_kernel imports), and the largest batch
+#      that fits, fused and unfused (-> results/fused-head-gpu.json)
 #
 #   benchmarks/run_gpu.sh               # on a CUDA machine, from anywhere
 #   benchmarks/run_gpu.sh --cpu-smoke   # the whole script on CPU at tiny sizes (Triton interpreter, results
@@ -72,6 +76,7 @@ if (( SMOKE )); then
     -p no:cacheprovider -x -k "float32 or fp32"
   part "kernel sweep" 300 "$PY" benchmarks/kernel_ops.py --smoke --out "$OUT/kernels.json" "$@"
   part "trainer backends" 300 "$PY" benchmarks/trainer_backends.py --smoke --device cpu --out "$OUT/backends.json"
+  part "fused head (GPU code, tiny)" 120 "$PY" benchmarks/fused_head.py --gpu --smoke --out "$OUT/fused-head.json"
 else
   "$PY" -c "import torch, triton; assert torch.cuda.is_available(), 'no CUDA device'; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())" || exit 1
   part "pipeline, gpu_small" 330 "$PY" benchmarks/gpu_pipeline.py
@@ -84,6 +89,7 @@ else
   part "kernel sweep" 200 "$PY" benchmarks/kernel_ops.py "$@"
   part "trainer backends" 60 "$PY" benchmarks/trainer_backends.py
   part "trainer backends, bf16" 60 "$PY" benchmarks/trainer_backends.py --mixed-precision bf16
+  part "fused head vs Liger" 120 "$PY" benchmarks/fused_head.py --gpu
 fi
 
 echo "=== log: $LOG"

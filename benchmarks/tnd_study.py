@@ -1,31 +1,47 @@
-"""The paper's comparison on the built-in data: the four `tnd.mode`s x several student seeds, for the
-default recipe and for the paper's (`preset: tnd_original`, a student from scratch), as queued DVC
-experiments.
+"""The paper's comparison on the built-in data, on one yardstick: the study's arms (the `tnd.mode`s, and the
+trial rewards of on-policy distillation) x several student seeds, for the default recipe and for the paper's
+(`preset: tnd_original`, a student from scratch), as queued DVC experiments.
+
+The arms (`ARMS`): lm_only (the paper's baseline: LM steps on the corpus), lm_on_rollout (the paper's control:
+trials_and_demos with the PPO update replaced by an LM update on the same texts), trials_only, demos_only,
+trials_and_demos, each with the reward model's trial reward; and trials_only+teacher (on-policy distillation:
+the teacher's per-token log-ratio as the reward), trials_and_demos+teacher and trials_and_demos+both (reward
+model + teacher). nAoA is on the shared scale (eval.naoa_scale: shared: each word's way from chance to the
+teacher's surprisal, the same anchors in every arm and seed), in log10 student updates (PPO and LM optimizer
+steps, as the paper counts them).
 
 In a scratch copy of this project (`git archive` of `--rev`, default HEAD: committed code only), for each recipe:
 
   1. `dvc repro` up to score_rewards (data, tokenizer, teacher, reward model, cache) and a git commit of
      the result, so that every experiment of the recipe reuses those stages;
-  2. one queued `dvc exp run` per mode and seed (`-S tnd.mode=<mode> -S student.seed=<seed>`: the seed
-     changes the student's initialisation, warm-up and PPO alone), then `dvc queue start -j 1` until
-     `dvc queue status` shows them all finished, and `dvc queue stop` (`dvc exp run --run-all` once hung
-     after its last experiment: dvc-task's worker monitor died on a JSONDecodeError and never shut it down);
-  3. `dvc exp show --json` collects each experiment's metrics/eval.json and metrics/train.json.
+  2. one queued `dvc exp run` per arm and seed (`-S tnd.mode=<mode> ... -S student.seed=<seed>`: the seed
+     changes the student's initialisation, warm-up and PPO alone), seed by seed (all arms of seed 1 first, so
+     a study stopped early has whole seeds), then `dvc queue start -j <jobs>` until `dvc queue status` shows
+     them all finished, and `dvc queue stop` (`dvc exp run --run-all` once hung after its last experiment:
+     dvc-task's worker monitor died on a JSONDecodeError and never shut it down);
+  3. `dvc exp show --json` collects each experiment's metrics/eval.json and metrics/train.json, and `git show`
+     its plots (the effective vocabulary and the trials' grammaticality over the student's updates).
+
+`--collect WORKDIR` collects what a study in WORKDIR has finished (e.g. one stopped early: `dvc queue kill`),
+and names the experiments that had not.
 
 The LM-only baseline needs LM steps on the corpus (`tnd.lm_data: corpus`): the paper's recipe has 3 per
 step; for the default recipe, which has none, the baseline gets `tnd.lm_steps_per_ppo_step` 1 (it is still
 "the same schedule with the PPO part removed", with the least LM training that makes it learn at all).
-Tracking (MLflow) is off in the scratch copy, to spend the time on training.
+Tracking (MLflow) is off in the scratch copy, to spend the time on training; each queue worker runs with one
+thread (OMP_NUM_THREADS=1), so `--jobs` workers share the cores.
 
-Reported per recipe and mode, mean and [min, max] over seeds: nAoA@0.5 and the mean nAoA over the
-thresholds 0.5 ... 0.95 (log10 PPO step, lower is earlier; over the words the fit covers), how many words
-the fit covers, and, since a mode that learns fewer words keeps the easier ones, each mode's nAoA@0.5 minus
-trials_and_demos' on the words both fit in the same seed; the student's reward, grammaticality, KL to the
-teacher and perplexity, and the practice correlation (Spearman of a word's count in the trials with its
-final surprisal).
+Reported per recipe and arm, mean and [min, max] over seeds: grammaticality of the student's free samples on
+the eval prompts, nAoA@0.5 and the mean nAoA over the thresholds 0.5 ... 0.95 (log10 student update, lower
+is earlier; over the words the fit covers), the words acquired (half-way from chance to the teacher at the
+end), and, since an arm that learns fewer words keeps the easier ones, each arm's nAoA@0.5 minus
+trials_and_demos' on the words both fit in the same seed; the student's reward, KL to the teacher and
+perplexity, the practice correlation (Spearman of a word's count in the trials with its final surprisal), and
+the wall-clock seconds per PPO step. Figures: the effective vocabulary and the trials' grammaticality against
+the student's updates, one line per arm (mean over seeds), beside the JSON.
 
-    python benchmarks/tnd_study.py                 # -> benchmarks/results/tnd-study-cpu.json (about 40 min, 2 cores)
-    python benchmarks/tnd_study.py --smoke --recipes default --modes trials_and_demos lm_only --seeds 1 \
+    python benchmarks/tnd_study.py --recipes default --steps 500 --jobs 2   # -> benchmarks/results/tnd-study-cpu.json
+    python benchmarks/tnd_study.py --smoke --recipes default --arms trials_and_demos lm_only --seeds 1 \
         --out /tmp/study.json                     # tiny params: proves it runs (about 2 minutes)
 """
 
@@ -35,6 +51,7 @@ import argparse
 import csv
 import io
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -42,6 +59,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Optional
 
 import yaml
 
@@ -51,13 +69,26 @@ sys.path.insert(0, str(ROOT))
 from tnd.io import atomic_write_json  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
-MODES = ("trials_and_demos", "trials_only", "demos_only", "lm_only")
+# arm -> its params (besides the seed)
+ARMS = {
+    "trials_and_demos": {"tnd.mode": "trials_and_demos"},
+    "trials_only": {"tnd.mode": "trials_only"},
+    "demos_only": {"tnd.mode": "demos_only"},
+    "lm_on_rollout": {"tnd.mode": "lm_on_rollout"},
+    "lm_only": {"tnd.mode": "lm_only"},
+    "trials_only+teacher": {"tnd.mode": "trials_only", "tnd.trial_reward": "teacher"},
+    "trials_and_demos+teacher": {"tnd.mode": "trials_and_demos", "tnd.trial_reward": "teacher"},
+    "trials_and_demos+both": {"tnd.mode": "trials_and_demos", "tnd.trial_reward": "both"},
+}
 RECIPES = {"default": None, "tnd_original": "tnd_original"}  # name -> preset
 # The LM-only baseline of a recipe without LM steps (see the module docstring).
 LM_ONLY = {"tnd.lm_data": "corpus", "tnd.lm_steps_per_ppo_step": 1}
 STUDENT_KEYS = ("reward", "grammaticality", "kl_to_teacher", "perplexity")
 WORDS_CSV = "plots/eval_naoa_words.csv"
-BASE_MODE = "trials_and_demos"  # the paired comparison's reference
+CURVE_CSV = "plots/eval_word_curve.csv"
+TRAIN_CSV = "plots/train.csv"
+BASE_ARM = "trials_and_demos"  # the paired comparison's reference
+SMOOTH = 10  # steps in the moving mean of the trials' grammaticality (32 trials a step are noisy)
 # Tiny sizes for --smoke (merged into params.yaml of the scratch copy).
 SMOKE = {
     "data": {"n_train": 400, "n_eval": 60, "n_prompts": 60, "n_eval_prompts": 8},
@@ -121,30 +152,32 @@ def set_preset(project: Path, preset: str | None) -> None:
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
 
-def experiment_name(recipe: str, mode: str, seed: int) -> str:
-    return f"{recipe}-{mode}-s{seed}".replace("_", "-")
+def experiment_name(recipe: str, arm: str, seed: int) -> str:
+    return f"{recipe}-{arm}-s{seed}".replace("_", "-").replace("+", "-")
 
 
-def queue(project: Path, recipe: str, modes: list[str], seeds: list[int], lm_only_extra: dict) -> list[str]:
+def queue(project: Path, recipe: str, arms: list[str], seeds: list[int], extra: dict) -> list[str]:
+    """Queue every arm x seed, seed by seed; `extra`: params every experiment of the recipe gets."""
     names = []
-    for mode in modes:
-        extra = {"tnd.mode": mode, **(lm_only_extra if mode == "lm_only" else {})}
-        for seed in seeds:
-            name = experiment_name(recipe, mode, seed)
-            sets = [arg for key, value in {**extra, "student.seed": seed}.items() for arg in ("-S", f"{key}={value}")]
-            sh(project, "dvc", "exp", "run", "--queue", "-n", name, *sets)
+    for seed in seeds:
+        for arm in arms:
+            sets = {**ARMS[arm], **(LM_ONLY if arm == "lm_only" and recipe != "tnd_original" else {}), **extra,
+                    "student.seed": seed}
+            name = experiment_name(recipe, arm, seed)
+            sh(project, "dvc", "exp", "run", "--queue", "-n", name,
+               *[arg for key, value in sets.items() for arg in ("-S", f"{key}={value}")])
             names.append(name)
     return names
 
 
-def run_queue(project: Path, names: list[str], poll_seconds: float = 10.0) -> None:
-    """One queue worker runs the queued experiments `names`; returns once each has succeeded or failed."""
+def run_queue(project: Path, names: list[str], jobs: int, poll_seconds: float = 10.0) -> None:
+    """`jobs` queue workers run the queued experiments `names`; returns once each has succeeded or failed."""
     # The worker is a daemon that inherits `dvc queue start`'s stdout and stderr: a file, not a pipe, or
     # reading the pipe to its end would wait for the worker to exit.
     log = project / ".dvc" / "tmp" / "queue-start.log"
     with open(log, "w") as out:
-        started = subprocess.run(["dvc", "queue", "start", "-j", "1"], cwd=project, stdin=subprocess.DEVNULL,
-                                 stdout=out, stderr=subprocess.STDOUT)
+        started = subprocess.run(["dvc", "queue", "start", "-j", str(jobs)], cwd=project, stdin=subprocess.DEVNULL,
+                                 stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
     if started.returncode:
         raise StudyError(f"dvc queue start failed (exit {started.returncode}): see {log}")
     seen, start_by = False, time.monotonic() + 300  # a worker takes seconds to come up; this long is a failure
@@ -175,17 +208,58 @@ def collect(project: Path, names: list[str]) -> dict[str, dict]:
                     metrics = data["metrics"]
                     found[name] = {"eval": metrics.get("metrics/eval.json", {}).get("data"),
                                    "train": metrics.get("metrics/train.json", {}).get("data")}
-    missing = sorted(set(names) - set(found))
-    if missing:
-        raise StudyError(f"no metrics for experiment(s) {', '.join(missing)}: see `dvc queue logs <name>` in {project}")
     return found
+
+
+def experiment_csv(project: Path, name: str, path: str) -> list[dict]:
+    """The rows of the CSV file `path` in experiment `name`'s commit."""
+    refs = sh(project, "git", "for-each-ref", "--format=%(refname)", "refs/exps").split()
+    ref = next(r for r in refs if r.rsplit("/", 1)[-1] == name)
+    return list(csv.DictReader(io.StringIO(sh(project, "git", "show", f"{ref}:{path}"))))
 
 
 def word_rows(project: Path, name: str) -> dict[str, dict]:
     """word -> its row of plots/eval_naoa_words.csv (status, t50, ...) in experiment `name`'s commit."""
-    refs = sh(project, "git", "for-each-ref", "--format=%(refname)", "refs/exps").split()
-    ref = next(r for r in refs if r.rsplit("/", 1)[-1] == name)
-    return {row["word"]: row for row in csv.DictReader(io.StringIO(sh(project, "git", "show", f"{ref}:{WORDS_CSV}")))}
+    return {row["word"]: row for row in experiment_csv(project, name, WORDS_CSV)}
+
+
+def _float(cell: str) -> float:
+    return float(cell) if cell not in ("", None) else math.nan
+
+
+def curves(project: Path, name: str) -> dict[str, list]:
+    """An experiment's curves against the student's updates: "vocabulary" [(updates, words acquired)] at each
+    snapshot, "grammaticality" [(updates, the trials' grammaticality, a moving mean over SMOOTH steps)]."""
+    vocabulary = [(int(row["updates"]), int(row["vocabulary"])) for row in experiment_csv(project, name, CURVE_CSV)]
+    train = experiment_csv(project, name, TRAIN_CSV)
+    values = [_float(row.get("trials/grammaticality")) for row in train]
+    smooth = []
+    for i, row in enumerate(train):
+        window = [v for v in values[max(0, i - SMOOTH + 1): i + 1] if math.isfinite(v)]
+        smooth.append((int(_float(row["student/updates"])), statistics.mean(window) if window else None))
+    return {"vocabulary": vocabulary, "grammaticality": smooth}
+
+
+def mean_curve(per_seed: list[list]) -> list[tuple]:
+    """The mean over seeds, point by point (the seeds of an arm share its steps), at the first seed's x."""
+    n = min(map(len, per_seed))
+    out = []
+    for i in range(n):
+        ys = [c[i][1] for c in per_seed if c[i][1] is not None]
+        out.append((per_seed[0][i][0], statistics.mean(ys) if ys else None))
+    return out
+
+
+def plot_curves(by_arm: dict[str, dict[str, list]], out: Path) -> list[Path]:
+    """tnd-study-<recipe>-vocabulary.png and -grammaticality.png beside the JSON: one line per arm."""
+    from tnd import plots
+
+    made = [plots.effective_vocabulary({arm: c["vocabulary"] for arm, c in by_arm.items()},
+                                       out.with_name(f"{out.stem}-vocabulary.png")),
+            plots.curves_by_mode({arm: c["grammaticality"] for arm, c in by_arm.items()},
+                                 "grammaticality of the trials", "the student's free samples as it trains",
+                                 out.with_name(f"{out.stem}-grammaticality.png"))]
+    return [p for p in made if p is not None]
 
 
 def paired_naoa(words: dict[str, dict], base: dict[str, dict]) -> dict:
@@ -200,11 +274,14 @@ def figures(result: dict) -> dict:
     """The reported figures of one experiment."""
     evaluation, naoa = result["eval"], result["eval"]["naoa"]["overall"]
     thresholds = [naoa[key] for key in naoa if key.startswith("t") and key[1:].isdigit()]
+    train = result["train"] or {}
     out = {"naoa_t50": naoa["t50"],
            "naoa_mean": statistics.mean(thresholds) if None not in thresholds and thresholds else None,
            "words_fitted": naoa["fitted"], "words": naoa["words"],
+           "words_acquired": result["eval"]["naoa"].get("acquired"),
            "practice_spearman": evaluation.get("practice", {}).get("spearman_surprisal"),
-           "train_reward_last10": (result["train"] or {}).get("last10", {}).get("reward")}
+           "train_reward_last10": train.get("last10", {}).get("reward"),
+           "seconds_per_step": train["total_seconds"] / train["steps"] if train.get("steps") else None}
     out.update({key: evaluation["student"][key] for key in STUDENT_KEYS})
     return out
 
@@ -232,46 +309,90 @@ def table(summary: dict) -> str:
         n = s["common_words"]["mean"]
         return f"{cell(s['naoa_t50_minus_base'])} ({n:.0f} words)" if n >= 1 else f"{cell(s['naoa_t50_minus_base'])} ({n:.1f} words)"
 
-    lines = ["| recipe | mode | nAoA@0.5 | mean nAoA | words fitted | nAoA@0.5 minus TnD's, same words | reward | "
-             "grammaticality | KL to teacher | perplexity | practice rho |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for recipe, modes in summary.items():
-        for mode, s in sorted(modes.items(), key=lambda item: MODES.index(item[0])):
-            lines.append(f"| {recipe} | {mode} | {cell(s['naoa_t50'])} | {cell(s['naoa_mean'])} | "
-                         f"{cell(s['words_fitted'], 0)} | {paired(s)} | {cell(s['reward'])} | "
-                         f"{cell(s['grammaticality'])} | {cell(s['kl_to_teacher'], 3)} | {cell(s['perplexity'])} | "
-                         f"{cell(s['practice_spearman'])} |")
+    lines = ["| recipe | arm | grammaticality | nAoA@0.5 | mean nAoA | words acquired | words fitted | "
+             "nAoA@0.5 minus TnD's, same words | KL to teacher | perplexity | reward | practice rho | s/step |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for recipe, arms in summary.items():
+        for arm, s in sorted(arms.items(), key=lambda item: list(ARMS).index(item[0])):
+            lines.append(f"| {recipe} | {arm} | {cell(s['grammaticality'])} | {cell(s['naoa_t50'])} | "
+                         f"{cell(s['naoa_mean'])} | {cell(s['words_acquired'], 0)} | {cell(s['words_fitted'], 0)} | "
+                         f"{paired(s)} | {cell(s['kl_to_teacher'], 3)} | {cell(s['perplexity'])} | "
+                         f"{cell(s['reward'])} | {cell(s['practice_spearman'])} | {cell(s['seconds_per_step'])} |")
     return "\n".join(lines)
+
+
+def report(project: Path, recipe: str, arms: list[str], seeds: list[int], out: Optional[Path]) -> tuple[dict, dict, dict]:
+    """(summary per arm, figures per run, which experiments had no metrics) of a recipe's finished experiments,
+    and its figures beside `out`."""
+    names = [experiment_name(recipe, arm, seed) for seed in seeds for arm in arms]
+    found = collect(project, names)
+    missing = sorted(set(names) - set(found))
+    runs, summary, by_arm = {}, {}, {}
+    words = {(arm, seed): word_rows(project, experiment_name(recipe, arm, seed))
+             for arm in arms for seed in seeds if experiment_name(recipe, arm, seed) in found}
+    for arm in arms:
+        done = [seed for seed in seeds if (arm, seed) in words]
+        if not done:
+            continue
+        per_seed = [figures(found[experiment_name(recipe, arm, seed)]) for seed in done]
+        for seed, row in zip(done, per_seed):
+            base = words.get((BASE_ARM, seed))
+            row.update(paired_naoa(words[arm, seed], base) if base is not None and arm != BASE_ARM
+                       else {"common_words": None, "naoa_t50_minus_base": None})
+        runs.update({experiment_name(recipe, arm, seed): row for seed, row in zip(done, per_seed)})
+        summary[arm] = summarise(per_seed)
+        seed_curves = [curves(project, experiment_name(recipe, arm, seed)) for seed in done]
+        by_arm[arm] = {key: mean_curve([c[key] for c in seed_curves]) for key in ("vocabulary", "grammaticality")}
+        s = summary[arm]
+        print(f"study: {recipe} {arm} ({len(done)} seeds): grammaticality "
+              f"{s['grammaticality'] and round(s['grammaticality']['mean'], 3)}, nAoA@0.5 "
+              f"{s['naoa_t50'] and round(s['naoa_t50']['mean'], 3)}, KL {round(s['kl_to_teacher']['mean'], 3)}",
+              flush=True)
+    if out is not None and by_arm:
+        plot_curves(by_arm, out.with_name(f"{out.stem}-{recipe}.json"))
+    return summary, runs, {"missing": missing, "curves": by_arm}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
-    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
     parser.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=list(RECIPES))
+    parser.add_argument("--steps", type=int, default=None, help="ppo.steps of every experiment (default: the recipe's)")
+    parser.add_argument("--jobs", type=int, default=1, help="queue workers (one thread each)")
     parser.add_argument("--smoke", action="store_true", help="tiny params: proves the study runs (figures mean nothing)")
     parser.add_argument("--rev", default="HEAD", help="the code to study: a git revision of this checkout")
     parser.add_argument("--workdir", default=None, help="scratch directory (default: a new temporary one, kept)")
+    parser.add_argument("--collect", default=None, metavar="WORKDIR",
+                        help="only collect the finished experiments of the study in WORKDIR")
     parser.add_argument("--out", default=None, help="default: benchmarks/results/tnd-study-cpu.json (not with --smoke)")
     args = parser.parse_args()
-    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="tnd-study-"))
     os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"  # this venv's dvc, python
     started = time.perf_counter()
-    rev = sh(ROOT, "git", "rev-parse", args.rev).strip()  # once: the checkout may move on while the study runs
-    project = scratch_project(workdir, rev, args.smoke)
-    print(f"study: scratch project {project}", flush=True)
-    runs, summary, seconds = {}, {}, {}
     out = Path(args.out) if args.out else (None if args.smoke else RESULTS / "tnd-study-cpu.json")
+    if args.collect:
+        project = Path(args.collect) / "project"
+        rev = json.loads((project / "study.json").read_text())["rev"]
+    else:
+        rev = sh(ROOT, "git", "rev-parse", args.rev).strip()  # once: the checkout may move on while the study runs
+        project = scratch_project(Path(args.workdir or tempfile.mkdtemp(prefix="tnd-study-")), rev, args.smoke)
+        atomic_write_json(project / "study.json", {"rev": rev})
+    print(f"study: scratch project {project}", flush=True)
+    runs, summary, seconds, missing, curves_ = {}, {}, {}, {}, {}
+    extra = {} if args.steps is None else {"ppo.steps": args.steps}
 
     def save(done: list[str]) -> None:
         """The figures so far (after each recipe: a later failure loses nothing finished)."""
         record = {
-            "meta": {"seeds": args.seeds, "modes": args.modes, "recipes": args.recipes, "done": done,
-                     "smoke": args.smoke, "seconds": {**seconds, "total": time.perf_counter() - started},
-                     "lm_only_extra_default": LM_ONLY, "rev": rev,
+            "meta": {"seeds": args.seeds, "arms": {arm: ARMS[arm] for arm in args.arms}, "recipes": args.recipes,
+                     "done": done, "steps": args.steps, "jobs": args.jobs, "smoke": args.smoke,
+                     "naoa": "shared scale (chance to the teacher), x: log10 student updates",
+                     "seconds": {**seconds, "total": time.perf_counter() - started},
+                     "lm_only_extra_default": LM_ONLY, "rev": rev, "missing": missing,
                      "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "project": str(project)},
             "summary": summary,
             "runs": runs,
+            "curves": curves_,
         }
         if out is not None:
             atomic_write_json(out, record)
@@ -279,30 +400,18 @@ def main() -> None:
 
     for recipe in args.recipes:
         t0 = time.perf_counter()
-        set_preset(project, RECIPES[recipe])
-        sh(project, "dvc", "repro", "score_rewards")  # and every stage it needs
-        commit(project, f"{recipe}: upstream stages")
-        print(f"study: {recipe}: upstream stages in {time.perf_counter() - t0:.0f} s", flush=True)
-        lm_only_extra = {} if recipe == "tnd_original" else LM_ONLY
-        names = queue(project, recipe, args.modes, args.seeds, lm_only_extra)
-        t1 = time.perf_counter()
-        run_queue(project, names)
-        print(f"study: {recipe}: {len(names)} experiments in {time.perf_counter() - t1:.0f} s", flush=True)
-        found = collect(project, names)
-        summary[recipe] = {}
-        words = {(mode, seed): word_rows(project, experiment_name(recipe, mode, seed))
-                 for mode in args.modes for seed in args.seeds}
-        for mode in args.modes:
-            per_seed = [figures(found[experiment_name(recipe, mode, seed)]) for seed in args.seeds]
-            for seed, row in zip(args.seeds, per_seed):
-                base = words.get((BASE_MODE, seed))
-                row.update(paired_naoa(words[mode, seed], base) if base is not None and mode != BASE_MODE
-                           else {"common_words": None, "naoa_t50_minus_base": None})
-            runs.update({experiment_name(recipe, mode, seed): row for seed, row in zip(args.seeds, per_seed)})
-            summary[recipe][mode] = summarise(per_seed)
-            s = summary[recipe][mode]
-            print(f"study: {recipe} {mode}: nAoA@0.5 {s['naoa_t50'] and round(s['naoa_t50']['mean'], 3)}, reward "
-                  f"{s['reward'] and round(s['reward']['mean'], 2)}", flush=True)
+        if not args.collect:
+            set_preset(project, RECIPES[recipe])
+            sh(project, "dvc", "repro", "score_rewards")  # and every stage it needs
+            commit(project, f"{recipe}: upstream stages")
+            print(f"study: {recipe}: upstream stages in {time.perf_counter() - t0:.0f} s", flush=True)
+            names = queue(project, recipe, args.arms, args.seeds, extra)
+            t1 = time.perf_counter()
+            run_queue(project, names, args.jobs)
+            print(f"study: {recipe}: {len(names)} experiments in {time.perf_counter() - t1:.0f} s", flush=True)
+        summary[recipe], found, more = report(project, recipe, args.arms, args.seeds, out)
+        runs.update(found)
+        missing[recipe], curves_[recipe] = more["missing"], more["curves"]
         seconds[recipe] = time.perf_counter() - t0
         save(list(summary))
     print(table(summary))

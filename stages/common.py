@@ -4,8 +4,6 @@ one line on stderr with exit code 2 instead of a traceback."""
 from __future__ import annotations
 
 import argparse
-import json
-import math
 import os
 import socket
 import subprocess
@@ -19,7 +17,7 @@ import torch
 from tnd import tracking
 from tnd.config import EngineParams, Params, load_params
 from tnd.errors import TndError
-from tnd.io import read_jsonl
+from tnd.io import read_json, read_jsonl
 from tnd.tracking import Tracker
 
 EXIT_BAD_INPUT = 2
@@ -209,7 +207,8 @@ def prepared_rows(name: str) -> list[dict]:
 
 
 def snapshot_path(step: int) -> Path:
-    """The student's weights at PPO step `step` (train_ppo keeps them for evaluate's word curve)."""
+    """The student's weights at PPO step `step` (train_ppo keeps them at tnd.checkpoint.snapshot_due's steps for
+    evaluate's word curve)."""
     return Path(CHECKPOINTS) / "students" / f"step-{step:06d}.pt"
 
 
@@ -221,29 +220,9 @@ def age_checkpoint_path(step: int, folder: str | Path = TEACHER_AGES) -> Path:
 def age_checkpoint_steps() -> list[int]:
     """Steps of the teacher checkpoints train_teacher kept (its index beside them), sorted; none without one."""
     index = Path(TEACHER_AGES) / AGE_INDEX
-    return json.loads(index.read_text(encoding="utf-8"))["steps"] if index.is_file() else []
+    return read_json(index)["steps"] if index.is_file() else []
 
 
 def snapshot_steps() -> list[int]:
     """Steps of the kept student snapshots, sorted."""
     return sorted(int(p.stem.removeprefix("step-")) for p in (Path(CHECKPOINTS) / "students").glob("step-*.pt"))
-
-
-SNAPSHOTS_PER_DECADE = 5  # ppo.snapshot_schedule: log
-
-
-def snapshot_due(step: int, steps: int, schedule: str, save_every: int) -> bool:
-    """Whether train_ppo keeps the student's weights at `step` of `steps` (ppo.snapshot_schedule).
-
-    "every": at each checkpoint (every save_every steps and the last). "log": at the steps
-    round(10 ** (i / 5)), i = 0, 1, ... -- 1, 2, 3, 4, 6, 10, 16, 25, 40, 63, 100, 158, ... -- and the
-    last, log-spaced as the TnD paper saves its checkpoints (sled-group/TnD trainer_util.save_condition:
-    every 2 steps to 20, every 5 to 100, every 10 to 500, ...), so that evaluate's word-surprisal curve
-    and the nAoA fitted on it (tnd.evaluation.word_naoa) see the early steps where most words move.
-    """
-    if step < 1 or step == steps:
-        return step == steps
-    if schedule == "every":
-        return step % save_every == 0
-    i = round(SNAPSHOTS_PER_DECADE * math.log10(step))
-    return any(round(10 ** (j / SNAPSHOTS_PER_DECADE)) == step for j in (i - 1, i, i + 1))

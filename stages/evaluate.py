@@ -51,6 +51,7 @@ import csv
 import io
 import math
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -64,14 +65,18 @@ from tnd.evaluation import (
     NAOA_MIN_POINTS,
     NAOA_THRESHOLDS,
     WordAcquisition,
+    chance_surprisals,
     distinct_n,
+    effective_vocabulary,
     fitted_surprisal,
     grammaticality,
+    half_way,
     is_grammatical_row,
     locate_words,
     mean_length,
     mean_word_surprisal,
     naoa_summary,
+    on_shared_scale,
     perplexity_from_logprobs,
     practice,
     sample_rows,
@@ -122,11 +127,23 @@ def _check_lengths(models: dict, prompts: list[list[int]], params: Params) -> No
                     cfg.max_length, "eval texts (cut to it)")
 
 
+def student_updates(train_csv: Path) -> dict[int, int]:
+    """{trainer step: the student's optimizer updates so far} from plots/train.csv (train_ppo), 0 at step 0."""
+    try:
+        with open(train_csv, newline="", encoding="utf-8") as handle:
+            updates = {int(row["step"]): int(float(row["student/updates"])) for row in csv.DictReader(handle)}
+    except (OSError, KeyError, ValueError) as exc:
+        raise TndError(f"{train_csv}: no student/updates per step ({one_line(exc, 120)}); "
+                       "rerun `dvc repro -f train_ppo`") from None
+    return {0: 0, **updates}
+
+
 def word_curve(student, per_word_initial: dict, per_word_final: dict, sequences, occurrences,
-               params: Params) -> list[dict]:
+               params: Params, updates: dict[int, int]) -> list[dict]:
     """Word surprisal of the student along PPO: step 0 (the initial student), every kept snapshot
     before the last step, and the final student (whose surprisals evaluate has already computed),
-    one row per step: step, mean, mean per category, then each word."""
+    one row per step: step, the student's optimizer updates by then (nAoA's x-axis, as the paper counts
+    steps), mean, mean per category, then each word."""
     points = [(0, per_word_initial)]
     model = copy.deepcopy(student)
     for step in [s for s in snapshot_steps() if 0 < s < params.ppo.steps]:
@@ -141,9 +158,13 @@ def word_curve(student, per_word_initial: dict, per_word_final: dict, sequences,
         logprobs = sequence_logprobs(model, sequences, model.config.pad_token_id, params.eval.batch_size)
         points.append((step, word_surprisals(logprobs, occurrences)))
     points.append((params.ppo.steps, per_word_final))
+    missing = [step for step, _ in points if step not in updates]
+    if missing:
+        raise TndError(f"{PLOTS}/train.csv has no row for PPO step {missing[0]} of the word curve; "
+                       "rerun `dvc repro -f train_ppo`")
     rows = []
     for step, per_word in points:
-        row = {"step": step, "mean": mean_word_surprisal(per_word)}
+        row = {"step": step, "updates": updates[step], "mean": mean_word_surprisal(per_word)}
         for category in WORD_CATEGORIES:
             row[category] = mean_word_surprisal({w: v for w, v in per_word.items() if word_category(w) == category})
         row.update({f"word:{w}": v["surprisal"] for w, v in per_word.items()})
@@ -151,17 +172,25 @@ def word_curve(student, per_word_initial: dict, per_word_final: dict, sequences,
     return rows
 
 
-def naoa_from_curve(curve: list[dict]) -> tuple[dict[str, WordAcquisition], dict]:
-    """Each word's nAoA fit along the word curve, and metrics/eval.json's "naoa" (naoa_summary by
-    category, with a note when the curve has too few snapshots for any fit)."""
-    steps = [row["step"] for row in curve]
+def naoa_from_curve(curve: list[dict], anchors: Optional[dict[str, tuple[float, float]]] = None
+                    ) -> tuple[dict[str, WordAcquisition], dict]:
+    """Each word's nAoA fit along the word curve (x: log10 of the student's updates), and metrics/eval.json's
+    "naoa" (naoa_summary by category, the scale, and a note when the curve has too few snapshots for any fit).
+    `anchors` {word: (chance, teacher) surprisal}: nAoA on that shared scale (`on_shared_scale`, eval.naoa_scale:
+    shared), with the words acquired (at or below the half-way cutoff) at the end; None: per run."""
+    steps = [row["updates"] for row in curve]
     words = [key.removeprefix("word:") for key in curve[0] if key.startswith("word:")]
     fits = word_naoa(steps, {w: [row.get(f"word:{w}") for row in curve] for w in words})
+    if anchors is not None:
+        fits = {w: on_shared_scale(f, steps, *anchors[w]) for w, f in fits.items()}
     summary = naoa_summary(fits, {w: word_category(w) for w in words}, WORD_CATEGORIES)
+    summary["scale"] = "per_run" if anchors is None else "shared"
+    if anchors is not None:
+        summary["acquired"] = effective_vocabulary(curve[-1:], half_way(anchors))[0]
     if sum(s >= 1 for s in steps) < NAOA_MIN_POINTS:
         summary["note"] = (
             f"nAoA needs student snapshots at {NAOA_MIN_POINTS} or more steps >= 1 (the final student included), "
-            f"here {sum(s >= 1 for s in steps)}: ppo.keep_student_snapshots: true and ppo.snapshot_schedule: log"
+            f"here {sum(s >= 1 for s in steps)}: ppo.keep_student_snapshots: true and ppo.snapshot_schedule: paper"
         )
     return fits, summary
 
@@ -267,10 +296,16 @@ def evaluate_on(device: torch.device, params: Params, run: Tracker) -> None:
         for i in range(len(prompts))
     ]
 
-    curve = word_curve(
-        models["student"], per_word["initial_student"], per_word["student"], sequences, occurrences, params
-    )
-    fits, metrics["naoa"] = naoa_from_curve(curve)
+    curve = word_curve(models["student"], per_word["initial_student"], per_word["student"], sequences, occurrences,
+                       params, student_updates(Path(PLOTS) / "train.csv"))
+    anchors = None
+    if cfg.naoa_scale == "shared":
+        chance = chance_surprisals(occurrences, len(tokenizer))
+        anchors = {w: (chance[w], per_word["teacher"][w]["surprisal"]) for w in per_word["teacher"]}
+        vocabulary = effective_vocabulary(curve, half_way(anchors))
+        for row, n in zip(curve, vocabulary):
+            row["vocabulary"] = n
+    fits, metrics["naoa"] = naoa_from_curve(curve, anchors)
     practice_rows, metrics["practice"] = practice(read_trial_words(Path(PLOTS) / "train_trial_words.csv"),
                                                   per_word["student"], fits)
 
@@ -311,7 +346,8 @@ def evaluate_on(device: torch.device, params: Params, run: Tracker) -> None:
         )
     overall = metrics["naoa"]["overall"]
     print(
-        f"evaluate: nAoA (log10 PPO step) over {overall['fitted']} of {overall['words']} words "
+        f"evaluate: nAoA (log10 student update, {metrics['naoa']['scale']} scale) over {overall['fitted']} of "
+        f"{overall['words']} words "
         f"({overall['not_learned']} not learned, {overall['too_few_points']} too few snapshots, "
         f"{overall['fit_failed']} failed fits): "
         + ", ".join(f"@{t} {fmt(overall[threshold_key(t)])}" for t in NAOA_THRESHOLDS)
@@ -337,7 +373,7 @@ def _figures(out: Path, metrics: dict, word_rows: list[dict], train_csv: Path, c
     examples = []
     for word in [w for w in by_count if w in fits and fits[w].status == "fitted"][:4]:
         fit = fits[word]
-        points = [(row["step"], row[f"word:{word}"]) for row in curve if row["step"] >= 1]
+        points = [(row["updates"], row[f"word:{word}"]) for row in curve if row["updates"] >= 1]
         grid = [10 ** (math.log10(points[0][0]) + i * (math.log10(points[-1][0]) - math.log10(points[0][0])) / 60)
                 for i in range(61)]
         half = fit.naoa[0.5] if 0.5 in fit.naoa else None
@@ -346,6 +382,9 @@ def _figures(out: Path, metrics: dict, word_rows: list[dict], train_csv: Path, c
                          "marker": None if half is None else (half, fitted_surprisal(fit, 10 ** half))})
     lines = {g: [metrics["naoa"][g][threshold_key(t)] for t in NAOA_THRESHOLDS] for g in groups}
     made.append(plots.naoa(NAOA_THRESHOLDS, lines, examples, out / "naoa.png"))
+    if "vocabulary" in curve[0]:
+        made.append(plots.effective_vocabulary({"student": [(row["updates"], row["vocabulary"]) for row in curve]},
+                                               out / "effective_vocabulary.png"))
     made.append(plots.practice(practice_rows, metrics["practice"], out / "practice.png"))
     if train_csv.is_file():
         with open(train_csv, newline="", encoding="utf-8") as handle:

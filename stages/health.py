@@ -10,8 +10,6 @@ The stage trains nothing: it reruns in a second when a param it reads or an inpu
 
 from __future__ import annotations
 
-import csv
-import json
 import sys
 from pathlib import Path
 from typing import Optional
@@ -19,7 +17,7 @@ from typing import Optional
 from tnd.config import Params
 from tnd.errors import TndError
 from tnd.health import report, run_checks
-from tnd.io import atomic_write_json
+from tnd.io import atomic_write_json, read_csv, read_json
 from tnd.tracking import Tracker
 
 from stages.common import METRICS, PLOTS, PREPARED, run_stage
@@ -30,16 +28,13 @@ def _json(path: Path) -> Optional[dict]:
     if not path.is_file():
         return None
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return read_json(path)
     except ValueError:
         raise TndError(f"{path}: not valid JSON; rerun the stage that writes it (dvc repro)") from None
 
 
 def _csv_rows(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    with open(path, newline="", encoding="utf-8") as handle:
-        return list(csv.DictReader(handle))
+    return read_csv(path) if path.is_file() else []
 
 
 def health(params: Params, run: Tracker) -> None:

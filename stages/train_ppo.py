@@ -11,17 +11,12 @@ Writes models/student/, metrics/train.json (step-1 / final / mean-of-last-10 fig
 and tokens/s), plots/train.csv (one row per step: `step` + every trainer stat) and
 plots/train_trial_words.csv (each nursery content word's count, `trained_count`, in the trials that entered a
 PPO update over the run: the practice evaluate sets against how well the word is known; none in demos_only and
-lm_only, whose trials are sampled for monitoring only). Every
-ppo.save_every steps and after the last one it checkpoints into checkpoints/ppo/:
-
-    latest.json      names the checkpoint to resume from; replaced atomically once a new one is complete
-    step-NNNNNN/     the trainer's save_checkpoint (accelerate's save_state: weights and optimizers,
-                     sharded under FSDP; RNG states per process; the trainer's own state) and run.pt:
-                     the csv rows so far, the trial word counts, the initial student (built-in students) and a meta block
-                     (params fingerprint, step, fingerprints of teacher, reward model, tokenizer, cache)
+lm_only, whose trials are sampled for monitoring only). Every ppo.save_every steps and after the last one it
+checkpoints into checkpoints/ppo/ (the layout: tnd/checkpoint.py).
 
 With ppo.keep_student_snapshots, the student's weights are also kept at the steps of
-ppo.snapshot_schedule (log: log-spaced, 1, 2, 3, 4, 6, 10, 16, ..., and the last; every: each
+ppo.snapshot_schedule (paper: every 2 steps to 20, every 5 to 100, every 10 to 500, every 50 beyond; log: log-spaced,
+1, 2, 3, 4, 6, 10, 16, ..., and the last; every: each
 checkpoint) in checkpoints/ppo/students/step-NNNNNN.pt, from which evaluate draws the word-surprisal
 learning curve and the words' ages of acquisition (nAoA). On several nodes, checkpoints/ must be on storage that every node sees.
 
@@ -40,30 +35,29 @@ share of every batch, and process 0 alone writes the outputs and logs to MLflow.
 
 from __future__ import annotations
 
-import csv
 import hashlib
-import io
-import json
 import math
 import os
-import shutil
 import sys
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
-import torch
 from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
 from tnd.batching import encode_for_lm
 from tnd.cache import TeacherCache, fingerprint_model, fingerprint_tokenizer
+from tnd.checkpoint import (
+    CHECKPOINT_FORMAT, LATEST, atomic_torch_save, check_checkpoint, delete_hint, drop_checkpoints,
+    drop_snapshots_after, read_checkpoint, snapshot_due, training_fingerprint, write_checkpoint,
+)
 from tnd.config import Params
 from tnd.data import nursery
 from tnd.data.tokenizer import load_tokenizer
 from tnd.engine import make_accelerator
 from tnd.errors import TndError, one_line
-from tnd.evaluation import word_counts
-from tnd.io import atomic_write_bytes, atomic_write_csv, atomic_write_json, atomic_write_text
+from tnd.evaluation import grammatical_count, word_counts
+from tnd.io import atomic_write_csv, atomic_write_json, read_json
 from tnd.models import build_causal_lm, load_causal_lm, save_model
 from tnd.numbers import finite, finite_mean
 from tnd.tracking import Tracker
@@ -74,36 +68,21 @@ from tnd.trainers.reward import load_reward_model
 
 from stages.common import (
     CACHE, CHECKPOINTS, INITIAL_STUDENT, METRICS, PLOTS, PREPARED, REWARD, STUDENT, TEACHER, TOKENIZER,
-    check_positions, fmt, prepared_rows, run_stage, snapshot_due, snapshot_path, snapshot_steps, validation_logger,
+    check_positions, fmt, prepared_rows, run_stage, snapshot_path, snapshot_steps, validation_logger,
 )
 
-CHECKPOINT_FORMAT = 5  # 4: run.pt holds trial_words; 5: only the trials that entered an update are counted
-LATEST = "latest.json"  # names the checkpoint to resume from; replaced, atomically, only once a new one is complete
-RUN_STATE = "run.pt"  # the stage's part of a checkpoint: meta, csv rows so far, trial word counts, the initial student
-# The params that change what training computes (not tracking/eval, not kernels.backend, not save_every).
-TRAINING_SECTIONS = ("seed", "data", "tokenizer", "teacher", "reward", "cache", "student", "ppo", "distill", "tnd",
-                     "engine")
-CSV_COLUMNS = ("step", *STAT_KEYS)
+CSV_COLUMNS = ("step", *STAT_KEYS, "trials/grammaticality")  # the last: nursery data only
 SUMMARY = {  # metrics/train.json name -> trainer stat
     "reward": "env/reward_mean", "score": "env/score_mean", "kl": "objective/kl", "kl_coef": "objective/kl_coef",
     "entropy": "objective/entropy", "response_length": "tokens/response_length", "loss_total": "loss/total",
     "loss_policy": "loss/policy", "loss_value": "loss/value", "loss_distill": "loss/distill",
     "loss_online_distill": "loss/online_distill", "loss_lm": "loss/lm",
 }
-DELETE = f"delete it (rm -r {CHECKPOINTS}) to start over"
-
-
-def training_fingerprint(params: Params) -> str:
-    dump = params.model_dump(mode="json")
-    blob = {key: dump[key] for key in TRAINING_SECTIONS}
-    blob["ppo"] = {k: v for k, v in blob["ppo"].items()
-                   if k not in ("save_every", "keep_student_snapshots", "snapshot_schedule")}
-    return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _read_json(path: Path, stage: str) -> Any:
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return read_json(path)
     except (OSError, ValueError) as exc:
         raise TndError(f"{path}: cannot be read ({one_line(exc, 120)}); run `dvc repro {stage}`") from None
 
@@ -117,107 +96,13 @@ def reward_seed(path: Path) -> dict:
     return {"reward_mean": stats["mean"], "reward_std": stats["std"], "reward_count": count}
 
 
-# --- checkpoints -----------------------------------------------------------------------------
-
-
-def read_checkpoint(root: Path) -> Optional[dict]:
-    """The checkpoint latest.json names (meta, rows, initial_student, and `dir` for load_checkpoint), or None."""
-    if (root / "state.pt").exists():
-        raise TndError(f"{root / 'state.pt'}: a checkpoint in the one-file format of an older tnd, which cannot be "
-                       f"resumed; {DELETE}")
-    latest = root / LATEST
-    if not latest.is_file():
-        return None
-    try:
-        pointer = json.loads(latest.read_text())
-        if pointer.get("format_version") != CHECKPOINT_FORMAT:
-            raise ValueError(f"unknown checkpoint format {pointer.get('format_version')!r}")
-        directory = root / pointer["dir"]
-        ckpt = torch.load(io.BytesIO((directory / RUN_STATE).read_bytes()), map_location="cpu", weights_only=True)
-        if not {"meta", "rows", "trial_words"} <= ckpt.keys():
-            raise ValueError(f"{RUN_STATE} lacks meta, rows or trial_words")
-    except Exception as exc:
-        raise TndError(
-            f"{latest}: the checkpoint it names cannot be read (truncated or corrupted: "
-            f"{one_line(exc, 120)}); {DELETE}"
-        ) from None
-    return {**ckpt, "dir": directory}
-
-
-def check_checkpoint(where: str, old: dict, new: dict) -> None:
-    """Refuse to resume an unfinished run under other params or inputs."""
-    where = f"{where}: checkpoint of an unfinished run (step {old['step']} of {old['steps']})"
-    if old["params_fingerprint"] != new["params_fingerprint"]:
-        raise TndError(
-            f"{where} was written with different training params (fingerprint {old['params_fingerprint']}, "
-            f"now {new['params_fingerprint']}); restore those params to resume it, or {DELETE}"
-        )
-    for key in ("tokenizer_fingerprint", "teacher_fingerprint", "reward_fingerprint", "cache_fingerprint"):
-        if old[key] != new[key]:
-            what = key.removesuffix("_fingerprint")
-            raise TndError(f"{where} was trained against a different {what} (it changed since); {DELETE}")
-
-
-def atomic_torch_save(path: Path, obj: Any) -> None:
-    buffer = io.BytesIO()
-    torch.save(obj, buffer)
-    atomic_write_bytes(path, buffer.getvalue())
-
-
-def write_checkpoint(root: Path, trainer: CustomPPOTrainer, meta: dict, rows: list, trial_words: dict,
-                     initial: Optional[dict]) -> None:
-    """Every process: the trainer into step-NNNNNN/ (save_checkpoint), process 0 the stage's part beside it,
-    then latest.json names it and the older one goes. Until latest.json is replaced it names the previous,
-    complete checkpoint, so a crash or kill at any point leaves one to resume from."""
-    accelerator, main = trainer.accelerator, trainer.accelerator.is_main_process
-    target = root / f"step-{trainer.global_step:06d}"
-    try:
-        if main and target.exists():  # a save that was interrupted, which latest.json never named
-            shutil.rmtree(target)
-        accelerator.wait_for_everyone()
-        trainer.save_checkpoint(target)
-        if main:
-            state = {"meta": {**meta, "step": trainer.global_step}, "rows": rows, "trial_words": trial_words,
-                     "initial_student": initial}
-            atomic_torch_save(target / RUN_STATE, state)
-        accelerator.wait_for_everyone()
-    except BaseException:
-        if main:
-            shutil.rmtree(target, ignore_errors=True)
-        raise
-    if main:
-        atomic_write_json(root / LATEST, {"format_version": CHECKPOINT_FORMAT, "step": trainer.global_step,
-                                          "dir": target.name})
-        drop_checkpoints(root, keep=target)
-
-
-def drop_checkpoints(root: Path, keep: Optional[Path]) -> None:
-    """Every step-NNNNNN/ but `keep`: superseded, interrupted, or (keep None) of a finished earlier run."""
-    for directory in root.glob("step-*"):
-        if directory != keep:
-            shutil.rmtree(directory)
-
-
-def drop_snapshots_after(step: int) -> None:
-    """Snapshots past the resume point (or all, step 0, for a fresh run) belong to no run any more."""
-    for later in snapshot_steps():
-        if later > step:
-            snapshot_path(later).unlink()
-
-
 # --- outputs ---------------------------------------------------------------------------------
 
 
-def _cell(value: float) -> str:
-    return "" if isinstance(value, float) and math.isnan(value) else repr(value)
-
-
 def write_csv(path: Path, rows: list[dict]) -> None:
-    out = io.StringIO()
-    writer = csv.writer(out, lineterminator="\n")
-    writer.writerow(CSV_COLUMNS)
-    writer.writerows([[_cell(row[key]) for key in CSV_COLUMNS] for row in rows])
-    atomic_write_text(path, out.getvalue())
+    """plots/train.csv: a NaN stat (e.g. no finite reward that step) is an empty cell, as dvc plots reads it."""
+    cells = [{k: None if isinstance(v, float) and math.isnan(v) else v for k, v in row.items()} for row in rows]
+    atomic_write_csv(path, cells, CSV_COLUMNS)
 
 
 def summarise(rows: list[dict], batch_size: int) -> dict:
@@ -282,7 +167,7 @@ def train_ppo(params: Params, run: Tracker) -> None:
             print(f"train_ppo: {ckpt['dir']} is from a finished run; starting afresh")
         ckpt = None
     if ckpt is not None:
-        check_checkpoint(str(ckpt["dir"]), ckpt["meta"], meta)
+        check_checkpoint(str(ckpt["dir"]), ckpt["meta"], meta, root)
     accelerator.wait_for_everyone()  # every process has read the checkpoint before process 0 tidies up
     if main:
         for stale in root.rglob(".*.tmp"):  # checkpoint or snapshot temp left by a kill mid-write
@@ -327,19 +212,25 @@ def train_ppo(params: Params, run: Tracker) -> None:
         except Exception as exc:
             raise TndError(
                 f"{ckpt['dir']}: the trainer's checkpoint cannot be read (truncated or corrupted: "
-                f"{one_line(exc, 120)}); {DELETE}"
+                f"{one_line(exc, 120)}); {delete_hint(root)}"
             ) from None
         rows, trial_words = list(ckpt["rows"]), dict(ckpt["trial_words"])
         if main:
             print(f"train_ppo: resuming from {ckpt['dir']} at step {trainer.global_step} of {config.steps}")
     del ckpt
     if main:
-        drop_snapshots_after(trainer.global_step)
+        drop_snapshots_after({step: snapshot_path(step) for step in snapshot_steps()}, trainer.global_step)
 
     csv_path = Path(PLOTS) / "train.csv"
     progress = tqdm(total=config.steps, initial=trainer.global_step, desc="ppo", disable=not main)
 
+    nursery_data = params.data.source == "nursery"
+
     def on_step(stats: dict, step: int) -> None:
+        if nursery_data:  # the grammaticality of the student's free samples as it trains, over all processes
+            local = (grammatical_count(tokenizer, trainer.last_trial_prompts, trainer.last_trials), len(trainer.last_trials))
+            ok, n = map(sum, zip(*gather_object([local])))
+            stats = {**stats, "trials/grammaticality": ok / n if n else math.nan}
         rows.append({"step": step, **stats})
         practised = word_counts(tokenizer.batch_decode(trainer.trained_trials, skip_special_tokens=True),
                                 nursery.CONTENT_WORDS)

@@ -34,6 +34,54 @@ TINY = {
 }
 
 
+# The tiny corpus the trainer tests share: a tokenizer and models on it are built in a second or two.
+SENTENCES = [
+    "the cat sat on the mat .",
+    "a dog runs in the park .",
+    "the bird sings a song .",
+    "my mom reads a book .",
+    "the baby likes the red ball .",
+    "we see the big tree .",
+    "she eats an apple .",
+    "he jumps over the log .",
+] * 4
+
+
+# tnd is imported inside these helpers: this conftest is also loaded for tests/kernels, which need only torch.
+def tiny_arch():
+    """The shape of the trainer tests' models: one layer, 16 wide."""
+    from tnd.config import ArchParams
+
+    return ArchParams(hidden_size=16, num_layers=1, num_heads=2, intermediate_size=32, max_position_embeddings=64)
+
+
+def tiny_tokenizer():
+    """A byte-level BPE on SENTENCES; the same merges every time (also in a test's worker processes)."""
+    from tnd.data.tokenizer import train_bpe
+
+    return train_bpe(SENTENCES, vocab_size=300, min_frequency=1)
+
+
+def tiny_prompts(tokenizer, tokens: int | None = None) -> list[list[int]]:
+    """bos + the first `tokens` tokens of each of the first 8 sentences, or (None) of 1 to 3 in turn."""
+    out = []
+    for i, text in enumerate(SENTENCES[:8]):
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        out.append([tokenizer.bos_token_id] + ids[: tokens if tokens is not None else 1 + i % 3])
+    return out
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    """tiny_tokenizer(); a test module with a corpus of its own defines its own `tokenizer`."""
+    return tiny_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def prompts(tokenizer):
+    return tiny_prompts(tokenizer)
+
+
 def merge(base: dict, override: dict) -> dict:
     out = copy.deepcopy(base)
     for key, value in override.items():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -14,6 +15,7 @@ import yaml
 from tests.conftest import ROOT
 
 
+@pytest.mark.slow
 def test_ppo_step_benchmark_smoke(tmp_path):
     out = tmp_path / "ppo_step.json"
     proc = subprocess.run(
@@ -29,6 +31,7 @@ def test_ppo_step_benchmark_smoke(tmp_path):
     assert "trl" not in record["results"]
 
 
+@pytest.mark.slow
 def test_run_gpu_script_cpu_smoke():
     """benchmarks/run_gpu.sh --cpu-smoke: the GPU script end to end on CPU at tiny sizes (interpreted kernels):
     every pipeline stage under the gpu_small preset shrunk (without dvc, mlflow or datasets), kernel tests,
@@ -53,6 +56,7 @@ def test_run_gpu_script_cpu_smoke():
     assert [record["results"][b]["checkpoint_roundtrip_max_rel_diff"] for b in ("triton", "torch")] == [0.0, 0.0]
 
 
+@pytest.mark.slow
 def test_ddp_sync_benchmark_smoke(tmp_path):
     """Two gloo processes: DDP's synchronised and local backward, a flat and a per-parameter all-reduce."""
     out = tmp_path / "ddp.json"
@@ -66,12 +70,14 @@ def test_ddp_sync_benchmark_smoke(tmp_path):
     assert record["flat_allreduce_ms"] > 0 and record["per_param_ms"] > 0 and record["step_s"] > 0
 
 
+@pytest.mark.slow
 def test_cache_format_benchmark_smoke(tmp_path):
-    """Bytes per token of the old and new layouts at both vocabularies, and the reconstruction KL of a 32k-style
-    teacher (tiny here), come out of the script."""
+    """Bytes per token of the old and new layouts at both vocabularies, the reconstruction KL of a 32k-style
+    teacher (tiny here), and the bytes-vs-quality curve (one end-to-end setting) come out of the script."""
     out = tmp_path / "cache.json"
     proc = subprocess.run(
-        [sys.executable, "benchmarks/cache_format.py", "--smoke", "--project", str(tmp_path), "--out", str(out)],
+        [sys.executable, "benchmarks/cache_format.py", "--smoke", "--project", str(tmp_path), "--out", str(out),
+         "--e2e", "sampled S=4", "--seeds", "1"],
         cwd=ROOT, capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -82,27 +88,49 @@ def test_cache_format_benchmark_smoke(tmp_path):
     teacher = record["reconstruction"][-1]
     assert teacher["rows"] > 0 and set(teacher["kl"]) == {"compact", "float16", "bfloat16"}
     assert all(stats["mean"] >= 0 for stats in teacher["kl"].values())
+    curve = record["curve"]
+    for vocab in ("32000", "128256"):
+        row = curve["bytes_per_token"][vocab]
+        assert set(row) == {f"topk_tail k={k}" for k in (8, 32, 64, 128)} | {f"sampled S={s}" for s in (4, 12, 32)}
+        assert row["sampled S=4"] < row["sampled S=12"] < row["sampled S=32"] < row["topk_tail k=128"]
+    assert curve["teacher_32k"]["sampled S=12"]["kl_stored_from_teacher"] is None  # infinite: not defined
+    (run,) = curve["end_to_end"]["runs"]
+    assert run["setting"] == "sampled S=4" and math.isfinite(run["kl_to_teacher"]) and run["bytes_per_token"] > 0
 
 
+@pytest.mark.slow
 def test_tnd_study_smoke(tmp_path):
-    """The study as queued DVC experiments, on HEAD's code at tiny sizes: two modes, one seed."""
+    """The study as queued DVC experiments, on HEAD's code at tiny sizes: two arms, one seed; then --collect
+    reads the same figures back from its scratch project."""
     if subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True).returncode:
         pytest.skip("the study archives a git revision of the checkout; this copy is not a git checkout")
     out = tmp_path / "study.json"
+    common = ["--smoke", "--recipes", "default", "--arms", "trials_and_demos", "lm_on_rollout", "--seeds", "1"]
     proc = subprocess.run(
-        [sys.executable, "benchmarks/tnd_study.py", "--smoke", "--recipes", "default", "--modes", "trials_and_demos",
-         "lm_only", "--seeds", "1", "--workdir", str(tmp_path / "work"), "--out", str(out)],
+        [sys.executable, "benchmarks/tnd_study.py", *common, "--steps", "4", "--workdir", str(tmp_path / "work"),
+         "--out", str(out)],
         cwd=ROOT, capture_output=True, text=True, timeout=900,
     )
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     record = json.loads(out.read_text())
-    assert set(record["runs"]) == {"default-trials-and-demos-s1", "default-lm-only-s1"}
-    for mode in ("trials_and_demos", "lm_only"):
-        summary = record["summary"]["default"][mode]
+    assert set(record["runs"]) == {"default-trials-and-demos-s1", "default-lm-on-rollout-s1"}
+    assert record["meta"]["missing"] == {"default": []}
+    for arm in ("trials_and_demos", "lm_on_rollout"):
+        summary = record["summary"]["default"][arm]
         assert summary["perplexity"]["n"] == 1 and summary["perplexity"]["mean"] > 1
-    assert "| default | lm_only |" in proc.stdout
+        assert summary["seconds_per_step"]["mean"] > 0 and summary["words_acquired"]["n"] == 1
+        vocabulary = record["curves"]["default"][arm]["vocabulary"]
+        assert [x for x, _ in vocabulary][0] == 0 and len(vocabulary) >= 3  # step 0 and the paper's snapshots
+    assert "| default | lm_on_rollout |" in proc.stdout
     assert record["runs"]["default-trials-and-demos-s1"]["naoa_t50_minus_base"] is None  # the base itself
-    assert isinstance(record["runs"]["default-lm-only-s1"]["common_words"], int)
+    assert isinstance(record["runs"]["default-lm-on-rollout-s1"]["common_words"], int)
+    for kind in ("vocabulary", "grammaticality"):
+        assert (tmp_path / f"study-default-{kind}.png").read_bytes()[:4] == b"\x89PNG"
+    again = tmp_path / "again.json"
+    proc = subprocess.run([sys.executable, "benchmarks/tnd_study.py", *common, "--collect", str(tmp_path / "work"),
+                           "--out", str(again)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    assert json.loads(again.read_text())["runs"] == record["runs"]
 
 
 def test_tnd_study_pairs_words_both_modes_fit():

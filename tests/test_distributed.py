@@ -18,9 +18,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from stages.common import free_port
-from tests.test_ppo import SENTENCES, make_trainer
+from tests.conftest import SENTENCES, tiny_arch, tiny_prompts, tiny_tokenizer
+from tests.test_ppo import make_trainer
 from tests.test_train_ppo import PPO, ready, upstream  # noqa: F401 (fixtures)
-from tnd.data.tokenizer import train_bpe
 
 pytestmark = pytest.mark.slow
 
@@ -35,9 +35,8 @@ def _join(rank: int, port: int) -> None:
 def _worker(rank: int, port: int, out_dir: str) -> None:
     _join(rank, port)
     torch.manual_seed(0)
-    tokenizer = train_bpe(SENTENCES, vocab_size=300, min_frequency=1)
-    prompts = [[tokenizer.bos_token_id, *tokenizer(text, add_special_tokens=False)["input_ids"][:2]]
-               for text in SENTENCES[:8]]
+    tokenizer = tiny_tokenizer()
+    prompts = tiny_prompts(tokenizer, 2)
     # early stopping on: its KL is summed over the processes after every epoch
     trainer = make_trainer(tokenizer, prompts, early_stopping=True)
     seen = []
@@ -69,18 +68,16 @@ def _warm_up_worker(rank: int, port: int, out_dir: str) -> None:
     from tnd.engine import make_accelerator
     from tnd.models import build_causal_lm
     from tnd.trainers.lm import pretrain_lm
-    from tests.test_ppo import TINY
 
-    tokenizer = train_bpe(SENTENCES, vocab_size=300, min_frequency=1)
-    student = build_causal_lm(TINY, tokenizer, 2)
+    tokenizer = tiny_tokenizer()
+    student = build_causal_lm(tiny_arch(), tokenizer, 2)
     cfg = LMTrainParams(steps=6, batch_size=4, learning_rate=3e-3, warmup_steps=1, max_length=16, eval_every=2,
                         eval_size=4)
     curve = []
     summary = pretrain_lm(student, tokenizer, SENTENCES, cfg, seed=0, eval_texts=SENTENCES[:4],
                           accelerator=make_accelerator(), on_eval=curve.append)
     warm = torch.cat([p.detach().flatten() for p in student.parameters()])
-    prompts = [[tokenizer.bos_token_id, *tokenizer(text, add_special_tokens=False)["input_ids"][:2]]
-               for text in SENTENCES[:8]]
+    prompts = tiny_prompts(tokenizer, 2)
     trainer = make_trainer(tokenizer, prompts)
     trainer.student.load_state_dict(student.state_dict())
     trainer.train(1)
@@ -101,9 +98,8 @@ def test_two_process_warm_up_then_ppo_keep_one_student(tmp_path):
 def _resume_worker(rank: int, port: int, out_dir: str) -> None:
     """3 steps straight, and 2 steps + save_checkpoint (every process) + load_checkpoint + 1 step."""
     _join(rank, port)
-    tokenizer = train_bpe(SENTENCES, vocab_size=300, min_frequency=1)
-    prompts = [[tokenizer.bos_token_id, *tokenizer(text, add_special_tokens=False)["input_ids"][:2]]
-               for text in SENTENCES[:8]]
+    tokenizer = tiny_tokenizer()
+    prompts = tiny_prompts(tokenizer, 2)
     straight = make_trainer(tokenizer, prompts)
     straight.train(3)
     first = make_trainer(tokenizer, prompts)
@@ -126,9 +122,8 @@ def test_two_process_resume_is_bit_exact(tmp_path):
 
 
 def _value_head_after_a_demos_only_step() -> torch.Tensor:
-    tokenizer = train_bpe(SENTENCES, vocab_size=300, min_frequency=1)
-    prompts = [[tokenizer.bos_token_id, *tokenizer(text, add_special_tokens=False)["input_ids"][:2]]
-               for text in SENTENCES[:8]]
+    tokenizer = tiny_tokenizer()
+    prompts = tiny_prompts(tokenizer, 2)
     # demos_only with LM steps: nothing in the step reads the value head, so it has no gradient
     trainer = make_trainer(tokenizer, prompts, mode="demos_only", lm_steps_per_ppo_step=1,
                            optimizer_kwargs={"weight_decay": 0.1})
@@ -161,9 +156,8 @@ def _one_update_on_a_fixed_batch(unequal: bool) -> torch.Tensor:
     averaged over the processes, would weigh process 1's tokens 6 times as much."""
     from tnd.engine import shard
 
-    tokenizer = train_bpe(SENTENCES, vocab_size=300, min_frequency=1)
-    prompts = [[tokenizer.bos_token_id, *tokenizer(text, add_special_tokens=False)["input_ids"][: 1 + i % 3]]
-               for i, text in enumerate(SENTENCES[:8])]
+    tokenizer = tiny_tokenizer()
+    prompts = tiny_prompts(tokenizer)
     lengths = [6 if i % 2 == 0 else 1 for i in range(8)] if unequal else [4] * 8
     responses = [[20 + i + 10 * t for t in range(n)] for i, n in enumerate(lengths)]
     scores = torch.linspace(-1.0, 1.0, 8)
@@ -197,8 +191,8 @@ def test_one_process_and_two_make_the_same_update_on_the_same_global_batch(tmp_p
 
 def _demo_update() -> torch.Tensor:
     """One demos_only epoch (SGD, 4 mini-batches) on one step's 4 demonstrations: every mini-batch gets one."""
-    tokenizer = train_bpe(SENTENCES, vocab_size=300, min_frequency=1)
-    prompts = [[tokenizer.bos_token_id, *tokenizer(t, add_special_tokens=False)["input_ids"][:2]] for t in SENTENCES[:8]]
+    tokenizer = tiny_tokenizer()
+    prompts = tiny_prompts(tokenizer, 2)
     trainer = make_trainer(tokenizer, prompts, mode="demos_only", batch_size=8, mini_batch_size=2, demo_batch_size=4,
                            ppo_epochs=1, optimizer_name="SGD", learning_rate=0.1, max_grad_norm=1e9)
     trainer.global_step = 1
@@ -226,7 +220,7 @@ def test_two_processes_distil_as_much_as_one_when_demonstrations_are_fewer_than_
 
 
 def test_batches_too_small_to_share_are_a_clear_error(tmp_path):
-    tokenizer = train_bpe(SENTENCES, vocab_size=300, min_frequency=1)
+    tokenizer = tiny_tokenizer()
     prompts = [[tokenizer.bos_token_id, 5]]
     # an accelerator of two processes, as far as the checks read it
     two = SimpleNamespace(num_processes=2, process_index=0, device=torch.device("cpu"), gradient_accumulation_steps=1,

@@ -103,6 +103,7 @@ def test_covered_follows_files_and_directories():
     assert not covered("tnd/data_extra.py", ["tnd/data"]) and not covered("tnd/models.py", ["tnd/trainers"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stage", list(STAGES))
 def test_deps_cover_every_project_file_the_stage_imports(stage):
     deps = STAGES[stage]["deps"]

@@ -14,6 +14,7 @@ from tnd.data import nursery
 from tnd.data.tokenizer import train_bpe
 from tnd.evaluation import (
     WordOccurrence,
+    chance_surprisals,
     distinct_n,
     locate_words,
     mean_word_surprisal,
@@ -178,8 +179,8 @@ def test_evaluate_stage_end_to_end(project, capsys):
     write_snapshot(5, midway)
     (p / "plots").mkdir(exist_ok=True)
     (p / "plots/train.csv").write_text(
-        "step,env/reward_mean,objective/kl,objective/kl_coef,loss/policy,loss/value,loss/distill\n"
-        "1,0.1,0.5,0.05,0.2,0.3,1.0\n2,0.2,0.4,0.05,0.1,0.2,0.9\n"
+        "step,env/reward_mean,objective/kl,objective/kl_coef,loss/policy,loss/value,loss/distill,student/updates\n"
+        + "".join(f"{s},0.1,0.5,0.05,0.2,0.3,1.0,{4 * s}\n" for s in range(1, 11))
     )
     (p / "plots/train_trial_words.csv").write_text("word,trained_count\ndog,7\ncat,3\nfish,1\n")
 
@@ -190,8 +191,8 @@ def test_evaluate_stage_end_to_end(project, capsys):
     # are too few snapshots for a fit anyway, which the note says
     naoa = metrics.pop("naoa")
     practised = metrics.pop("practice")
-    assert set(naoa) == {"overall", "noun", "verb", "adjective", "name", "note"}
-    assert "ppo.snapshot_schedule: log" in naoa["note"]
+    assert set(naoa) == {"overall", "noun", "verb", "adjective", "name", "note", "scale", "acquired"}
+    assert "ppo.snapshot_schedule: paper" in naoa["note"]
     assert naoa["overall"]["not_learned"] == naoa["overall"]["words"] > 0 and naoa["overall"]["t50"] is None
     assert sum(naoa[c]["words"] for c in evaluate.WORD_CATEGORIES) == naoa["overall"]["words"]
     keys = set(evaluate.KEYS)
@@ -226,12 +227,19 @@ def test_evaluate_stage_end_to_end(project, capsys):
         assert row["student"] == row["teacher"]
     curve = _read_csv(p / "plots/eval_word_curve.csv")
     assert [int(r["step"]) for r in curve] == [0, 5, 10]  # initial student, the snapshot, the final student
-    assert list(curve[0])[:6] == ["step", "mean", "noun", "verb", "adjective", "name"]
+    assert list(curve[0])[:7] == ["step", "updates", "mean", "noun", "verb", "adjective", "name"]
+    assert [int(r["updates"]) for r in curve] == [0, 20, 40]  # from train.csv's student/updates
+    acquired = int(curve[0]["vocabulary"])
+    assert int(curve[2]["vocabulary"]) == naoa["acquired"] == acquired and int(curve[1]["vocabulary"]) < acquired
     assert float(curve[0]["mean"]) == pytest.approx(metrics["initial_student"]["word_surprisal"])
     assert float(curve[2]["mean"]) == pytest.approx(metrics["student"]["word_surprisal"])
     texts = [row["text"] for row in read_jsonl(p / "data/prepared/eval.jsonl")]
     content = [w for c in evaluate.WORD_CATEGORIES for w in nursery.WORDS_BY_CATEGORY[c]]
     sequences, occurrences = locate_words(tokenizer, texts, content, params.eval.max_length)
+    # on the shared scale the student, the teacher itself, sits at the floor: acquired, every word the teacher
+    # knows better than chance (the random student at step 5 knows fewer)
+    chance = chance_surprisals(occurrences, len(tokenizer))
+    assert acquired == sum(float(w["teacher"]) < chance[w["word"]] for w in words) > 0
     logprobs = sequence_logprobs(midway, sequences, tokenizer.pad_token_id, params.eval.batch_size)
     by_hand = word_surprisals(logprobs, occurrences)
     assert float(curve[1]["mean"]) == pytest.approx(mean_word_surprisal(by_hand))

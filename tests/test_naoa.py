@@ -12,12 +12,17 @@ import pytest
 import torch
 import yaml
 
-from stages.common import snapshot_due
-from tests.conftest import tiny_params
-from tnd.config import ArchParams, parse_params
-from tnd.data.tokenizer import train_bpe
+from tests.conftest import SENTENCES, tiny_arch, tiny_params, tiny_prompts
+from tnd.checkpoint import snapshot_due
+from tnd.config import parse_params
 from tnd.errors import ParamsError
 from tnd.evaluation import (
+    WordOccurrence,
+    chance_surprisals,
+    effective_vocabulary,
+    half_way,
+    on_shared_scale,
+    shared_cutoff,
     NAOA_THRESHOLDS,
     WordAcquisition,
     fitted_surprisal,
@@ -55,6 +60,14 @@ def test_log_schedule_keeps_five_log_spaced_steps_per_decade_and_the_last():
     assert [s for s in range(0, 1001) if snapshot_due(s, 1000, "log", 25)][-6:] == [100, 158, 251, 398, 631, 1000]
     # every: at each checkpoint (save_every) and the last
     assert [s for s in range(0, 11) if snapshot_due(s, 10, "every", 4)] == [4, 8, 10]
+
+
+def test_paper_schedule_keeps_every_2_steps_to_20_every_5_to_100_every_10_to_500_then_every_50():
+    kept = [s for s in range(0, 1001) if snapshot_due(s, 1001, "paper", 25)]
+    assert kept[:12] == [2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 25, 30]
+    assert [s for s in kept if 90 <= s <= 130] == [90, 95, 100, 110, 120, 130]
+    assert [s for s in kept if 480 <= s] == [480, 490, 500, 550, 600, 650, 700, 750, 800, 850, 900, 950, 1000]
+    assert [s for s in range(0, 8) if snapshot_due(s, 7, "paper", 25)] == [2, 4, 6, 7]  # and the last
 
 
 # --- nAoA of one word ---------------------------------------------------------------------------
@@ -138,6 +151,44 @@ def test_too_few_snapshots_and_failed_fits_have_no_naoa():
     assert fit.status == "fit_failed" and fit.naoa == {t: None for t in NAOA_THRESHOLDS} and fit.midpoint is None
 
 
+# --- the shared scale: chance to the teacher, the same for every run --------------------------------
+
+
+def test_shared_scale_crosses_the_same_surprisal_in_every_run():
+    """Two runs of one word from the same warm start: one ends at the teacher's surprisal, one stops half-way
+    there. Per run, both are half-way at the same step; on the shared scale (chance 12 bits, teacher 2) the
+    one that stopped short reaches the 0.9 cutoff never (censored at the last step), the other does."""
+    steps = LOG_STEPS[: LOG_STEPS.index(1000) + 1]
+    good = word_acquisition(steps, sigmoid_curve(steps, 8.0, 2.0, 1.5, 4.0))
+    short = word_acquisition(steps, sigmoid_curve(steps, 8.0, 5.0, 1.5, 4.0))
+    assert good.naoa[0.5] == pytest.approx(short.naoa[0.5], abs=1e-3)  # the per-run scale cannot tell them apart
+    chance, teacher = 12.0, 2.0
+    good_s, short_s = (on_shared_scale(f, steps, chance, teacher) for f in (good, short))
+    # good: the cutoff at t is 12 - 10 t bits, (8 - cutoff) / (8 - 2) of its own way
+    for t in NAOA_THRESHOLDS:
+        own = (good.initial - shared_cutoff(chance, teacher, t)) / (good.initial - good.final)
+        assert good_s.naoa[t] == pytest.approx(crossing(good.midpoint, good.slope, own), abs=1e-9), t
+    assert good_s.naoa[0.5] < good.naoa[0.5]  # 7 bits is a sixth of its own way down from 8
+    known = on_shared_scale(word_acquisition(steps, sigmoid_curve(steps, 6.5, 2.0, 1.5, 4.0)), steps, chance, teacher)
+    assert known.naoa[0.5] == 0.0 and not known.censored[0.5]  # 7 bits: passed before the first snapshot
+    assert short_s.censored[0.9] and short_s.naoa[0.9] == pytest.approx(3.0)  # 3 bits: never below 5
+    assert not good_s.censored[0.9] and good_s.naoa[0.9] < short_s.naoa[0.9]
+    assert on_shared_scale(good, steps, 2.0, 2.0).status == "no_scale"
+    failed = word_acquisition(steps, [7.0] * len(steps))
+    assert on_shared_scale(failed, steps, chance, teacher) is failed
+
+
+def test_chance_and_effective_vocabulary():
+    occurrences = [WordOccurrence(0, "dog", (1,)), WordOccurrence(1, "dog", (2, 3)), WordOccurrence(0, "cat", (4,))]
+    chance = chance_surprisals(occurrences, 256)
+    assert chance == {"cat": 8.0, "dog": 12.0}  # 1 and 2 tokens of 8 bits each, averaged
+    cutoffs = half_way({"cat": (8.0, 2.0), "dog": (12.0, 4.0)})
+    assert cutoffs == {"cat": 5.0, "dog": 8.0}
+    curve = [{"word:cat": 7.0, "word:dog": 11.0}, {"word:cat": 5.0, "word:dog": 9.0},
+             {"word:cat": 4.0, "word:dog": 7.5}, {"word:cat": float("nan"), "word:dog": None}]
+    assert effective_vocabulary(curve, cutoffs) == [0, 1, 2, 0]
+
+
 # --- per category ---------------------------------------------------------------------------------
 
 
@@ -163,7 +214,7 @@ def test_summary_averages_fitted_words_per_category_and_counts_the_rest():
     assert noun["censored"] == {"t50": 0, "t60": 0, "t70": 0, "t80": 0, "t90": 1, "t95": 1}
     assert out["verb"]["t70"] == pytest.approx(0.5) and out["verb"]["fit_failed"] == 1
     assert out["adjective"]["t50"] is None and out["adjective"]["too_few_points"] == 1
-    assert out["name"] == {"words": 0, "fitted": 0, "not_learned": 0, "too_few_points": 0, "fit_failed": 0,
+    assert out["name"] == {"words": 0, "fitted": 0, "not_learned": 0, "too_few_points": 0, "fit_failed": 0, "no_scale": 0,
                            **{threshold_key(t): None for t in NAOA_THRESHOLDS},
                            "censored": {threshold_key(t): 0 for t in NAOA_THRESHOLDS}}
     overall = out["overall"]
@@ -200,13 +251,11 @@ def test_lm_only_needs_lm_steps_on_the_corpus():
     assert CustomPPOConfig.from_params(parse_params(base)).mode == "lm_only"
 
 
-def test_lm_only_changes_the_student_only_through_lm_steps_on_the_corpus():
-    sentences = ["the cat sat on the mat .", "a dog runs in the park .", "we see the big tree ."] * 4
-    tokenizer = train_bpe(sentences, vocab_size=300, min_frequency=1)
-    arch = ArchParams(hidden_size=16, num_layers=1, num_heads=2, intermediate_size=32, max_position_embeddings=64)
-    prompts = [[tokenizer.bos_token_id] + tokenizer(s, add_special_tokens=False)["input_ids"][:2] for s in sentences]
+def test_lm_only_changes_the_student_only_through_lm_steps_on_the_corpus(tokenizer):
+    arch = tiny_arch()
+    prompts = tiny_prompts(tokenizer, 2)
     corpus = [[tokenizer.bos_token_id, *tokenizer(s, add_special_tokens=False)["input_ids"], tokenizer.eos_token_id]
-              for s in sentences[:3]]
+              for s in SENTENCES[:3]]
     config = CustomPPOConfig(
         mode="lm_only", lm_data="corpus", lm_steps_per_ppo_step=2, lm_batch_size=3, lm_on_rollout=True, steps=3,
         batch_size=4, mini_batch_size=2, learning_rate=1e-2, max_new_tokens=4, kernel_backend="torch",
@@ -262,7 +311,7 @@ def _read_csv(path):
 
 
 @pytest.mark.slow
-def test_lm_only_pipeline_keeps_log_spaced_snapshots_and_evaluate_reports_naoa(tmp_path, monkeypatch):
+def test_lm_only_pipeline_keeps_the_papers_snapshots_and_evaluate_reports_naoa(tmp_path, monkeypatch):
     from stages import (cache_teacher_logits, evaluate, prepare_data, score_rewards, train_ppo, train_reward,
                         train_teacher)
 
@@ -278,26 +327,32 @@ def test_lm_only_pipeline_keeps_log_spaced_snapshots_and_evaluate_reports_naoa(t
     for stage in (prepare_data, train_teacher, train_reward, cache_teacher_logits, score_rewards, train_ppo):
         stage.main([])
     kept = sorted(int(p.stem.removeprefix("step-")) for p in (tmp_path / "checkpoints/ppo/students").glob("*.pt"))
-    assert kept == [1, 2, 3, 4, 6, 10, 12]
+    assert kept == [2, 4, 6, 8, 10, 12]  # ppo.snapshot_schedule: paper, every 2 steps below 20
     rows = _read_csv(tmp_path / "plots/train.csv")
     assert all(r["loss/policy"] == "" and r["loss/lm"] != "" for r in rows)
+    assert [int(float(r["student/updates"])) for r in rows] == [2 * s for s in range(1, 13)]  # 2 LM steps a step
+    assert all(0.0 <= float(r["trials/grammaticality"]) <= 1.0 for r in rows)
 
     evaluate.main([])
     curve = _read_csv(tmp_path / "plots/eval_word_curve.csv")
-    assert [int(r["step"]) for r in curve] == [0, 1, 2, 3, 4, 6, 10, 12]
+    assert [int(r["step"]) for r in curve] == [0, 2, 4, 6, 8, 10, 12]
+    assert [int(r["updates"]) for r in curve] == [0, 4, 8, 12, 16, 20, 24]  # nAoA's x-axis
     naoa = json.loads((tmp_path / "metrics/eval.json").read_text())["naoa"]
-    assert set(naoa) == {"overall", "noun", "verb", "adjective", "name"}
+    assert set(naoa) == {"overall", "noun", "verb", "adjective", "name", "scale", "acquired"}
+    assert naoa["scale"] == "shared" and naoa["acquired"] == int(curve[-1]["vocabulary"])
     overall = naoa["overall"]
-    counted = overall["fitted"] + overall["not_learned"] + overall["too_few_points"] + overall["fit_failed"]
+    counted = (overall["fitted"] + overall["not_learned"] + overall["too_few_points"] + overall["fit_failed"]
+               + overall["no_scale"])
     assert overall["words"] == counted == len([k for k in curve[0] if k.startswith("word:")])
     assert overall["too_few_points"] == 0 and overall["fitted"] > 0
-    assert all(0.0 <= overall[threshold_key(t)] <= math.log10(12) for t in NAOA_THRESHOLDS)
+    assert all(math.log10(4) <= overall[threshold_key(t)] <= math.log10(24) for t in NAOA_THRESHOLDS)
     by_threshold = _read_csv(tmp_path / "plots/eval_naoa.csv")
     assert [float(r["threshold"]) for r in by_threshold] == list(NAOA_THRESHOLDS)
     assert float(by_threshold[0]["overall"]) == pytest.approx(overall["t50"])
     words = _read_csv(tmp_path / "plots/eval_naoa_words.csv")
     assert len(words) == overall["words"] and sum(w["status"] == "fitted" for w in words) == overall["fitted"]
     assert (tmp_path / "eval/naoa.png").read_bytes()[:4] == b"\x89PNG"
+    assert (tmp_path / "eval/effective_vocabulary.png").read_bytes()[:4] == b"\x89PNG"
     # lm_only samples trials for monitoring but never trains on them: nothing counts as practice
     assert _read_csv(tmp_path / "plots/train_trial_words.csv") == []
     practised = json.loads((tmp_path / "metrics/eval.json").read_text())["practice"]

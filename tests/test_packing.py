@@ -1,4 +1,4 @@
-"""Padding-free forward passes (tnd/trainers/packing.py): the layout, equality with the padded batch in
+"""Padding-free forward passes (tnd/packing.py): the layout, equality with the padded batch in
 outputs and gradients, the model check, and the trainer's use of them."""
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ from torch import nn
 import tnd.trainers.ppo as ppo_module
 from tnd.config import ArchParams
 from tnd.models import build_causal_lm
-from tnd.trainers.packing import chunks, forward_at, layout, pack, supports_packing
-from tests.test_ppo import make_trainer, prompts, tokenizer  # noqa: F401 (fixtures)
+from tnd.packing import chunks, forward_at, layout, pack, supports_packing
+from tests.test_ppo import make_trainer
 
 TINY = ArchParams(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, max_position_embeddings=64)
 

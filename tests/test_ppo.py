@@ -12,10 +12,9 @@ import torch
 import yaml
 from torch import nn
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, tiny_arch
 from tnd.batching import lm_positions
 from tnd.config import ArchParams, DistillParams, Params, trainer_values
-from tnd.data.tokenizer import train_bpe
 from tnd.errors import TndError
 from tnd.generation import sample_continuations
 from tnd.models import build_causal_lm
@@ -36,35 +35,10 @@ from tnd.trainers.ppo import (
 )
 from tnd.trainers.reward import build_reward_model
 
-SENTENCES = [
-    "the cat sat on the mat .",
-    "a dog runs in the park .",
-    "the bird sings a song .",
-    "my mom reads a book .",
-    "the baby likes the red ball .",
-    "we see the big tree .",
-    "she eats an apple .",
-    "he jumps over the log .",
-] * 4
-
-TINY = ArchParams(hidden_size=16, num_layers=1, num_heads=2, intermediate_size=32, max_position_embeddings=64)
+TINY = tiny_arch()
 
 
 # --- fixtures and stand-ins ------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return train_bpe(SENTENCES, vocab_size=300, min_frequency=1)
-
-
-@pytest.fixture(scope="module")
-def prompts(tokenizer):
-    out = []
-    for text in SENTENCES[:8]:
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        out.append([tokenizer.bos_token_id] + ids[: 1 + len(out) % 3])  # prompts of 2 to 4 tokens
-    return out
 
 
 class FakeCache:

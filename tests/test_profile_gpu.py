@@ -7,9 +7,12 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from tests.conftest import ROOT
 
 
+@pytest.mark.slow
 def test_profile_gpu_cpu_smoke(tmp_path):
     out = tmp_path / "profile.json"
     proc = subprocess.run([sys.executable, "benchmarks/profile_gpu.py", "--cpu-smoke", "--out", str(out)],

@@ -210,13 +210,13 @@ def test_the_paper_preset_runs(ready):
 
 @pytest.mark.slow
 def test_disk_full_while_checkpointing_keeps_the_last_checkpoint_and_resumes(ready, monkeypatch, capsys):
-    from stages import train_ppo
+    from tnd import checkpoint
 
     run_stage()
     uninterrupted = outputs(ready.path)
     clear_outputs(ready.path)
 
-    real_write, calls = train_ppo.atomic_write_bytes, []
+    real_write, calls = checkpoint.atomic_write_bytes, []
 
     def second_write_hits_a_full_disk(path, data):
         if Path(path).name == "run.pt":
@@ -227,7 +227,7 @@ def test_disk_full_while_checkpointing_keeps_the_last_checkpoint_and_resumes(rea
             real_write(path, data)
 
     with monkeypatch.context() as patch:
-        patch.setattr(train_ppo, "atomic_write_bytes", second_write_hits_a_full_disk)
+        patch.setattr(checkpoint, "atomic_write_bytes", second_write_hits_a_full_disk)
         capsys.readouterr()
         with pytest.raises(SystemExit) as exc:
             run_stage()
@@ -237,7 +237,7 @@ def test_disk_full_while_checkpointing_keeps_the_last_checkpoint_and_resumes(rea
     assert message.count("\n") == 1 and "No space left on device" in message, message
     assert sorted(p.name for p in (ready.path / "checkpoints/ppo").iterdir()) == [
         "latest.json", "step-000002", "students"]  # no temp, no half-written step-000004
-    assert train_ppo.read_checkpoint(ready.path / "checkpoints/ppo")["meta"]["step"] == 2
+    assert checkpoint.read_checkpoint(ready.path / "checkpoints/ppo")["meta"]["step"] == 2
 
     run_stage()  # space freed: resumes from step 2 and ends as if nothing happened
     assert outputs(ready.path) == uninterrupted

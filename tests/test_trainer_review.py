@@ -12,9 +12,9 @@ from accelerate import Accelerator, DistributedType
 from accelerate.state import AcceleratorState, GradientState
 
 import tests.test_ppo as tp
-from tests.test_ppo import SENTENCES, make_trainer
+from tests.conftest import SENTENCES, tiny_prompts
+from tests.test_ppo import make_trainer
 from tnd.batching import encode_for_lm, response_predictors
-from tnd.data.tokenizer import train_bpe
 from tnd.engine import clip_grad_norm
 from tnd.trainers.fit import Validation, fit
 from tnd.trainers.reward import score_token_ids
@@ -22,13 +22,8 @@ from tnd.trainers.value_head import ValueHead
 
 
 @pytest.fixture(scope="module")
-def tokenizer():
-    return train_bpe(SENTENCES, vocab_size=300, min_frequency=1)
-
-
-@pytest.fixture(scope="module")
 def prompts(tokenizer):
-    return [[tokenizer.bos_token_id, *tokenizer(t, add_special_tokens=False)["input_ids"][:2]] for t in SENTENCES[:8]]
+    return tiny_prompts(tokenizer, 2)
 
 
 # --- finding 3: fp16 with two optimizers over the same parameters ------------------------------------------

@@ -17,16 +17,11 @@ from types import SimpleNamespace
 import torch
 from torch import nn
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, tiny_prompts, tiny_tokenizer
 from tnd.config import ArchParams, load_params
-from tnd.data.tokenizer import train_bpe
 from tnd.models import build_causal_lm
 from tnd.trainers import CustomPPOConfig, CustomPPOTrainer
 
-SENTENCES = [
-    "the cat sat on the mat .", "a dog runs in the park .", "the bird sings a song .", "my mom reads a book .",
-    "the baby likes the red ball .", "we see the big tree .", "she eats an apple .", "he jumps over the log .",
-] * 4
 ARCH = ArchParams(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64, max_position_embeddings=64)
 
 
@@ -47,11 +42,8 @@ class SpreadReward(nn.Module):
 
 def trials_only_rewards(seed: int, steps: int) -> list[float]:
     """env/reward_mean per step of a trials_only run of params.yaml's recipe, in small batches."""
-    tokenizer = train_bpe(SENTENCES, vocab_size=300, min_frequency=1)
-    prompts = []
-    for text in SENTENCES[:8]:
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        prompts.append([tokenizer.bos_token_id] + ids[: 1 + len(prompts) % 3])  # 2 to 4 tokens
+    tokenizer = tiny_tokenizer()
+    prompts = tiny_prompts(tokenizer)  # 2 to 4 tokens
     teacher = build_causal_lm(ARCH, tokenizer, 1)  # the KL reference (kl_reference: teacher)
     student = build_causal_lm(ARCH, tokenizer, 2)
     config = CustomPPOConfig.from_params(

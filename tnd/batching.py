@@ -4,7 +4,7 @@ A sequence is a list (or 1-D tensor) of token ids. Right padding (tokens first, 
 LM loss, the reward model and the teacher-logit cache use; left padding is what generation wants (the
 last column is every prompt's end). A PPO batch is both: prompts left-padded, responses right-padded
 after them (`prompt_response_batch`). Texts become sequences as bos + text + eos (`encode_for_lm`).
-Padding-free forwards (tnd/trainers/packing.py) start from these padded batches.
+Padding-free forwards (tnd/packing.py) start from these padded batches.
 """
 
 from __future__ import annotations

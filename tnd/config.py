@@ -231,7 +231,7 @@ class PPOParams(Section):
     scheduler_kwargs: dict[str, Any] = {}
     warmup_steps: NonNegativeInt = 0
     optimize_cuda_cache: bool = False
-    padding_free: bool = True  # forward passes on the real tokens only (tnd/trainers/packing.py)
+    padding_free: bool = True  # forward passes on the real tokens only (tnd/packing.py)
     max_new_tokens: PositiveInt = 24
     temperature: PositiveFloat = 1.0
     top_k: NonNegativeInt = 0
@@ -239,7 +239,7 @@ class PPOParams(Section):
     save_every: PositiveInt = 25
     keep_student_snapshots: bool = True  # student weights at snapshot_schedule's steps, for evaluate's word curve
     # log: 5 log-spaced steps per decade (1, 2, 3, 4, 6, 10, 16, ..., and the last; evaluate's nAoA); every: each checkpoint
-    snapshot_schedule: Literal["log", "every"] = "log"
+    snapshot_schedule: Literal["paper", "log", "every"] = "paper"
     max_nonfinite_reward_fraction: Probability = 0.5
 
     @model_validator(mode="after")
@@ -267,8 +267,13 @@ class DistillParams(Section):
 
 
 class TnDParams(Section):
-    # lm_only: the paper's baseline, only lm_steps_per_ppo_step LM steps on the corpus per step
-    mode: Literal["trials_and_demos", "trials_only", "demos_only", "lm_only"] = "trials_and_demos"
+    # lm_only: the paper's baseline, only lm_steps_per_ppo_step LM steps on the corpus per step;
+    # lm_on_rollout: the paper's control, trials_and_demos with the PPO update replaced by an LM update on the same texts
+    mode: Literal["trials_and_demos", "trials_only", "demos_only", "lm_only", "lm_on_rollout"] = "trials_and_demos"
+    # what a trial's PPO reward is: the reward model's score on its last token | the teacher's per-token
+    # log-ratio log p_teacher - log p_student (on-policy distillation) | both (score + teacher_reward_coef x ratio)
+    trial_reward: Literal["reward_model", "teacher", "both"] = "reward_model"
+    teacher_reward_coef: NonNegativeFloat = 1.0  # weight of the teacher's per-token log-ratio (teacher, both)
     demos_as: Literal["distill", "ppo"] = "distill"  # "ppo": the paper's recipe, demos join the PPO batch
     demo_batch_size: PositiveInt = 16
     demo_score: float = 1.0  # demos_as=ppo: the fixed score a demonstration gets
@@ -306,6 +311,9 @@ class EvalParams(Section):
     seed: int = 0  # sampling seed, the same for every model
     max_length: PositiveInt = 48  # eval texts (bos + text + eos) are cut to this many tokens
     batch_size: PositiveInt = 64
+    # nAoA's yardstick: shared (each word's way from chance to the teacher's surprisal, the same in every run of a
+    # comparison) | per_run (from this run's initial to its final surprisal)
+    naoa_scale: Literal["shared", "per_run"] = "shared"
 
 
 class HealthParams(Section):
@@ -353,7 +361,8 @@ class Params(Section):
         # The cache holds the teacher's top-k log-probs at cache.temperature. Re-tempering them would
         # need the teacher's whole distribution (the tail bucket hides how its mass is spread), so the
         # top-k loss compares both sides at that one temperature, as the dense loss softens both.
-        topk_loss = self.tnd.mode == "demos_only" or (self.tnd.mode == "trials_and_demos" and self.tnd.demos_as == "distill")
+        topk_loss = self.tnd.mode == "demos_only" or (
+            self.tnd.mode in ("trials_and_demos", "lm_on_rollout") and self.tnd.demos_as == "distill")
         if topk_loss and self.distill.temperature != self.cache.temperature:
             raise ValueError(
                 f"distill.temperature ({self.distill.temperature}) must equal cache.temperature "
@@ -502,6 +511,11 @@ class CustomPPOConfig(_TrainerFields):
                 f"distill.online learns from the teacher, which tnd.mode: {self.mode} excludes; "
                 "set distill.online: false or tnd.mode: trials_and_demos"
             )
+        if self.trial_reward != "reward_model" and not self.uses_trials:
+            raise ValueError(
+                f"tnd.trial_reward: {self.trial_reward} is the reward of a PPO update on the trials, which tnd.mode: "
+                f"{self.mode} never takes; set tnd.trial_reward: reward_model or tnd.mode: trials_only / trials_and_demos"
+            )
         if self.mode == "lm_only" and (self.lm_data != "corpus" or not self.lm_steps_per_ppo_step):
             raise ValueError(
                 "tnd.mode: lm_only (the paper's baseline: no trials, no demonstrations) learns only through LM steps "
@@ -517,19 +531,32 @@ class CustomPPOConfig(_TrainerFields):
 
     @property
     def uses_trials(self) -> bool:
-        """PPO updates on the trials. demos_only and lm_only still sample and score trials, for monitoring only."""
+        """PPO updates on the trials. demos_only and lm_only still sample and score trials, for monitoring only;
+        lm_on_rollout learns from them by an LM update instead (`lm_on_trials`)."""
         return self.mode in ("trials_and_demos", "trials_only")
+
+    @property
+    def trains_on_trials(self) -> bool:
+        """Some update learns from the trials: PPO (`uses_trials`) or the lm_on_rollout mode's LM update."""
+        return self.uses_trials or self.mode == "lm_on_rollout"
+
+    @property
+    def lm_on_trials(self) -> bool:
+        """An LM update on the step's PPO batch: the lm_on_rollout mode (no PPO), or tnd.lm_on_rollout (after it)."""
+        return self.mode == "lm_on_rollout" or (self.uses_trials and self.lm_on_rollout)
 
     @property
     def uses_demos(self) -> bool:
         """lm_only (the paper's LM-only baseline) is the same schedule without trials or demonstrations: only
-        lm_steps_per_ppo_step LM steps on the corpus per step change the student."""
-        return self.mode in ("trials_and_demos", "demos_only")
+        lm_steps_per_ppo_step LM steps on the corpus per step change the student. lm_on_rollout has trials_and_demos'
+        demonstrations."""
+        return self.mode in ("trials_and_demos", "demos_only", "lm_on_rollout")
 
     @property
     def demos_in_ppo_batch(self) -> bool:
-        """The paper's recipe: demonstrations join the PPO batch with a fixed score."""
-        return self.uses_trials and self.uses_demos and self.demos_as == "ppo"
+        """The paper's recipe: demonstrations join the PPO batch with a fixed score (lm_on_rollout: the batch its LM
+        update learns from)."""
+        return (self.uses_trials or self.mode == "lm_on_rollout") and self.uses_demos and self.demos_as == "ppo"
 
     @property
     def demos_distilled(self) -> bool:

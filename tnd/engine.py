@@ -35,7 +35,7 @@ import torch
 from accelerate import Accelerator, DistributedDataParallelKwargs, DistributedType
 from torch import nn
 
-from tnd.trainers.packing import forward_at
+from tnd.packing import forward_at
 
 
 # accelerate's AcceleratedOptimizer.step asks importlib, twice per optimizer step, whether the optional
@@ -58,7 +58,7 @@ def make_accelerator(
 
 class ForwardAt(nn.Module):
     """`model`'s logits [M, V] at the M positions `at` marks (row-major), padding-free when `packed`
-    (tnd/trainers/packing.py), and the value head's values [M] at the same positions when it has one
+    (tnd/packing.py), and the value head's values [M] at the same positions when it has one
     and `values` is asked for."""
 
     def __init__(self, model: nn.Module, value_head: Optional[nn.Module] = None) -> None:

@@ -14,7 +14,9 @@ inputs come from (file layout) is the stages' business.
   averages them per word.
 * the age at which each word is acquired over training (nAoA): `word_acquisition` fits a
   sigmoid to a word's surprisal curve over the student snapshots, `word_naoa` does it for every
-  word and `naoa_summary` averages per word category (method in `word_acquisition`).
+  word and `naoa_summary` averages per word category (method in `word_acquisition`);
+  `on_shared_scale` reads each fit against anchors every run of a comparison shares (chance and the
+  teacher), and `effective_vocabulary` counts the words acquired at each snapshot.
 """
 
 from __future__ import annotations
@@ -70,6 +72,13 @@ def sample_rows(
 def is_grammatical_row(row: dict) -> bool:
     """A sample is grammatical when it ended (eos) and the nursery grammar accepts its text."""
     return bool(row["ended"]) and nursery.is_grammatical(row["text"])
+
+
+def grammatical_count(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[Sequence[int]],
+                      continuations: Sequence[Sequence[int]]) -> int:
+    """How many of prompt + continuation (token ids, as sampled) are grammatical (`is_grammatical_row`)."""
+    return sum(bool(c) and c[-1] == tokenizer.eos_token_id and nursery.is_grammatical(decode(tokenizer, list(p) + list(c)))
+               for p, c in zip(prompts, continuations))
 
 
 def grammaticality(rows: list[dict]) -> float:
@@ -438,6 +447,68 @@ def word_acquisition(
     return WordAcquisition("fitted", initial, final, m, k, math.sqrt(sse / len(xs)), naoa, censored)
 
 
+def chance_surprisals(occurrences: Sequence[WordOccurrence], vocab_size: int) -> dict[str, float]:
+    """{word: the surprisal (bits) of a uniform guess over `vocab_size` ids}: per occurrence, its number of
+    tokens x log2(vocab_size), averaged as `word_surprisals` averages."""
+    sums: dict[str, float] = {}
+    counts: dict[str, int] = {}
+    for occ in occurrences:
+        sums[occ.word] = sums.get(occ.word, 0.0) + len(occ.positions) * math.log2(vocab_size)
+        counts[occ.word] = counts.get(occ.word, 0) + 1
+    return {w: sums[w] / counts[w] for w in sorted(sums)}
+
+
+def shared_cutoff(chance: float, floor: float, t: float) -> float:
+    """The surprisal that is fraction t of the way from `chance` down to `floor` (the teacher's)."""
+    return chance - t * (chance - floor)
+
+
+def on_shared_scale(
+    fit: WordAcquisition, steps: Sequence[float], chance: float, floor: float,
+    thresholds: Sequence[float] = NAOA_THRESHOLDS,
+) -> WordAcquisition:
+    """`fit` (a word's own curve, `word_acquisition`) read against shared anchors: nAoA@t is the log10 step at
+    which the fitted curve crosses `shared_cutoff(chance, floor, t)`, the same surprisal in every mode and seed of
+    a comparison (the teacher is theirs in common, chance is the vocabulary's), where the per-run nAoA crosses
+    fraction t of the run's own way from initial to final. A word past the cutoff at the first snapshot is
+    reported there; one whose fitted curve never reaches it, at the last step, `censored` (it had not got that
+    far when training ended). Only fitted words have a curve to read; a word whose anchors do not fall
+    (teacher no better than chance) gets status "no_scale"."""
+    if fit.status != "fitted":
+        return fit
+    if not chance > floor:
+        return fit._replace(status="no_scale", naoa={t: None for t in thresholds},
+                            censored={t: False for t in thresholds})
+    xs = [math.log10(s) for s in steps if s >= 1]
+    lo, hi = min(xs), max(xs)
+    naoa: dict[float, Optional[float]] = {}
+    censored: dict[float, bool] = {}
+    for t in thresholds:
+        f = (fit.initial - shared_cutoff(chance, floor, t)) / (fit.initial - fit.final)  # of the word's own way
+        if f <= 0:
+            x = lo
+        elif f >= 1:
+            x = math.inf
+        else:
+            x = fit.midpoint + math.log(f / (1 - f)) / fit.slope
+        censored[t] = x > hi
+        naoa[t] = min(max(x, lo), hi)
+    return fit._replace(naoa=naoa, censored=censored)
+
+
+def half_way(anchors: Mapping[str, tuple[float, float]]) -> dict[str, float]:
+    """{word: its cutoff half-way from chance to the teacher} for anchors {word: (chance, teacher)}: acquired below."""
+    return {w: shared_cutoff(chance, floor, 0.5) for w, (chance, floor) in anchors.items()}
+
+
+def effective_vocabulary(curve: Sequence[Mapping[str, Optional[float]]], cutoffs: Mapping[str, float]) -> list[int]:
+    """Per row of a word curve ({"word:<w>": surprisal}), how many words have a measured surprisal at or below
+    their cutoff (`shared_cutoff` at 0.5: acquired); the paper's effective vocabulary over training."""
+    return [sum(1 for w, c in cutoffs.items()
+                if row.get(f"word:{w}") is not None and math.isfinite(row[f"word:{w}"]) and row[f"word:{w}"] <= c)
+            for row in curve]
+
+
 def fitted_surprisal(fit: WordAcquisition, step: float) -> float:
     """The fitted curve of `word_acquisition` at `step` (> 0); NaN when the word has no fit."""
     if fit.status != "fitted":
@@ -471,7 +542,7 @@ def naoa_summary(
     for group, words in groups.items():
         fitted = [fits[w] for w in words if fits[w].status == "fitted"]
         entry: dict = {"words": len(words), "fitted": len(fitted)}
-        for status in ("not_learned", "too_few_points", "fit_failed"):
+        for status in ("not_learned", "too_few_points", "fit_failed", "no_scale"):
             entry[status] = sum(fits[w].status == status for w in words)
         for t in thresholds:
             values = [f.naoa[t] for f in fitted]

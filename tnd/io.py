@@ -81,6 +81,16 @@ def atomic_write_csv(path: str | Path, rows: list[dict], columns: Iterable[str] 
     atomic_write_text(path, out.getvalue())
 
 
+def read_json(path: str | Path) -> Any:
+    return json.loads(Path(path).read_text(encoding="utf-8"))
+
+
+def read_csv(path: str | Path) -> list[dict]:
+    """One dict per row, keyed by the header; every cell a string, as csv.DictReader reads it."""
+    with open(path, newline="", encoding="utf-8") as handle:
+        return list(csv.DictReader(handle))
+
+
 def read_jsonl(path: str | Path) -> list[dict]:
     with open(path, encoding="utf-8") as handle:
         return [json.loads(line) for line in handle if line.strip()]

@@ -155,7 +155,7 @@ def word_curve(rows: Sequence[Mapping], words: Sequence[str], path: str | Path) 
 def naoa(
     thresholds: Sequence[float], groups: Mapping[str, Mapping], examples: Sequence[Mapping], path: str | Path
 ) -> Path | None:
-    """Left: mean nAoA (log10 PPO step) against the threshold, one line per group ("overall" thick).
+    """Left: mean nAoA (log10 student update) against the threshold, one line per group ("overall" thick).
     Right: a few words' surprisal against log10 step (dots), their fitted sigmoids, the initial
     value (dashed) and nAoA@0.5 on the fit (cross).
 
@@ -171,8 +171,8 @@ def naoa(
     for name, ys in lines.items():
         left.plot(thresholds, ys, marker="o", linewidth=2.5 if name == "overall" else 1,
                   color="black" if name == "overall" else None, label=name)
-    left.set_xlabel("threshold (fraction of the way from initial to final surprisal)")
-    left.set_ylabel("nAoA (log10 PPO step)")
+    left.set_xlabel("threshold (fraction of the way: eval.naoa_scale)")
+    left.set_ylabel("nAoA (log10 student update)")
     left.set_title("age of acquisition by word category")
     if lines:
         left.legend(fontsize=7)
@@ -185,7 +185,7 @@ def naoa(
         right.axhline(example["initial"], color=colour, linewidth=0.6, linestyle="--")
         if example.get("marker") is not None:
             right.scatter(*example["marker"], marker="x", s=40, color=colour)
-    right.set_xlabel("log10 PPO step")
+    right.set_xlabel("log10 student update")
     right.set_ylabel("surprisal (bits)")
     right.set_title("fitted acquisition curves (x: nAoA@0.5)")
     if examples:
@@ -193,6 +193,30 @@ def naoa(
     fig.tight_layout()
     return _save(fig, path)
 
+
+def curves_by_mode(lines: Mapping[str, Sequence[tuple[float, float]]], ylabel: str, title: str,
+                   path: str | Path) -> Path | None:
+    """One line per run or mode: lines {name: [(student updates, value)]} (log x-axis from 1 update)."""
+    lines = {name: [(x, _number(y)) for x, y in points if x >= 1] for name, points in lines.items()}
+    lines = {name: points for name, points in lines.items() if points}
+    if not lines:
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 3.8))
+    for name, points in lines.items():
+        ax.plot([x for x, _ in points], [y for _, y in points], marker=".", linewidth=1.2, label=name)
+    ax.set_xscale("log")
+    ax.set_xlabel("student updates (PPO and LM optimizer steps)")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def effective_vocabulary(lines: Mapping[str, Sequence[tuple[float, float]]], path: str | Path) -> Path | None:
+    """The paper's effective vocabulary: words acquired (half-way from chance to the teacher) vs updates."""
+    return curves_by_mode(lines, "words acquired", "effective vocabulary", path)
 
 
 def practice(rows: Sequence[Mapping], summary: Mapping, path: str | Path) -> Path | None:

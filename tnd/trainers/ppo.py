@@ -68,7 +68,7 @@ from tnd.config import CustomPPOConfig, PPOConfigError
 from tnd.errors import TndError
 from tnd.generation import sample_continuations
 from tnd.models import check_vocab
-from tnd.trainers.packing import chunks, supports_packing
+from tnd.packing import chunks, supports_packing
 from tnd.trainers.reward import score_token_ids
 from tnd.trainers.value_head import ValueHead, hidden_size_of
 
@@ -78,7 +78,8 @@ STAT_KEYS = (
     "objective/entropy",  # mean per-token entropy of the student over trial response tokens
     "env/reward_mean",  # raw reward-model score of the finite trials
     "env/reward_std",
-    "env/score_mean",  # after score processing
+    "env/score_mean",  # after score processing (0 with tnd.trial_reward: teacher)
+    "env/teacher_logratio",  # tnd.trial_reward teacher | both: mean over trial tokens of logp_teacher - logp_student
     "policy/approx_kl",  # k3 estimator: mean of (ratio - 1) - log(ratio), over update mini-batches
     "policy/policykl",  # k1 estimator: mean of logp_old - logp (TRL's policy/policykl)
     "policy/clipfrac",
@@ -103,6 +104,7 @@ STAT_KEYS = (
     "tokens/response_length",
     "lr",
     "time/step",
+    "student/updates",  # optimizer steps of the student so far (PPO mini-batch and LM steps): nAoA's x-axis
 )
 
 
@@ -160,15 +162,20 @@ def compute_gae(
 
 
 def per_token_rewards(
-    scores: torch.Tensor, logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor, kl_coef: float
+    scores: torch.Tensor, logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor, kl_coef: float,
+    teacher_logprobs: Optional[torch.Tensor] = None, teacher_coef: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """r_t = -kl_coef * (logp_t - logp_ref_t), plus the score on the last response token.
+    """r_t = -kl_coef * (logp_t - logp_ref_t) + teacher_coef * (logp_teacher_t - logp_t), plus the score on the
+    last response token. The teacher term (tnd.trial_reward: teacher | both) is on-policy distillation's reward:
+    its sum over a trial is minus the sampled estimate of the reverse KL(student || teacher) (MiniLLM, GKD).
 
     Returns (rewards [B, R], kl [B, R]); both zero outside the mask.
     """
     mask = mask.bool()
     kl = torch.where(mask, logprobs - ref_logprobs, torch.zeros_like(logprobs))
     rewards = -kl_coef * kl
+    if teacher_logprobs is not None:
+        rewards = rewards + teacher_coef * torch.where(mask, teacher_logprobs - logprobs, torch.zeros_like(logprobs))
     last = mask.long().sum(1) - 1
     rows = torch.arange(rewards.shape[0], device=rewards.device)
     rewards[rows, last] += scores.to(rewards.dtype)
@@ -336,6 +343,7 @@ class Rollout:
     advantages: torch.Tensor
     returns: torch.Tensor
     teacher_logits: Optional[torch.Tensor] = None  # [B, R, V], online distillation only
+    teacher_logprobs: Optional[torch.Tensor] = None  # [B, R], the teacher's trial reward only
     n_trials: int = 0  # trials in the batch over all processes (the KL controller's sample count)
 
     def __len__(self) -> int:
@@ -454,12 +462,14 @@ class CustomPPOTrainer:
         # (`_step_seed`), so they need no state and a resumed run, on any process, repeats them.
         self.generator = torch.Generator().manual_seed(config.seed)
         self.global_step = 0
+        self.student_updates = 0  # optimizer steps of the student (PPO mini-batch and LM steps)
         self.nonfinite_total = 0
         self.scored_total = 0
         # This process's finite trials of the last step, and those of them that entered an update (none in
         # demos_only / lm_only, where trials are sampled for monitoring only, nor in a skipped step): what the
         # student practised.
         self.last_trials: list[list[int]] = []
+        self.last_trial_prompts: list[list[int]] = []  # the prompt of each of last_trials
         self.trained_trials: list[list[int]] = []
         self.early_stopping = self._setup_early_stopping()
         self.score_processor = self._setup_score_processing()
@@ -479,7 +489,7 @@ class CustomPPOTrainer:
         for role, model in (("teacher", self.teacher), ("student", self.student), ("reward", self.reward_model)):
             if hasattr(model, "get_input_embeddings"):  # not e.g. a plain nn.Module reward function
                 check_vocab(model, self.tokenizer, role)
-        if cfg.uses_trials and not self.train_dataset:
+        if cfg.trains_on_trials and not self.train_dataset:
             raise TndError("train_dataset is empty; the trials need prompts")
         if any(len(p) == 0 for p in self.train_dataset):
             raise TndError("train_dataset holds an empty prompt; every prompt needs at least one token")
@@ -707,7 +717,8 @@ class CustomPPOTrainer:
         """logp_old, values, entropy, ref logp [B, R] (and teacher logits [B, R, V] for online distillation),
         in chunks of at most rollout_forward_batch_size rows: without a graph a forward's activations are one
         layer's, so a chunk can be wider than a mini-batch, and fewer forwards cost less on a small model."""
-        out = {k: [] for k in ("logprobs", "values", "entropy", "ref_logprobs", "teacher_logits")}
+        out = {k: [] for k in ("logprobs", "values", "entropy", "ref_logprobs", "teacher_logprobs", "teacher_logits")}
+        teacher_reward = self.config.trial_reward != "reward_model"
         at = response_predictors(response_mask, prompt_width)
         tokens = ids[:, prompt_width:]
         for sl in chunks(mask, self.config.rollout_forward_batch_size, all(self._packed.values())):
@@ -721,10 +732,14 @@ class CustomPPOTrainer:
             out["entropy"].append(_scatter(ent, rmask))
             out["values"].append(_scatter(values, rmask))
             out["ref_logprobs"].append(_scatter(ref_logp, rmask))
-            if self.config.distill_online:
+            if self.config.distill_online or teacher_reward:
                 teacher_logits = ref_logits if self.reference_at is None else self.get_teacher_logits(
                     ids[sl], mask[sl], at[sl])
-                out["teacher_logits"].append(_scatter(teacher_logits, rmask))
+                if self.config.distill_online:
+                    out["teacher_logits"].append(_scatter(teacher_logits, rmask))
+                if teacher_reward:
+                    teacher_logp = ref_logp if self.reference_at is None else self._logprobs(teacher_logits, targets)[0]
+                    out["teacher_logprobs"].append(_scatter(teacher_logp, rmask))
         return {k: (torch.cat(v) if v else None) for k, v in out.items()}
 
     def _demo_rows(self, indices: list[int]) -> tuple[list[list[int]], list[list[int]]]:
@@ -765,14 +780,16 @@ class CustomPPOTrainer:
         ids, mask, response_mask = ids.to(self.device), mask.to(self.device), response_mask.to(self.device)
         old = self._old_policy(ids, mask, prompt_width, response_mask)
         scores = raw_scores.to(self.device).float()
-        rewards, kl = per_token_rewards(scores, old["logprobs"], old["ref_logprobs"], response_mask, self.kl_ctl.value)
+        rewards, kl = per_token_rewards(scores, old["logprobs"], old["ref_logprobs"], response_mask, self.kl_ctl.value,
+                                        old["teacher_logprobs"], cfg.teacher_reward_coef)
         advantages, returns = compute_gae(rewards, old["values"], response_mask, cfg.gamma, cfg.lam)
         if cfg.whiten_advantages:
             advantages = masked_whiten(advantages, response_mask)
         return Rollout(
             input_ids=ids, attention_mask=mask, prompt_width=prompt_width, response_mask=response_mask,
             is_demo=is_demo.to(self.device), scores=scores, logprobs=old["logprobs"],
-            ref_logprobs=old["ref_logprobs"], values=old["values"], entropy=old["entropy"], rewards=rewards, kl=kl,
+            ref_logprobs=old["ref_logprobs"], teacher_logprobs=old["teacher_logprobs"], values=old["values"],
+            entropy=old["entropy"], rewards=rewards, kl=kl,
             advantages=advantages.detach(), returns=returns.detach(), teacher_logits=old["teacher_logits"],
         )
 
@@ -928,32 +945,33 @@ class CustomPPOTrainer:
            policy, KL-penalised per-token rewards, GAE advantages (`rollout`)
         3. the update: ppo_epochs over mini-batches of PPO loss + distill_coef x top-k KL on this step's
            demonstrations (`_optimize`)
-        4. LM updates: on the PPO batch (lm_on_rollout), then lm_steps_per_ppo_step on lm_data
+        4. LM updates: on the PPO batch (tnd.lm_on_rollout, or the lm_on_rollout mode in place of PPO on it),
+           then lm_steps_per_ppo_step on lm_data
         5. the KL controller, on the trials' KL measured in 2
 
-        demos_only samples and scores trials too (for monitoring) but never updates on them.
+        demos_only and lm_only sample and score trials too (for monitoring) but never update on them.
         """
         cfg = self.config
         start = time.perf_counter()
         self.global_step += 1
-        self.last_trials, self.trained_trials = [], []
+        self.last_trials, self.last_trial_prompts, self.trained_trials = [], [], []
         stats: dict[str, float] = {key: _nan() for key in STAT_KEYS}
         stats.update({"objective/kl_coef": self.kl_ctl.value, "lr": self.scheduler.get_last_lr()[0],
                       "nonfinite_rewards": 0.0, "skipped": 0.0, "ppo/epochs": 0.0})
 
         rollout = self.rollout(prompts, stats) if prompts else None  # 1-2
-        if prompts and rollout is None and cfg.uses_trials:
+        if prompts and rollout is None and cfg.trains_on_trials:
             stats["skipped"] = 1.0  # no finite score (on some process): no update this step
             self._finish_step(stats, start)
             return stats
         ppo_batch = rollout if cfg.uses_trials else None
-        self.trained_trials = self.last_trials if ppo_batch is not None else []
+        self.trained_trials = self.last_trials if rollout is not None and cfg.trains_on_trials else []
         # the step's demonstrations, all of them on every process: _optimize gives each mini-batch its share
         demo = self._demo_batch(self._draw_demos()) if cfg.demos_distilled else None
         if ppo_batch is not None or demo is not None:  # 3
             stats.update(self._optimize(ppo_batch, demo))
-        if ppo_batch is not None and cfg.lm_on_rollout:  # 4
-            stats["loss/lm_rollout"] = self._lm_update(ppo_batch.input_ids, ppo_batch.attention_mask)
+        if rollout is not None and cfg.lm_on_trials:  # 4
+            stats["loss/lm_rollout"] = self._lm_update(rollout.input_ids, rollout.attention_mask)
         if cfg.lm_steps:
             stats["loss/lm"] = _mean_or_nan([self._lm_update(*self._lm_batch()) for _ in range(cfg.lm_steps)])
         if ppo_batch is not None:  # 5
@@ -977,16 +995,21 @@ class CustomPPOTrainer:
         if all_finite.any():
             stats["env/reward_mean"] = all_raw[all_finite].mean().item()
             stats["env/reward_std"] = all_raw[all_finite].std(unbiased=False).item()
-        if cfg.uses_trials:
+        if cfg.trains_on_trials:
             self._count_nonfinite(n_bad, len(all_raw))
         keep = finite.nonzero().flatten().tolist()
         if int(accelerator.gather(torch.tensor([len(keep)], device=self.device)).min()) == 0:
             return None  # a process left without a finite score skips the step, so all processes must
 
-        scores = self.score_processor(raw[finite], population=all_raw[all_finite]) if cfg.uses_trials else raw[finite]
+        if cfg.trial_reward == "teacher":  # the reward model only monitors: the reward is the teacher's, per token
+            scores = torch.zeros_like(raw[finite])
+        elif cfg.uses_trials:
+            scores = self.score_processor(raw[finite], population=all_raw[all_finite])
+        else:
+            scores = raw[finite]
         stats["env/score_mean"] = scores.mean().item()
         prompts, responses = [prompts[i] for i in keep], [responses[i] for i in keep]
-        self.last_trials = responses  # the finite trials, the ones a PPO update can learn from
+        self.last_trials, self.last_trial_prompts = responses, prompts  # the finite trials: what an update can learn from
         is_demo = torch.zeros(len(keep), dtype=torch.bool)
         if cfg.demos_in_ppo_batch:
             d_prompts, d_responses = self._ppo_demonstrations(prompts)
@@ -1004,6 +1027,9 @@ class CustomPPOTrainer:
         rollout.n_trials = int(n_trials)
         stats["objective/kl"] = kl_sum / n_trials
         stats["objective/entropy"] = masked_mean(rollout.entropy, rollout.response_mask & trial[:, None]).item()
+        if rollout.teacher_logprobs is not None:
+            logratio = rollout.teacher_logprobs - rollout.logprobs
+            stats["env/teacher_logratio"] = masked_mean(logratio, rollout.response_mask & trial[:, None]).item()
         stats["val/mean"] = masked_mean(rollout.values, rollout.response_mask).item()
         stats["returns/mean"] = masked_mean(rollout.returns, rollout.response_mask).item()
         stats["advantages/mean"] = masked_mean(rollout.advantages, rollout.response_mask).item()
@@ -1029,6 +1055,7 @@ class CustomPPOTrainer:
                 self.lm_scheduler.step()
         if self.config.optimize_cuda_cache and torch.cuda.is_available():
             torch.cuda.empty_cache()
+        stats["student/updates"] = float(self.student_updates)
         stats["time/step"] = time.perf_counter() - start
 
     def _optimize(self, rollout: Optional[Rollout], demo: Optional[dict]) -> dict[str, float]:
@@ -1061,6 +1088,7 @@ class CustomPPOTrainer:
                     loss, parts = self.minibatch_loss(rollout, index.to(self.device), demo, rows.to(self.device))
                     accelerator.backward(loss)
                     if accelerator.sync_gradients:
+                        self.student_updates += 1
                         grad_norm = clip_grad_norm(accelerator, self.optimizer, self._clipped, cfg.max_grad_norm)
                         if grad_norm is not None:  # DeepSpeed clips inside its engine and reports none
                             logs.setdefault("ppo/grad_norm", []).append(grad_norm.detach())
@@ -1118,6 +1146,7 @@ class CustomPPOTrainer:
         clip_grad_norm(self.accelerator, optimizer, self._clipped, self.config.max_grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        self.student_updates += 1
         return total.item()
 
     # --- training loop ----------------------------------------------------------------------
@@ -1140,7 +1169,7 @@ class CustomPPOTrainer:
             steps = max(self.config.steps - self.global_step, 0)
         history = []
         for _ in range(steps):
-            prompts = self.next_prompts() if self.config.uses_trials or self.train_dataset else []
+            prompts = self.next_prompts() if self.config.trains_on_trials or self.train_dataset else []
             stats = self.step(prompts)
             history.append(stats)
             if on_step is not None:
@@ -1167,6 +1196,7 @@ class CustomPPOTrainer:
         generator (the data position). The same on every process."""
         return copy.deepcopy({
             "global_step": self.global_step,
+            "student_updates": self.student_updates,
             "scheduler": self.scheduler.state_dict(),
             "lm_scheduler": None if self.lm_scheduler is None else self.lm_scheduler.state_dict(),
             "kl_ctl": self.kl_ctl.state_dict(),
@@ -1177,6 +1207,7 @@ class CustomPPOTrainer:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.global_step = int(state["global_step"])
+        self.student_updates = int(state["student_updates"])
         self.scheduler.load_state_dict(state["scheduler"])
         if self.lm_scheduler is not None:
             self.lm_scheduler.load_state_dict(state["lm_scheduler"])
