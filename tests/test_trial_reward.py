@@ -11,7 +11,7 @@ import torch
 
 from transformers import LlamaForCausalLM
 
-from tests.test_ppo import TINY, make_trainer, prompts, tokenizer  # noqa: F401 (fixtures)
+from tests.test_ppo import TINY, make_trainer
 from tnd.config import Params
 from tnd.models import build_causal_lm, llama_config
 from tnd.trainers.ppo import CustomPPOConfig, CustomPPOTrainer, PPOConfigError, per_token_rewards
