@@ -727,6 +727,7 @@ def test_on_step_callback_and_default_steps(tokenizer, prompts):
 # --- learning sanity check ----------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # trains until the reward rises: tens of seconds
 def test_ppo_increases_the_reward(tokenizer, prompts):
     """Reward = fraction of tokens from a small preferred set; a few dozen PPO steps must raise it."""
     preferred = range(3, 40)

@@ -103,6 +103,7 @@ def _teacher_preferring(tokenizer, preferred, logit: float = 5.0):
     return teacher
 
 
+@pytest.mark.slow  # trains until the student moves towards the teacher: about a minute
 def test_on_policy_distillation_brings_the_student_towards_the_teacher(tokenizer, prompts):
     """trials_only with the teacher's reward alone (no reward model, no KL penalty): the trials' log-ratio to a
     teacher that prefers a few tokens everywhere rises, as test_ppo_increases_the_reward's reward does."""

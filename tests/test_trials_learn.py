@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
+import pytest
 import torch
 from torch import nn
 
@@ -54,6 +55,7 @@ def trials_only_rewards(seed: int, steps: int) -> list[float]:
     return [stats["env/reward_mean"] for stats in trainer.train()]
 
 
+@pytest.mark.slow  # several seeded PPO runs of params.yaml's recipe: minutes on 2 loaded cores
 def test_trials_only_raises_the_reward_of_the_students_samples():
     """First vs last 10 of 60 steps, two seeds (about 7 s each on one core): the mean rises by about 6
     (-7.3 to between -1.1 and 0.2 on seeds 1234, 1, 2, 3, 4); 2 leaves room for other platforms' rounding."""
