@@ -275,9 +275,9 @@ def figures(result: dict) -> dict:
     evaluation, naoa = result["eval"], result["eval"]["naoa"]["overall"]
     thresholds = [naoa[key] for key in naoa if key.startswith("t") and key[1:].isdigit()]
     train = result["train"] or {}
-    out = {"naoa_t50": naoa["t50"],
+    out = {"naoa_t50": naoa.get("t50"),
            "naoa_mean": statistics.mean(thresholds) if None not in thresholds and thresholds else None,
-           "words_fitted": naoa["fitted"], "words": naoa["words"],
+           "words_fitted": naoa.get("fitted"), "words": naoa.get("words"),
            "words_acquired": result["eval"]["naoa"].get("acquired"),
            "practice_spearman": evaluation.get("practice", {}).get("spearman_surprisal"),
            "train_reward_last10": train.get("last10", {}).get("reward"),

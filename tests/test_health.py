@@ -121,6 +121,17 @@ def test_a_regression_reward_model_is_judged_by_its_correlation():
     assert "more labelled texts" in health.reward_near_chance(params, {"pearson": 0.05}).message
 
 
+@pytest.mark.parametrize("tnd", [{"mode": "demos_only"}, {"mode": "lm_on_rollout"},
+                                 {"mode": "trials_only", "trial_reward": "teacher"}])
+def test_a_reward_model_that_does_not_steer_ppo_is_not_warned_about(tnd):
+    params = Params(tnd=tnd)
+    check = health.reward_near_chance(params, {"pairwise_accuracy": 0.5})
+    assert check.warn is False and "only monitors" in check.message
+    steering = health.reward_near_chance(Params(tnd={"mode": "trials_only", "trial_reward": "both"}),
+                                         {"pairwise_accuracy": 0.5})
+    assert steering.warn is True and "tnd.trial_reward: teacher" in steering.message
+
+
 def test_an_age_reward_near_chance_is_told_to_sample_more_checkpoints():
     params = parse_params({"preset": "tnd_original"}, quiet=True)  # reward.objective: age
     check = health.reward_near_chance(params, {"pearson": 0.05})

@@ -141,6 +141,9 @@ def teacher_not_better_than_student(evaluation: Optional[dict]) -> Check:
 def reward_near_chance(params, reward: Optional[dict]) -> Check:
     """The reward model ranks held-out pairs barely better than a coin (or its regression barely correlates)."""
     name = "reward_near_chance"
+    if params.tnd.trial_reward == "teacher" or params.tnd.mode not in ("trials_only", "trials_and_demos"):
+        return Check(name, False, f"the reward model does not steer PPO here (tnd.mode: {params.tnd.mode}, "
+                                  f"tnd.trial_reward: {params.tnd.trial_reward}): it only monitors")
     if params.reward.objective == "pairwise":
         accuracy = _get(reward, "pairwise_accuracy")
         if accuracy is None:
@@ -155,7 +158,8 @@ def reward_near_chance(params, reward: Optional[dict]) -> Check:
         on = f" on {int(n)} held-out pairs" if n else ""
         return Check(name, True, f"the reward model's pairwise accuracy{on} is {accuracy:.3f}, near chance (0.5, "
                                  f"limit {limit:.2f}){seen}: PPO would optimise noise; more or better preference "
-                                 "pairs, labelled texts (reward.objective: regression), or tnd.mode: demos_only")
+                                 "pairs, labelled texts (reward.objective: regression), the teacher's per-token "
+                                 "reward (tnd.trial_reward: teacher), or tnd.mode: demos_only")
     pearson = _get(reward, "pearson")
     if pearson is None:
         return _skip(name, "no pearson in metrics/reward.json")
@@ -164,7 +168,8 @@ def reward_near_chance(params, reward: Optional[dict]) -> Check:
     more = ("more samples per checkpoint (reward.age.n_samples_per_checkpoint) or checkpoints "
             "(teacher.train.age_checkpoints)" if params.reward.objective == "age" else "more labelled texts")
     return Check(name, True, f"the reward model's held-out correlation with the labels is {pearson:.3f} (near none): "
-                             f"PPO would optimise noise; {more}, or tnd.mode: demos_only")
+                             f"PPO would optimise noise; {more}, the teacher's per-token reward "
+                             "(tnd.trial_reward: teacher), or tnd.mode: demos_only")
 
 
 # --- the student after PPO -----------------------------------------------------------------------
