@@ -22,8 +22,25 @@ of prompts, then the teacher's top-k at each continuation position (`teacher_row
                Llama (hidden 128, 2 layers) trained --steps32k steps on it; prompts are the first 4 tokens
                of held-out chunks
 
-    python benchmarks/cache_format.py            # -> benchmarks/results/cache-format-cpu.json (a few minutes)
-    python benchmarks/cache_format.py --smoke --out /tmp/x.json   # tiny sizes: proves it runs
+The bytes-vs-quality curve (issue 31), for cache.targets topk_tail at k = 8, 32, 64, 128 (compact) and
+sampled at S = 4, 12, 32 draws:
+
+  * bytes      per token of one default-size shard + index.json at each --vocabs size: topk_tail from random
+               rows (its size does not depend on the values), sampled from the 32k teacher's own draws (its
+               size follows the distinct ids per row)
+  * stored KL  KL(exact || stored) over the k + 1 buckets for topk_tail, and the tail mass the buckets hide;
+               for sampled KL(teacher || stored) is infinite (the draws' distribution is 0 off the draws):
+               the mean distinct ids per row instead
+  * id codes   what the top-128 ids would take under zstd of the packed stream, delta (Rice) coding and a
+               frequency table's entropy code (`id_coding`)
+  * end to end on the default (nursery) data at the small sizes of E2E: prepare_data, train_teacher and
+               train_reward once, then per setting the cache and per student seed train_ppo in demos_only
+               mode and evaluate: the student's held-out KL(teacher || student) and grammaticality
+               (`end_to_end`); the figure docs/img/cache-format-curve.png (`plot_curve`)
+
+    python benchmarks/cache_format.py            # -> benchmarks/results/cache-format-curve-cpu.json (an hour+ on 2 cores)
+    python benchmarks/cache_format.py --e2e none # no end-to-end runs (minutes)
+    python benchmarks/cache_format.py --smoke --e2e "sampled S=4" --seeds 1 --out /tmp/x.json   # proves it runs
 """
 
 from __future__ import annotations
