@@ -289,6 +289,10 @@ class TnDParams(Section):
 
 class KernelParams(Section):
     backend: Literal["auto", "triton", "torch"] = "auto"
+    # The student's losses apply its output head a chunk of tokens at a time (tnd_kernels.fused_head), so no
+    # [tokens, vocabulary] logits exist: off by default, as on CPU it saves memory at large vocabularies but is
+    # no faster (docs/kernels.md, "Fused head"); not with FSDP or DeepSpeed (the head's weight is sharded)
+    fused_head: bool = False
 
 
 class EngineParams(Section):
@@ -476,8 +480,8 @@ class PPOConfigError(ParamsError, ValueError):
 class CustomPPOConfig(_TrainerFields):
     """All trainer settings, flat: each params.yaml key of `TRAINER_FIELDS` under the name it has in its
     section (`ppo.learning_rate` -> `learning_rate`, `tnd.mode` -> `mode`), prefixed for `distill.<key>` ->
-    `distill_<key>` and `kernels.backend` -> `kernel_backend`; same types, defaults and checks. A bad value
-    raises `PPOConfigError` with one line."""
+    `distill_<key>` and `kernels.<key>` -> `kernel_<key>` (`kernel_backend`, `kernel_fused_head`); same types,
+    defaults and checks. A bad value raises `PPOConfigError` with one line."""
 
     # initial score statistics (e.g. from metrics/rewards.json) for use_score_scaling / use_score_norm;
     # reward_count: how many scores they summarise (None: they weigh as one batch)

@@ -78,7 +78,8 @@ def _compute_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
 
 class FusedHeadFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, chunk_loss, logit_scale, softcap, chunk_size, dtype, need_grad, n_outputs):
+    def forward(ctx, hidden, weight, bias, chunk_loss, logit_scale, softcap, vocab_limit, chunk_size, dtype, need_grad,
+                n_outputs):
         n = hidden.shape[0]
         with torch.autocast(hidden.device.type, enabled=False):
             w = weight.detach().to(dtype)
@@ -90,6 +91,8 @@ class FusedHeadFunction(torch.autograd.Function):
                 if need_grad and bias is not None and ctx.needs_input_grad[2] else None
             total = torch.zeros((), dtype=torch.float32, device=hidden.device)
             outputs: list[list[torch.Tensor]] = [[] for _ in range(n_outputs)]
+            padded = None if vocab_limit is None or vocab_limit == weight.shape[0] else (
+                torch.arange(weight.shape[0], device=weight.device) >= vocab_limit)
             for start in range(0, n, chunk_size):
                 rows = slice(start, min(start + chunk_size, n))
                 h = hidden[rows].detach().to(dtype)
@@ -99,6 +102,8 @@ class FusedHeadFunction(torch.autograd.Function):
                     s = a * logit_scale if logit_scale != 1.0 else a
                     if softcap is not None:
                         s = torch.tanh(s / softcap) * softcap
+                    if padded is not None:
+                        s = s.masked_fill(padded, -1e4)
                     loss, outs = chunk_loss(s, rows)
                 for acc, out in zip(outputs, outs):
                     acc.append(out.detach())
@@ -131,10 +136,10 @@ class FusedHeadFunction(torch.autograd.Function):
         for grad, dtype in zip(ctx.grads, ctx.dtypes):
             grads.append(None if grad is None else grad.mul_(grad_loss.to(grad.dtype)).to(dtype))
         ctx.grads = None
-        return (*grads, None, None, None, None, None, None, None)
+        return (*grads, None, None, None, None, None, None, None, None)
 
 
-def check_head_args(hidden, weight, bias, logit_scale, softcap, chunk_size) -> None:
+def check_head_args(hidden, weight, bias, logit_scale, softcap, chunk_size, vocab_limit=None) -> None:
     if not isinstance(hidden, torch.Tensor) or hidden.dim() != 2 or not hidden.is_floating_point():
         raise ValueError(f"hidden must be a float tensor [N, H] (flatten batch and sequence first), got shape "
                          f"{tuple(getattr(hidden, 'shape', ()))}")
@@ -154,6 +159,9 @@ def check_head_args(hidden, weight, bias, logit_scale, softcap, chunk_size) -> N
         raise ValueError(f"softcap must be > 0 or None (no soft-capping), got {softcap}")
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive int or None (about N*H/V rows), got {chunk_size!r}")
+    if vocab_limit is not None and (isinstance(vocab_limit, bool) or not isinstance(vocab_limit, int)
+                                    or not 1 <= vocab_limit <= weight.shape[0]):
+        raise ValueError(f"vocab_limit must be an int in [1, V={weight.shape[0]}] or None (all rows), got {vocab_limit!r}")
     C.check_same_device(hidden, weight=weight, bias=bias)
 
 
@@ -165,19 +173,22 @@ def fused_head_loss(
     bias: Optional[torch.Tensor] = None,
     logit_scale: float = 1.0,
     softcap: Optional[float] = None,
+    vocab_limit: Optional[int] = None,
     chunk_size: Optional[int] = None,
 ) -> tuple[torch.Tensor, ...]:
     """(loss, *outputs): loss = the sum over chunks of `chunk_loss(logits, rows)[0]`, where `logits` [n, V] are
     head_logits_ref(hidden[rows], weight, bias, logit_scale, softcap), differentiable w.r.t. hidden, weight
-    and bias; outputs: the n_outputs per-row tensors `chunk_loss` returns second, concatenated over chunks
+    and bias, with the columns from `vocab_limit` on (a vocabulary padded past the tokenizer) set to -1e4 as
+    the trainer masks them (exp of it is 0 in every float dtype; those rows of W get no gradient); outputs: the n_outputs per-row tensors `chunk_loss` returns second, concatenated over chunks
     (no gradient). `chunk_loss` may return None for the loss (outputs only). float32 loss (0 when N = 0)."""
-    check_head_args(hidden, weight, bias, logit_scale, softcap, chunk_size)
+    check_head_args(hidden, weight, bias, logit_scale, softcap, chunk_size, vocab_limit)
     n, h = hidden.shape
     chunk = chunk_size or default_chunk_size(n, weight.shape[0], h)
     params = [t for t in (hidden, weight, bias) if t is not None]
     need_grad = torch.is_grad_enabled() and any(t.requires_grad for t in params)
     loss, *outputs = FusedHeadFunction.apply(
-        hidden, weight, bias, chunk_loss, float(logit_scale), None if softcap is None else float(softcap), chunk,
+        hidden, weight, bias, chunk_loss, float(logit_scale), None if softcap is None else float(softcap), vocab_limit,
+        chunk,
         _compute_dtype(hidden, weight), need_grad, n_outputs,
     )
     return (loss, *(out.detach() for out in outputs))
@@ -223,6 +234,7 @@ def fused_head_token_logprobs_entropy(
     bias: Optional[torch.Tensor] = None,
     logit_scale: float = 1.0,
     softcap: Optional[float] = None,
+    vocab_limit: Optional[int] = None,
     chunk_size: Optional[int] = None,
     backend: str = "auto",
 ) -> tuple[Optional[torch.Tensor], torch.Tensor, torch.Tensor]:
@@ -232,7 +244,7 @@ def fused_head_token_logprobs_entropy(
     loss = sum over chunks of loss_fn(logp[rows], entropy[rows], rows), which must be a sum of per-row
     terms (e.g. PPO's clipped objective over M tokens: its terms for these rows, divided by M);
     loss_fn = None: no loss (None), e.g. the rollout's no-grad scoring. backend: the per-chunk op's."""
-    check_head_args(hidden, weight, bias, logit_scale, softcap, chunk_size)
+    check_head_args(hidden, weight, bias, logit_scale, softcap, chunk_size, vocab_limit)
     _check_rows("tokens", tokens, hidden.shape[0])
     backend = C.resolve_backend(backend, hidden)
     _check_like(lambda x: check_token_args(x, tokens, temperature, backend), hidden, weight)
@@ -242,18 +254,19 @@ def fused_head_token_logprobs_entropy(
         logp, ent = token_logprobs_entropy(logits, tokens[rows], temperature, backend=backend)
         return (None if loss_fn is None else loss_fn(logp, ent, rows)), (logp, ent)
 
-    loss, logp, ent = fused_head_loss(hidden, weight, chunk_loss, 2, bias, logit_scale, softcap, chunk_size)
+    loss, logp, ent = fused_head_loss(hidden, weight, chunk_loss, 2, bias, logit_scale, softcap, vocab_limit, chunk_size)
     return (None if loss_fn is None else loss), logp, ent
 
 
-def _summed_rows(hidden, weight, mask, reduction, bias, logit_scale, softcap, chunk_size, rows_loss) -> torch.Tensor:
+def _summed_rows(hidden, weight, mask, reduction, bias, logit_scale, softcap, chunk_size, vocab_limit,
+                 rows_loss) -> torch.Tensor:
     """rows_loss(logits, rows, mask[rows]) (a sum over the chunk's rows) summed over chunks, then divided by the
     kept rows of all chunks for batchmean (so that chunking leaves the mean as it is)."""
     if reduction == "none":
         raise ValueError("the fused head ops reduce over rows: reduction must be 'batchmean' or 'sum', not 'none'")
     (total,) = fused_head_loss(
         hidden, weight, lambda logits, rows: (rows_loss(logits, rows, None if mask is None else mask[rows]), ()), 0,
-        bias, logit_scale, softcap, chunk_size,
+        bias, logit_scale, softcap, vocab_limit, chunk_size,
     )
     if reduction == "sum":
         return total
@@ -275,11 +288,12 @@ def fused_head_topk_distill_loss(
     bias: Optional[torch.Tensor] = None,
     logit_scale: float = 1.0,
     softcap: Optional[float] = None,
+    vocab_limit: Optional[int] = None,
     chunk_size: Optional[int] = None,
     backend: str = "auto",
 ) -> torch.Tensor:
     """`topk_distill_loss` of the head's logits at `hidden` (same arguments; reduction 'batchmean' or 'sum')."""
-    check_head_args(hidden, weight, bias, logit_scale, softcap, chunk_size)
+    check_head_args(hidden, weight, bias, logit_scale, softcap, chunk_size, vocab_limit)
     n = hidden.shape[0]
     for name, t in (("teacher_topk_logprobs", teacher_topk_logprobs), ("teacher_topk_indices", teacher_topk_indices),
                     ("teacher_tail_logmass", teacher_tail_logmass), ("mask", mask)):
@@ -288,7 +302,7 @@ def fused_head_topk_distill_loss(
     _check_like(lambda x: check_topk_args(x, teacher_topk_logprobs, teacher_topk_indices, teacher_tail_logmass, loss,
                                           beta, temperature, mask, reduction, backend), hidden, weight)
     return _summed_rows(
-        hidden, weight, mask, reduction, bias, logit_scale, softcap, chunk_size,
+        hidden, weight, mask, reduction, bias, logit_scale, softcap, chunk_size, vocab_limit,
         lambda logits, rows, kept: topk_distill_loss(
             logits, teacher_topk_logprobs[rows], teacher_topk_indices[rows], teacher_tail_logmass[rows], loss, beta,
             temperature, kept, "sum", backend),
@@ -307,12 +321,13 @@ def fused_head_distill_loss(
     bias: Optional[torch.Tensor] = None,
     logit_scale: float = 1.0,
     softcap: Optional[float] = None,
+    vocab_limit: Optional[int] = None,
     chunk_size: Optional[int] = None,
     backend: str = "auto",
 ) -> torch.Tensor:
     """`distill_loss` of the head's logits at `hidden` against `teacher_logits` [N, V] (same arguments;
     reduction 'batchmean' or 'sum')."""
-    check_head_args(hidden, weight, bias, logit_scale, softcap, chunk_size)
+    check_head_args(hidden, weight, bias, logit_scale, softcap, chunk_size, vocab_limit)
     n = hidden.shape[0]
     _check_rows("teacher_logits", teacher_logits, n)
     _check_rows("mask", mask, n)
@@ -320,6 +335,6 @@ def fused_head_distill_loss(
     _check_like(lambda x: check_distill_args(x.to(teacher_logits.dtype), teacher_logits, loss, beta, temperature, mask,
                                              reduction, backend), hidden, weight)
     return _summed_rows(
-        hidden, weight, mask, reduction, bias, logit_scale, softcap, chunk_size,
+        hidden, weight, mask, reduction, bias, logit_scale, softcap, chunk_size, vocab_limit,
         lambda logits, rows, kept: distill_loss(logits, teacher_logits[rows], loss, beta, temperature, kept, "sum", backend),
     )

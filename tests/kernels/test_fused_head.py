@@ -275,6 +275,7 @@ def test_one_backward_only(device):
     (dict(softcap=0.0), "softcap must be > 0"),
     (dict(logit_scale=float("inf")), "logit_scale must be finite"),
     (dict(chunk_size=0), "chunk_size must be a positive int"),
+    (dict(vocab_limit=V + 1), r"vocab_limit must be an int in \[1, V=1100\]"),
     (dict(reduction="none"), "reduction must be 'batchmean' or 'sum'"),
     (dict(tail=torch.zeros(N - 1)), "teacher_tail_logmass must have N=11 rows"),
     (dict(loss="kl"), "loss must be one of"),
@@ -330,3 +331,21 @@ def test_split_rows_gives_ranges_their_own_losses(device, chunk):
     unfused = ppo_like(*K.token_logprobs_entropy(logits[:5], tokens, 1.2), old, adv, 5) + 0.3 * K.topk_distill_loss(
         logits[5:], tlp, idx, tail)
     compare(fused, unfused, f, u, torch.float32)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_vocab_limit_masks_the_padded_rows_as_the_trainer_does(device, backend):
+    """Rows of W past the tokenizer: their logits -1e4 (the trainer's mask), so no probability and no gradient."""
+    h, w, b = inputs(device, torch.float32)
+    g = torch.Generator().manual_seed(4)
+    tokens = torch.randint(0, 1000, (N,), generator=g).to(device)
+    f, u = leaves(h, w, b), leaves(h, w, b)
+    loss, logp, _ = K.fused_head_token_logprobs_entropy(f[0], f[1], tokens, lambda lp, e, rows: -lp.sum(), bias=f[2],
+                                                        vocab_limit=1000, chunk_size=4, backend=backend)
+    logits = head_logits_ref(u[0], u[1], u[2]).masked_fill(torch.arange(V, device=device) >= 1000, -1e4)
+    logp_u, _ = K.token_logprobs_entropy(logits, tokens, backend=backend)
+    close(logp, logp_u, torch.float32, "logp")
+    compare(loss, -logp_u.sum(), f, u, torch.float32)
+    (gw,) = torch.autograd.grad(K.fused_head_token_logprobs_entropy(
+        f[0], f[1], tokens, lambda lp, e, rows: -lp.sum(), vocab_limit=1000)[0], f[1])
+    assert gw[1000:].abs().max() == 0 and gw[:1000].abs().max() > 0

@@ -69,6 +69,7 @@ from tnd.errors import TndError
 from tnd.generation import sample_continuations
 from tnd.models import check_vocab
 from tnd.packing import chunks, supports_packing
+from tnd.trainers.fused_head import HeadStates, HiddenAt
 from tnd.trainers.reward import score_token_ids
 from tnd.trainers.value_head import ValueHead, hidden_size_of
 
@@ -427,7 +428,9 @@ class CustomPPOTrainer:
             student.train()
             _disable_dropout(student)
         self.value_head = ValueHead(hidden_size_of(student), seed=config.seed)
-        self.policy = ForwardAt(student, self.value_head)  # prepared below, with the optimizers the hooks make
+        # prepared below, with the optimizers the hooks make; HiddenAt: hidden states for the fused head's losses
+        self.policy = (HiddenAt(student, self.value_head, self.n_ids) if config.kernel_fused_head
+                       else ForwardAt(student, self.value_head))
         # Padding-free passes, decided once per model on the bare model (see tnd/trainers/packing.py).
         self._packed = {"student": self._runs_packed(student), "teacher": self._runs_packed(teacher)}
         self.optimizer = self._setup_optimizer()
@@ -520,6 +523,11 @@ class CustomPPOTrainer:
             raise PPOConfigError(
                 "some backward passes leave the value head out (LM steps or demos_only), which DDP must be told: "
                 "build the accelerator with tnd.trainers.ppo.accelerator_for(config)"
+            )
+        if cfg.kernel_fused_head and shards_parameters(accelerator):
+            raise PPOConfigError(
+                "kernels.fused_head applies the student's output head outside its forward and needs the head's whole "
+                "weight on every process, which FSDP and DeepSpeed shard: set kernels.fused_head: false"
             )
         if cfg.mini_batch_size % n:
             raise PPOConfigError(
@@ -650,6 +658,8 @@ class CustomPPOTrainer:
         with self.accelerator.autocast():
             logits, values = model(input_ids.to(self.device), attention_mask.to(self.device), at.to(self.device),
                                    self._packed[name] and not full, values)
+        if isinstance(logits, HeadStates):  # kernels.fused_head: the losses apply the head (and the mask below)
+            return logits, values
         if logits.shape[-1] > self.n_ids:
             # Masked, not cut, so the losses run at the model's width. -1e4 rather than -inf: exp() of it is exactly 0
             # in fp32, bf16 and fp16, as the sampler's -inf, while 0 x logit in the entropy stays 0, not NaN.
@@ -676,6 +686,8 @@ class CustomPPOTrainer:
         """(logp, entropy) [M] of `tokens` [M] under softmax(logits / temperature), through the fused kernel."""
         import tnd_kernels
 
+        if isinstance(logits, HeadStates):  # no gradient: the update's go through the policy terms (ppo_loss)
+            return logits.token_logprobs_entropy(tokens, None, self.config.temperature, self.config.kernel_backend)[1:]
         return tnd_kernels.token_logprobs_entropy(
             logits, tokens, temperature=self.config.temperature, backend=self.config.kernel_backend
         )
@@ -874,15 +886,23 @@ class CustomPPOTrainer:
             at = response_predictors(response_mask, rollout.prompt_width)
             logits, values = self.get_student_logits(ids, rollout.attention_mask[index], at, return_values=True)
         # everything below is over the M response tokens of the mini-batch, flat and row-major
-        logp, entropy = self._logprobs(logits, ids[:, rollout.prompt_width :][response_mask])
+        tokens = ids[:, rollout.prompt_width :][response_mask]
         old = {name: getattr(rollout, name)[index][response_mask]
                for name in ("logprobs", "advantages", "values", "returns")}
+        if isinstance(logits, HeadStates):  # kernels.fused_head: the head and the policy terms in one pass
+            policy_terms, logp, entropy = logits.token_logprobs_entropy(
+                tokens, self._policy_terms(old, len(tokens)), cfg.temperature, cfg.kernel_backend)
+        else:
+            logp, entropy = self._logprobs(logits, tokens)
         pg_loss, pg = clipped_policy_loss(logp, old["logprobs"], old["advantages"], cfg.cliprange)
         vf_loss, vf = clipped_value_loss(values, old["values"], old["returns"], cfg.cliprange_value)
         mean_entropy = entropy.mean()
-        loss = pg_loss + cfg.vf_coef * vf_loss
-        if cfg.ent_coef:  # a zero-weighted term would still cost a backward pass through the entropy
-            loss = loss - cfg.ent_coef * mean_entropy
+        if isinstance(logits, HeadStates):
+            loss = policy_terms + cfg.vf_coef * vf_loss
+        else:
+            loss = pg_loss + cfg.vf_coef * vf_loss
+            if cfg.ent_coef:  # a zero-weighted term would still cost a backward pass through the entropy
+                loss = loss - cfg.ent_coef * mean_entropy
         w_ppo, w_online = weights
         loss = w_ppo * loss
         stats = {  # 0-d tensors: read once per step (a .item() here would be a GPU sync per mini-batch)
@@ -899,15 +919,31 @@ class CustomPPOTrainer:
             stats["loss/online_distill"] = online.detach()
         return loss, stats
 
+    def _policy_terms(self, old: dict[str, torch.Tensor], m: int) -> Callable:
+        """The clipped policy loss - ent_coef x entropy over m tokens, as the fused head's per-chunk loss: each
+        chunk's mean weighted by its share of the m tokens."""
+        cfg = self.config
+
+        def terms(logp, entropy, rows):
+            loss = clipped_policy_loss(logp, old["logprobs"][rows], old["advantages"][rows], cfg.cliprange)[0]
+            if cfg.ent_coef:  # as in ppo_loss: no entropy backward when it has no weight
+                loss = loss - cfg.ent_coef * entropy.mean()
+            return loss * (len(logp) / m)
+
+        return terms
+
+    def _distill_options(self) -> dict[str, Any]:
+        cfg = self.config
+        return {"loss": cfg.distill_loss, "beta": cfg.distill_beta, "temperature": cfg.distill_temperature,
+                "reduction": "batchmean", "backend": cfg.kernel_backend}
+
     def online_distill_loss(self, student_logits, teacher_logits, mask) -> torch.Tensor:
         import tnd_kernels
 
-        cfg = self.config
         rows = mask.bool()
-        return tnd_kernels.distill_loss(
-            student_logits[rows], teacher_logits[rows], loss=cfg.distill_loss, beta=cfg.distill_beta,
-            temperature=cfg.distill_temperature, reduction="batchmean", backend=cfg.kernel_backend,
-        )
+        if isinstance(student_logits, HeadStates):  # a second pass over the head for these rows
+            return student_logits[rows].distill_loss(teacher_logits[rows], **self._distill_options())
+        return tnd_kernels.distill_loss(student_logits[rows], teacher_logits[rows], **self._distill_options())
 
     def demo_distill_loss(self, demo: dict[str, torch.Tensor], logits: Optional[torch.Tensor] = None) -> torch.Tensor:
         """topk_distill_loss of the student's logits at the target positions (`logits` [M, V] when the caller
@@ -921,15 +957,13 @@ class CustomPPOTrainer:
         than a top-k cache's for the same student."""
         import tnd_kernels
 
-        cfg = self.config
         rows = demo["target_mask"].bool()
         if logits is None:
             logits = self.get_student_logits(demo["input_ids"], demo["attention_mask"], rows)
-        return tnd_kernels.topk_distill_loss(
-            logits, demo["topk_logprobs"][rows], demo["topk_indices"][rows].long(), demo["tail_logmass"][rows],
-            loss=cfg.distill_loss, beta=cfg.distill_beta, temperature=cfg.distill_temperature,
-            reduction="batchmean", backend=cfg.kernel_backend,
-        )
+        teacher = (demo["topk_logprobs"][rows], demo["topk_indices"][rows].long(), demo["tail_logmass"][rows])
+        if isinstance(logits, HeadStates):
+            return logits.topk_distill_loss(*teacher, **self._distill_options())
+        return tnd_kernels.topk_distill_loss(logits, *teacher, **self._distill_options())
 
     def _demo_batch(self, indices: list[int]) -> dict[str, torch.Tensor]:
         batch = self.demonstrations.batch(indices, self.pad_id)
@@ -1126,7 +1160,11 @@ class CustomPPOTrainer:
     def lm_loss(self, ids: torch.Tensor, mask: torch.Tensor, at: torch.Tensor) -> torch.Tensor:
         """Summed next-token cross-entropy of the student at the positions `at` (from tnd.batching.lm_positions)."""
         logits = self.get_student_logits(ids, mask, at)
-        return F.cross_entropy(logits.float(), ids[:, 1:][at[:, :-1]], reduction="sum")
+        targets = ids[:, 1:][at[:, :-1]]
+        if isinstance(logits, HeadStates):  # the cross-entropy is -log p at temperature 1
+            return logits.token_logprobs_entropy(targets, lambda logp, _entropy, _rows: -logp.sum(),
+                                                 backend=self.config.kernel_backend)[0]
+        return F.cross_entropy(logits.float(), targets, reduction="sum")
 
     def _lm_update(self, ids: torch.Tensor, mask: torch.Tensor, at: Optional[torch.Tensor] = None) -> float:
         """One optimizer step (the LM optimizer when there is one) on the mean next-token cross-entropy at
