@@ -1,6 +1,6 @@
 """PPO on the student's own samples ("trials") plus distillation on the teacher's cached
 demonstrations: the TnD trainer (Ma, Wang & Chai, NAACL 2025). What it does for a user, its modes,
-the paper's recipe and how it differs from TRL: README.md, "Training: Trials and Demonstrations".
+the paper's recipe and how it differs from TRL: docs/trainer.md.
 
 One `step`, term by term as TRL's `PPOTrainer` (v0.11) computes it, laid out as cleanrl's ppo.py:
 
@@ -29,7 +29,7 @@ works on 1/N of every batch; what steers training (score statistics, the KL for 
 early stopping, the non-finite count) is reduced over processes, the other stats are process 0's, and
 advantages are whitened per process, as in TRL.
 
-Forwards run padding-free when `padding_free` (tnd/trainers/packing.py); the losses are over the
+Forwards run padding-free when `padding_free` (tnd/packing.py); the losses are over the
 mini-batch's response tokens, flat. Every step returns the keys of `STAT_KEYS`; one not computed in
 that step is NaN. Dropout is off in the student for the whole run, so the first mini-batch has ratio 1
 and a CPU run resumes bit-exactly from `state_dict()`.
@@ -431,7 +431,7 @@ class CustomPPOTrainer:
         # prepared below, with the optimizers the hooks make; HiddenAt: hidden states for the fused head's losses
         self.policy = (HiddenAt(student, self.value_head, self.n_ids) if config.kernel_fused_head
                        else ForwardAt(student, self.value_head))
-        # Padding-free passes, decided once per model on the bare model (see tnd/trainers/packing.py).
+        # Padding-free passes, decided once per model on the bare model (see tnd/packing.py).
         self._packed = {"student": self._runs_packed(student), "teacher": self._runs_packed(teacher)}
         self.optimizer = self._setup_optimizer()
         self.scheduler = self._setup_scheduler()
