@@ -87,7 +87,7 @@ from tnd.evaluation import (
     word_naoa,
     word_surprisals,
 )
-from tnd.io import atomic_dir, atomic_write_csv, atomic_write_json, atomic_write_jsonl, atomic_write_text
+from tnd.io import atomic_dir, atomic_write_csv, atomic_write_json, atomic_write_jsonl, atomic_write_text, read_csv
 from tnd.models import load_causal_lm
 from tnd.numbers import finite
 from tnd.tracking import Tracker
@@ -130,8 +130,7 @@ def _check_lengths(models: dict, prompts: list[list[int]], params: Params) -> No
 def student_updates(train_csv: Path) -> dict[int, int]:
     """{trainer step: the student's optimizer updates so far} from plots/train.csv (train_ppo), 0 at step 0."""
     try:
-        with open(train_csv, newline="", encoding="utf-8") as handle:
-            updates = {int(row["step"]): int(float(row["student/updates"])) for row in csv.DictReader(handle)}
+        updates = {int(row["step"]): int(float(row["student/updates"])) for row in read_csv(train_csv)}
     except (OSError, KeyError, ValueError) as exc:
         raise TndError(f"{train_csv}: no student/updates per step ({one_line(exc, 120)}); "
                        "rerun `dvc repro -f train_ppo`") from None
