@@ -44,7 +44,7 @@ from tnd.data.prompts import make_prompts  # noqa: E402
 from tnd.data.tokenizer import train_bpe  # noqa: E402
 from tnd.models import build_causal_lm  # noqa: E402
 from tnd.trainers import CustomPPOConfig, CustomPPOTrainer  # noqa: E402
-from tnd.trainers.reward import build_reward_model  # noqa: E402
+from tnd.reward import build_reward_model  # noqa: E402
 
 SMOKE_ARCH = {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "intermediate_size": 64}
 

@@ -229,7 +229,7 @@ def make_ours(workdir: Path, settings: dict, portable: bool = False):
     else:
         from tnd.data.tokenizer import load_tokenizer
         from tnd.models import load_causal_lm
-        from tnd.trainers.reward import load_reward_model
+        from tnd.reward import load_reward_model
 
         tokenizer = load_tokenizer(workdir / "tokenizer")
         student = load_causal_lm(workdir / "student", tokenizer, role="student")
@@ -392,7 +392,7 @@ def build_workdir(workdir: Path, args) -> dict:
     from tnd.models import build_causal_lm
     from tnd.trainers import CustomPPOConfig
     from tnd.trainers.lm import pretrain_lm
-    from tnd.trainers.reward import build_reward_model
+    from tnd.reward import build_reward_model
 
     params = load_params(args.params)
     n_texts, vocab = params.data.n_train, params.tokenizer.vocab_size

@@ -48,7 +48,7 @@ from tnd.generation import sample_continuations  # noqa: E402
 from tnd.models import build_causal_lm  # noqa: E402
 from tnd.trainers import CustomPPOTrainer  # noqa: E402
 from tnd.trainers.lm import pretrain_lm  # noqa: E402
-from tnd.trainers.reward import build_reward_model  # noqa: E402
+from tnd.reward import build_reward_model  # noqa: E402
 
 SMOKE_ARCH = {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "intermediate_size": 64}
 COMPARED = ("loss/total", "loss/policy", "loss/value", "loss/distill", "objective/kl", "policy/approx_kl",

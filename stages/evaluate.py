@@ -47,8 +47,6 @@ words practised more are known better).
 from __future__ import annotations
 
 import copy
-import csv
-import io
 import math
 from pathlib import Path
 from typing import Optional
@@ -87,11 +85,11 @@ from tnd.evaluation import (
     word_naoa,
     word_surprisals,
 )
-from tnd.io import atomic_dir, atomic_write_csv, atomic_write_json, atomic_write_jsonl, atomic_write_text, read_csv
+from tnd.io import atomic_dir, atomic_write_csv, atomic_write_json, atomic_write_jsonl, read_csv
 from tnd.models import load_causal_lm
 from tnd.numbers import finite
 from tnd.tracking import Tracker
-from tnd.trainers.reward import load_reward_model, reward_stats, score_token_ids
+from tnd.reward import load_reward_model, reward_stats, score_token_ids
 
 from stages.common import (
     EVAL, INITIAL_STUDENT, METRICS, PLOTS, PREPARED, REWARD, STUDENT, TEACHER, TOKENIZER, check_positions, fmt,
@@ -105,14 +103,6 @@ KEYS = (
 )
 WORD_CATEGORIES = ("noun", "verb", "adjective", "name")  # nursery.CONTENT_WORDS
 GRAMMAR_NOTE = "grammaticality needs the nursery grammar (data.source: nursery)"
-
-
-def _csv(header: list[str], rows: list[list]) -> str:
-    out = io.StringIO()
-    writer = csv.writer(out, lineterminator="\n")
-    writer.writerow(header)
-    writer.writerows([["" if v is None else v for v in row] for row in rows])
-    return out.getvalue()
 
 
 def _is_number(value) -> bool:
@@ -194,25 +184,23 @@ def naoa_from_curve(curve: list[dict], anchors: Optional[dict[str, tuple[float, 
     return fits, summary
 
 
-def _naoa_tables(fits: dict[str, WordAcquisition], summary: dict) -> tuple[str, str]:
-    """plots/eval_naoa.csv (a row per threshold) and plots/eval_naoa_words.csv (a row per word)."""
+def _naoa_tables(fits: dict[str, WordAcquisition], summary: dict) -> tuple[list[dict], list[dict]]:
+    """The rows of plots/eval_naoa.csv (one per threshold) and plots/eval_naoa_words.csv (one per word)."""
     groups = ["overall", *WORD_CATEGORIES]
-    by_threshold = [[t, *(summary[g][threshold_key(t)] for g in groups)] for t in NAOA_THRESHOLDS]
-    keys = [threshold_key(t) for t in NAOA_THRESHOLDS]
+    by_threshold = [{"threshold": t, **{g: summary[g][threshold_key(t)] for g in groups}} for t in NAOA_THRESHOLDS]
     words = [
-        [w, word_category(w), f.status, finite(f.initial), finite(f.final), f.midpoint, f.slope, f.rmse,
-         *(f.naoa[t] for t in NAOA_THRESHOLDS)]
+        {"word": w, "category": word_category(w), "status": f.status, "initial": finite(f.initial),
+         "final": finite(f.final), "midpoint": f.midpoint, "slope": f.slope, "rmse": f.rmse,
+         **{threshold_key(t): f.naoa[t] for t in NAOA_THRESHOLDS}}
         for w, f in sorted(fits.items())
     ]
-    return (_csv(["threshold", *groups], by_threshold),
-            _csv(["word", "category", "status", "initial", "final", "midpoint", "slope", "rmse", *keys], words))
+    return by_threshold, words
 
 
 def read_trial_words(path: Path) -> dict[str, int]:
     """plots/train_trial_words.csv (train_ppo) as word -> count."""
     try:
-        with open(path, newline="", encoding="utf-8") as handle:
-            return {row["word"]: int(row["trained_count"]) for row in csv.DictReader(handle)}
+        return {row["word"]: int(row["trained_count"]) for row in read_csv(path)}
     except (OSError, KeyError, ValueError) as exc:
         raise TndError(f"{path}: cannot be read ({one_line(exc, 120)}); run `dvc repro train_ppo`") from None
 
@@ -310,13 +298,12 @@ def evaluate_on(device: torch.device, params: Params, run: Tracker) -> None:
 
     plots = Path(PLOTS)
     atomic_write_json(Path(METRICS) / "eval.json", metrics)
-    model_table = [[name, *(metrics[name][k] for k in KEYS)] for name in MODELS]
-    atomic_write_text(plots / "eval_models.csv", _csv(["model", *KEYS], model_table))
+    atomic_write_csv(plots / "eval_models.csv", [{"model": name, **{k: metrics[name][k] for k in KEYS}} for name in MODELS])
     atomic_write_csv(plots / "eval_word_surprisal.csv", word_rows, ["word", "category", "count", *MODELS])
     atomic_write_csv(plots / "eval_word_curve.csv", curve)  # columns: the first row's keys
     naoa_table, naoa_words = _naoa_tables(fits, metrics["naoa"])
-    atomic_write_text(plots / "eval_naoa.csv", naoa_table)
-    atomic_write_text(plots / "eval_naoa_words.csv", naoa_words)
+    atomic_write_csv(plots / "eval_naoa.csv", naoa_table)
+    atomic_write_csv(plots / "eval_naoa_words.csv", naoa_words)
     atomic_write_csv(plots / "eval_practice.csv", practice_rows,
                      ["word", "category", "trained_count", "surprisal", "naoa_t50"])
     figures = []
@@ -386,8 +373,7 @@ def _figures(out: Path, metrics: dict, word_rows: list[dict], train_csv: Path, c
                                                out / "effective_vocabulary.png"))
     made.append(plots.practice(practice_rows, metrics["practice"], out / "practice.png"))
     if train_csv.is_file():
-        with open(train_csv, newline="", encoding="utf-8") as handle:
-            made.append(plots.training_curves(list(csv.DictReader(handle)), out / "train_curves.png"))
+        made.append(plots.training_curves(read_csv(train_csv), out / "train_curves.png"))
     return [p for p in made if p is not None]
 
 

@@ -1,7 +1,7 @@
 """Stage score_rewards: the reward statistics of the cached teacher demonstrations and the eval texts.
 
 Demonstrations are scored from their token ids (prompt + continuation, as cached, nothing decoded
-and re-encoded) by `tnd.trainers.reward.score_token_ids`, the function PPO's `compute_scores`
+and re-encoded) by `tnd.reward.score_token_ids`, the function PPO's `compute_scores`
 calls: bos in front, scored whole, so each is the reward PPO would give it (a demonstration longer
 than the reward model's positions is refused, never cut). Eval texts are scored as in reward
 training: bos + text + eos cut to reward.train.max_length; the cut ones are counted (`truncated`
@@ -25,7 +25,7 @@ from tnd.engine import make_accelerator
 from tnd.errors import TndError
 from tnd.io import atomic_write_json, read_jsonl
 from tnd.tracking import Tracker
-from tnd.trainers.reward import count_cut, load_reward_model, reward_stats, score_texts, score_token_ids
+from tnd.reward import count_cut, load_reward_model, reward_stats, score_texts, score_token_ids
 
 from stages.common import CACHE, METRICS, PREPARED, REWARD, TOKENIZER, fmt, run_stage
 

@@ -64,7 +64,7 @@ from tnd.tracking import Tracker
 from tnd.trainers import CustomPPOConfig, CustomPPOTrainer
 from tnd.trainers.lm import pretrain_lm
 from tnd.trainers.ppo import STAT_KEYS, accelerator_for
-from tnd.trainers.reward import load_reward_model
+from tnd.reward import load_reward_model
 
 from stages.common import (
     CACHE, CHECKPOINTS, INITIAL_STUDENT, METRICS, PLOTS, PREPARED, REWARD, STUDENT, TEACHER, TOKENIZER,

@@ -34,12 +34,8 @@ from tnd.io import atomic_write_csv, atomic_write_json, read_jsonl
 from tnd.models import save_model
 from tnd.numbers import finite
 from tnd.tracking import Tracker
-from tnd.trainers.reward import (
-    RewardTrainer,
-    build_reward_model,
-    corruption_separation,
-    load_reward_model,
-)
+from tnd.reward import build_reward_model, load_reward_model
+from tnd.trainers.reward import RewardTrainer, corruption_separation
 
 from stages.common import (
     AGES, METRICS, PLOTS, PREPARED, REWARD, TOKENIZER, run_stage, validation_logger, validation_summary,

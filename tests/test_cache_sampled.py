@@ -265,7 +265,7 @@ def test_the_stage_writer_is_deterministic_whatever_the_global_rng(tmp_path, lm)
 
 def test_a_trainer_distilling_on_a_sampled_cache_resumes_bit_exactly(tmp_path, lm):
     from tnd.trainers.ppo import CustomPPOConfig, CustomPPOTrainer
-    from tnd.trainers.reward import build_reward_model
+    from tnd.reward import build_reward_model
 
     tokenizer, teacher, prompts = lm
     write_teacher_cache(tmp_path / "cache", teacher, tokenizer, prompts, **ARGS)

@@ -158,7 +158,7 @@ def test_evaluate_stage_end_to_end(project, capsys):
     from tnd.data.tokenizer import load_tokenizer
     from stages.common import snapshot_path
     from tnd.models import load_causal_lm, save_model
-    from tnd.trainers.reward import build_reward_model
+    from tnd.reward import build_reward_model
 
     project.write(eval={"n_prompts": 6, "max_new_tokens": 8}, ppo={"steps": 10})
 

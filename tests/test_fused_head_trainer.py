@@ -15,9 +15,9 @@ from tests.test_ppo import FakeCache, make_trainer
 from tnd.config import ArchParams, CustomPPOConfig
 from tnd.errors import TndError
 from tnd.models import build_causal_lm
-from tnd.trainers import ppo
+from tnd.trainers import ppo, ppo_inputs
 from tnd.trainers.fused_head import HeadStates, HiddenAt
-from tnd.trainers.reward import build_reward_model
+from tnd.reward import build_reward_model
 
 FIXED = dict(mode="trials_and_demos", optimizer_name="SGD", learning_rate=0.5, ppo_epochs=1, ent_coef=0.01,
              distill_online=True, lm_on_rollout=True, temperature=1.3)
@@ -130,7 +130,7 @@ def test_a_head_that_does_more_is_refused(tokenizer, prompts):
 
 
 def test_sharded_parameters_are_refused(tokenizer, prompts, monkeypatch):
-    monkeypatch.setattr(ppo, "shards_parameters", lambda accelerator: True)
+    monkeypatch.setattr(ppo_inputs, "shards_parameters", lambda accelerator: True)
     with pytest.raises(ppo.PPOConfigError, match="which FSDP and DeepSpeed shard: set kernels.fused_head: false"):
         make_trainer(tokenizer, prompts, kernel_fused_head=True)
 

@@ -24,7 +24,7 @@ for module in {modules!r}:
 
 LIBRARY = ["tnd.config", "tnd.data.nursery", "tnd.data.tokenizer", "tnd.models", "tnd.cache", "tnd.generation",
            "tnd.batching", "tnd.packing", "tnd.checkpoint", "tnd.numbers", "tnd.evaluation", "tnd.trainers",
-           "tnd.trainers.ppo", "tnd.trainers.reward",
+           "tnd.trainers.ppo", "tnd.trainers.ppo_math", "tnd.trainers.reward", "tnd.reward",
            "tnd.trainers.lm", "tnd.engine", "tnd_kernels"]
 
 

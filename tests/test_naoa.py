@@ -36,7 +36,7 @@ from tnd.evaluation import (
 )
 from tnd.models import build_causal_lm
 from tnd.trainers.ppo import CustomPPOConfig, CustomPPOTrainer, PPOConfigError
-from tnd.trainers.reward import build_reward_model
+from tnd.reward import build_reward_model
 
 LOG_STEPS = [0] + sorted({round(10 ** (i / 5)) for i in range(0, 61)})  # 0, 1, 2, 3, 4, 6, 10, ... 10^12
 

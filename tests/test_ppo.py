@@ -18,22 +18,12 @@ from tnd.config import ArchParams, DistillParams, Params, trainer_values
 from tnd.errors import TndError
 from tnd.generation import sample_continuations
 from tnd.models import build_causal_lm
-from tnd.trainers.ppo import (
-    STAT_KEYS,
-    AdaptiveKLController,
-    CustomPPOConfig,
-    CustomPPOTrainer,
-    FixedKLController,
-    PPOConfigError,
-    RunningMoments,
-    ScoreProcessor,
-    clipped_policy_loss,
-    clipped_value_loss,
-    compute_gae,
-    masked_whiten,
-    per_token_rewards,
+from tnd.trainers.ppo import STAT_KEYS, CustomPPOConfig, CustomPPOTrainer, PPOConfigError
+from tnd.trainers.ppo_math import (
+    AdaptiveKLController, FixedKLController, RunningMoments, ScoreProcessor, clipped_policy_loss, clipped_value_loss,
+    compute_gae, masked_whiten, per_token_rewards,
 )
-from tnd.trainers.reward import build_reward_model
+from tnd.reward import build_reward_model
 
 TINY = tiny_arch()
 
@@ -549,14 +539,14 @@ def test_early_stopping_checks_the_last_mini_batch_policykl_after_each_epoch(tok
     trainer = make_trainer(tokenizer, prompts, mode="trials_only", with_demos=False, ppo_epochs=3,
                            early_stopping=True, target_kl=1e6)  # never stops: every epoch is checked
     policykl, checked = [], []
-    original_loss, original_check = trainer.ppo_loss, trainer.early_stopping.should_stop
+    original_terms, original_check = trainer.ppo_terms, trainer.early_stopping.should_stop
 
-    def ppo_loss(*args, **kwargs):
-        loss, parts = original_loss(*args, **kwargs)
+    def ppo_terms(*args, **kwargs):
+        terms, parts = original_terms(*args, **kwargs)
         policykl.append(float(parts["policy/policykl"]))
-        return loss, parts
+        return terms, parts
 
-    trainer.ppo_loss = ppo_loss
+    trainer.ppo_terms = ppo_terms
     trainer.early_stopping.should_stop = lambda kl: checked.append(kl) or original_check(kl)
     stats = trainer.step(trainer.next_prompts())
     assert stats["ppo/epochs"] == 3.0 and len(policykl) == 3 * 2  # 2 mini-batches per epoch
@@ -593,20 +583,37 @@ def _padded_rollout(trainer, tokenizer):
     return trainer.make_rollout(prompts, responses, torch.tensor([1.0, -1.0]), torch.zeros(2, dtype=torch.bool))
 
 
+@pytest.mark.parametrize("fused_head", [False, True])
+def test_the_minibatch_objective_is_its_logged_terms_weighted_by_their_coefficients(tokenizer, prompts, fused_head):
+    """loss = pg_loss + vf_coef v_loss - ent_coef entropy + distill_online_coef online + distill_coef distill, each
+    term as logged: a term dropped, or a coefficient applied twice, fails this."""
+    coefs = dict(vf_coef=0.3, ent_coef=0.05, distill_online_coef=0.7, distill_coef=2.0)
+    trainer = make_trainer(tokenizer, prompts, distill_online=True, kernel_fused_head=fused_head, **coefs)
+    rollout = _padded_rollout(trainer, tokenizer)
+    demo = trainer._demo_batch([0, 3, 5])
+    loss, stats = trainer.minibatch_loss(rollout, torch.arange(2), demo, torch.arange(3))
+    expected = (stats["loss/policy"] + coefs["vf_coef"] * stats["loss/value"]
+                - coefs["ent_coef"] * stats["policy/entropy"]
+                + coefs["distill_online_coef"] * stats["loss/online_distill"]
+                + coefs["distill_coef"] * stats["loss/distill"])
+    assert all(float(stats[k]) != 0 for k in ("loss/value", "policy/entropy", "loss/online_distill", "loss/distill"))
+    torch.testing.assert_close(loss.detach(), expected, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("padding_free", [True, False])
 def test_pad_positions_do_not_affect_the_loss(tokenizer, prompts, padding_free):
     trainer = make_trainer(tokenizer, prompts, distill_online=True, padding_free=padding_free)
     rollout = _padded_rollout(trainer, tokenizer)
     assert (rollout.attention_mask == 0).sum() == 5  # 2 left pads (row 1) + 3 right pads after eos (row 0)
-    index = torch.arange(2)
-    loss, stats = trainer.ppo_loss(rollout, index)
+    index, no_demos = torch.arange(2), torch.zeros(0, dtype=torch.long)
+    loss, stats = trainer.minibatch_loss(rollout, index, None, no_demos)
 
     # the same batch with other token ids at every pad position
     other = type(rollout)(**{**rollout.__dict__})
     pads = rollout.attention_mask == 0
     other.input_ids = torch.where(pads, torch.randint(3, len(tokenizer), pads.shape), rollout.input_ids)
     assert not torch.equal(other.input_ids, rollout.input_ids)
-    loss2, stats2 = trainer.ppo_loss(other, index)
+    loss2, stats2 = trainer.minibatch_loss(other, index, None, no_demos)
     torch.testing.assert_close(loss2, loss)
     # and the old-policy pass gives the same log-probs, values and reference log-probs
     old = trainer._old_policy(rollout.input_ids, rollout.attention_mask, rollout.prompt_width, rollout.response_mask)

@@ -18,15 +18,8 @@ from tnd.data.sources import load_labelled_texts
 from tnd.errors import TndError
 from tnd.io import atomic_write_jsonl, read_jsonl
 from tnd.models import llama_config, save_model
-from tnd.trainers.reward import (
-    RewardTrainer,
-    bradley_terry_loss,
-    build_reward_model,
-    load_reward_model,
-    reward_stats,
-    score_texts,
-    score_token_ids,
-)
+from tnd.reward import build_reward_model, load_reward_model, reward_stats, score_texts, score_token_ids
+from tnd.trainers.reward import RewardTrainer, bradley_terry_loss
 
 ARCH = ArchParams(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64)
 WORDS = "the a cat dog sees likes runs big small red ball tree bird fish jumps".split()
@@ -114,13 +107,16 @@ def _age_rows(tokenizer, n: int = 24) -> list[dict]:
 def test_an_age_row_trains_and_is_evaluated_on_the_ids_ppo_scores(tokenizer, monkeypatch):
     """The age model learns each sample as PPO scores that trial (score_token_ids: bos + prompt + the
     sampled ids, no eos unless it ended): not the decoded text re-tokenized with an eos appended."""
-    from tnd.trainers import reward
+    from tnd import reward as scoring
+    from tnd.trainers import reward as training
 
     rows = _age_rows(tokenizer)
-    scored = {tuple(reward.with_bos(row["ids"], tokenizer)) for row in rows}
+    scored = {tuple(scoring.with_bos(row["ids"], tokenizer)) for row in rows}
     seen: list[tuple[int, ...]] = []
-    real_collate = reward.collate
-    monkeypatch.setattr(reward, "collate", lambda seqs, pad: seen.extend(map(tuple, seqs)) or real_collate(seqs, pad))
+    real_collate = scoring.collate
+    for module in (scoring, training):  # validation scores through tnd.reward, training batches are collated here
+        monkeypatch.setattr(module, "collate",
+                            lambda seqs, pad: seen.extend(map(tuple, seqs)) or real_collate(seqs, pad))
     model = build_reward_model(ARCH, tokenizer, seed=0)
     trainer = RewardTrainer(model, tokenizer, _cfg("age", steps=6), seed=0)
     trainer.train(rows[:16], eval_rows=rows[16:])

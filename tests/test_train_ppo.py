@@ -265,7 +265,7 @@ def test_a_student_with_a_smaller_vocabulary_is_refused(ready, capsys):
 def test_an_unfinished_checkpoint_against_another_reward_model_is_refused(ready, monkeypatch, capsys):
     from tnd.data.tokenizer import load_tokenizer
     from tnd.models import save_model
-    from tnd.trainers.reward import load_reward_model
+    from tnd.reward import load_reward_model
 
     crash_after(monkeypatch, 3)
     tokenizer = load_tokenizer(ready.path / "artifacts/tokenizer")

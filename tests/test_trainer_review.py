@@ -17,7 +17,7 @@ from tests.test_ppo import make_trainer
 from tnd.batching import encode_for_lm, response_predictors
 from tnd.engine import clip_grad_norm
 from tnd.trainers.fit import Validation, fit
-from tnd.trainers.reward import score_token_ids
+from tnd.reward import score_token_ids
 from tnd.trainers.value_head import ValueHead
 
 

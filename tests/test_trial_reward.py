@@ -14,8 +14,9 @@ from transformers import LlamaForCausalLM
 from tests.test_ppo import TINY, make_trainer
 from tnd.config import Params
 from tnd.models import build_causal_lm, llama_config
-from tnd.trainers.ppo import CustomPPOConfig, CustomPPOTrainer, PPOConfigError, per_token_rewards
-from tnd.trainers.reward import build_reward_model
+from tnd.trainers.ppo import CustomPPOConfig, CustomPPOTrainer, PPOConfigError
+from tnd.trainers.ppo_math import per_token_rewards
+from tnd.reward import build_reward_model
 
 
 def test_the_teacher_reward_is_the_per_token_log_ratio_on_top_of_the_kl_penalty():

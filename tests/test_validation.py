@@ -16,7 +16,8 @@ from tnd.data.pairs import make_pairs
 from tnd.data.tokenizer import train_bpe
 from tnd.models import build_causal_lm
 from tnd.trainers.lm import perplexity, pretrain_lm
-from tnd.trainers.reward import RewardTrainer, bradley_terry_loss, build_reward_model, score_texts
+from tnd.reward import build_reward_model, score_texts
+from tnd.trainers.reward import RewardTrainer, bradley_terry_loss
 
 TEACHER = ArchParams(hidden_size=64, num_layers=2, num_heads=2, intermediate_size=128, max_position_embeddings=32)
 STUDENT = ArchParams(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64, max_position_embeddings=32)
@@ -136,7 +137,7 @@ def validation_figure(project_path, stage: str) -> float:
     from tnd.data.tokenizer import load_tokenizer
     from tnd.io import read_jsonl
     from tnd.models import load_causal_lm
-    from tnd.trainers.reward import load_reward_model
+    from tnd.reward import load_reward_model
 
     params = load_params(project_path / "params.yaml", quiet=True)
     tokenizer = load_tokenizer(project_path / TOKENIZER)

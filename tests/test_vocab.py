@@ -18,7 +18,7 @@ from tnd.errors import TndError
 from tnd.generation import sample_continuations
 from tnd.models import build_causal_lm, llama_config, load_causal_lm, save_model
 from tnd.trainers import CustomPPOConfig, CustomPPOTrainer
-from tnd.trainers.reward import build_reward_model, load_reward_model
+from tnd.reward import build_reward_model, load_reward_model
 
 
 @pytest.fixture(scope="module")

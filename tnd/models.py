@@ -1,4 +1,5 @@
-"""Build, load and save the three models: teacher, student (causal LMs) and reward model.
+"""Build, load and save the causal LMs (teacher, student), and the checks every model passes (the reward
+model's own building and loading: tnd/reward.py).
 
 Built-in models are small Llama-style decoders made from an `ArchParams`; any HF
 model by name or path can stand in for each, provided its embeddings cover the

@@ -16,6 +16,7 @@ from safetensors import safe_open
 
 from tnd.batching import right_pad
 from tnd.errors import one_line
+from tnd.io import read_json
 
 from .codec import (
     DTYPES,
@@ -104,7 +105,7 @@ class TeacherCache:
         if not index_path.is_file():
             self._fail(INDEX, "missing (the cache was never finished, or was deleted)")
         try:
-            index = json.loads(index_path.read_text(encoding="utf-8"))
+            index = read_json(index_path)
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             self._fail(INDEX, f"not valid JSON ({one_line(exc)})")
         if not isinstance(index, dict):
@@ -379,6 +380,6 @@ class TeacherCache:
 def cache_bytes(path: str | Path) -> int:
     """Bytes on disk of index.json and the shards it lists."""
     path = Path(path)
-    index = json.loads((path / INDEX).read_text(encoding="utf-8"))
+    index = read_json(path / INDEX)
     shards = sum(os.path.getsize(path / shard["file"]) for shard in index["shards"])
     return (path / INDEX).stat().st_size + shards

@@ -29,6 +29,9 @@ works on 1/N of every batch; what steers training (score statistics, the KL for 
 early stopping, the non-finite count) is reduced over processes, the other stats are process 0's, and
 advantages are whitened per process, as in TRL.
 
+The PPO math is in small functions of its own (tnd/trainers/ppo_math.py), what the trainer refuses in
+tnd/trainers/ppo_inputs.py; `minibatch_loss` writes the whole objective in one expression.
+
 Forwards run padding-free when `padding_free` (tnd/packing.py); the losses are over the
 mini-batch's response tokens, flat. Every step returns the keys of `STAT_KEYS`; one not computed in
 that step is NaN. Dropout is off in the student for the whole run, so the first mini-batch has ratio 1
@@ -46,7 +49,7 @@ import os
 import time
 import warnings
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -67,10 +70,14 @@ from tnd.engine import (
 from tnd.config import CustomPPOConfig, PPOConfigError
 from tnd.errors import TndError
 from tnd.generation import sample_continuations
-from tnd.models import check_vocab
 from tnd.packing import chunks, supports_packing
 from tnd.trainers.fused_head import HeadStates, HiddenAt
-from tnd.trainers.reward import score_token_ids
+from tnd.trainers.ppo_inputs import check_inputs
+from tnd.trainers.ppo_math import (
+    AdaptiveKLController, EarlyStopping, FixedKLController, RunningMoments, ScoreProcessor, clipped_policy_loss,
+    clipped_value_loss, compute_gae, explained_variance, masked_mean, masked_whiten, per_token_rewards,
+)
+from tnd.reward import score_token_ids
 from tnd.trainers.value_head import ValueHead, hidden_size_of
 
 STAT_KEYS = (
@@ -109,220 +116,13 @@ STAT_KEYS = (
 )
 
 
-# --- the PPO math, as small functions -------------------------------------------------------
+class PPOTerms(NamedTuple):
+    """The PPO terms of a mini-batch, each a mean over its response tokens (0-d tensors)."""
 
-
-def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean over positions where mask is True (values elsewhere, even NaN, are ignored)."""
-    mask = mask.bool()
-    return torch.where(mask, values, torch.zeros_like(values)).sum() / mask.sum().clamp_min(1)
-
-
-def masked_var(values: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> torch.Tensor:
-    """Variance over the masked positions; unbiased (Bessel) as TRL's masked_var."""
-    mask = mask.bool()
-    mean = masked_mean(values, mask)
-    var = masked_mean((values - mean) ** 2, mask)
-    n = mask.sum()
-    if unbiased and n > 1:
-        var = var * n / (n - 1)
-    return var
-
-
-def masked_whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
-    """(x - mean) / sqrt(var + 1e-8) over the masked positions; masked positions become 0."""
-    mean, var = masked_mean(values, mask), masked_var(values, mask)
-    whitened = (values - mean) * torch.rsqrt(var + 1e-8)
-    if not shift_mean:
-        whitened = whitened + mean
-    return torch.where(mask.bool(), whitened, torch.zeros_like(whitened))
-
-
-def compute_gae(
-    rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Generalised advantage estimation over left-aligned response tokens [B, R].
-
-    delta_t = r_t + gamma * V_(t+1) - V_t, A_t = delta_t + gamma * lam * A_(t+1), with V and r
-    zero outside the mask (so the value after the last response token is 0: episode end).
-    Returns (advantages, returns = advantages + values), both zero outside the mask.
-    """
-    mask = mask.to(values.dtype)
-    values, rewards = values * mask, rewards * mask
-    length = rewards.shape[1]
-    last_gae = torch.zeros_like(rewards[:, 0])
-    advantages_reversed = []
-    for t in reversed(range(length)):
-        next_values = values[:, t + 1] if t < length - 1 else torch.zeros_like(values[:, 0])
-        delta = rewards[:, t] + gamma * next_values - values[:, t]
-        last_gae = delta + gamma * lam * last_gae
-        advantages_reversed.append(last_gae)
-    advantages = torch.stack(advantages_reversed[::-1], dim=1) * mask
-    returns = advantages + values
-    return advantages, returns
-
-
-def per_token_rewards(
-    scores: torch.Tensor, logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor, kl_coef: float,
-    teacher_logprobs: Optional[torch.Tensor] = None, teacher_coef: float = 0.0,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """r_t = -kl_coef * (logp_t - logp_ref_t) + teacher_coef * (logp_teacher_t - logp_t), plus the score on the
-    last response token. The teacher term (tnd.trial_reward: teacher | both) is on-policy distillation's reward:
-    its sum over a trial is minus the sampled estimate of the reverse KL(student || teacher) (MiniLLM, GKD).
-
-    Returns (rewards [B, R], kl [B, R]); both zero outside the mask.
-    """
-    mask = mask.bool()
-    kl = torch.where(mask, logprobs - ref_logprobs, torch.zeros_like(logprobs))
-    rewards = -kl_coef * kl
-    if teacher_logprobs is not None:
-        rewards = rewards + teacher_coef * torch.where(mask, teacher_logprobs - logprobs, torch.zeros_like(logprobs))
-    last = mask.long().sum(1) - 1
-    rows = torch.arange(rewards.shape[0], device=rewards.device)
-    rewards[rows, last] += scores.to(rewards.dtype)
-    return rewards, kl
-
-
-def clipped_policy_loss(
-    logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, cliprange: float
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """PPO-clip over the valid tokens given (e.g. a mini-batch's response tokens, flat [M]):
-    mean of max(-A ratio, -A clip(ratio, 1-eps, 1+eps))."""
-    logratio = logprobs - old_logprobs
-    ratio = torch.exp(logratio)
-    pg_losses = -advantages * ratio
-    pg_losses2 = -advantages * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)
-    loss = torch.max(pg_losses, pg_losses2).mean()
-    with torch.no_grad():
-        info = {
-            "clipfrac": (pg_losses2 > pg_losses).float().mean(),
-            "approx_kl": ((ratio - 1) - logratio).mean(),  # k3
-            "policykl": -logratio.mean(),  # k1
-            "ratio_mean": ratio.mean(),
-        }
-    return loss, info
-
-
-def clipped_value_loss(
-    values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, cliprange_value: float
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """0.5 * mean over the valid tokens given of max((V - R)^2, (V_old + clip(V - V_old, +-eps_v) - R)^2)."""
-    values_clipped = old_values + torch.clamp(values - old_values, -cliprange_value, cliprange_value)
-    vf_losses1 = (values - returns) ** 2
-    vf_losses2 = (values_clipped - returns) ** 2
-    loss = 0.5 * torch.max(vf_losses1, vf_losses2).mean()
-    with torch.no_grad():
-        info = {"clipfrac": (vf_losses2 > vf_losses1).float().mean()}
-    return loss, info
-
-
-def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> float:
-    """1 - Var(R - V) / Var(R) over valid tokens (NaN when Var(R) = 0)."""
-    var_returns = masked_var(returns, mask, unbiased=False)
-    if var_returns <= 0:
-        return float("nan")
-    return float(1 - masked_var(returns - values, mask, unbiased=False) / var_returns)
-
-
-class AdaptiveKLController:
-    """Ziegler et al. (2019): e = clip(KL / target - 1, -0.2, 0.2); coef *= 1 + e * n_steps / horizon."""
-
-    def __init__(self, init_kl_coef: float, target: float, horizon: int) -> None:
-        self.value, self.target, self.horizon = float(init_kl_coef), float(target), int(horizon)
-
-    def update(self, current: float, n_steps: int) -> None:
-        proportional_error = min(max(current / self.target - 1.0, -0.2), 0.2)
-        self.value *= 1.0 + proportional_error * n_steps / self.horizon
-
-    def state_dict(self) -> dict:
-        return {"value": self.value}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.value = float(state["value"])
-
-
-class FixedKLController(AdaptiveKLController):
-    def __init__(self, kl_coef: float) -> None:
-        super().__init__(kl_coef, 1.0, 1)
-
-    def update(self, current: float, n_steps: int) -> None:
-        pass
-
-
-class RunningMoments:
-    """Running mean / std of all scores seen, as TRL's RunningMoments: a parallel (Chan et al.) update
-    of the mean and the population variance, and `std` the Bessel-corrected sqrt(var * n / (n - 1)).
-
-    `count` starts at a tiny positive number so the prior (mean, std) weighs nothing unless a count
-    is given (e.g. the statistics of score_rewards)."""
-
-    def __init__(self, mean: float = 0.0, std: float = 1.0, count: float = 1e-24) -> None:
-        self.mean, self.std, self.var, self.count = float(mean), float(std), float(std) ** 2, float(count)
-
-    def update(self, xs: torch.Tensor) -> None:
-        xs = xs.detach().double().flatten()
-        n = xs.numel()
-        if n == 0:
-            return
-        xs_mean = float(xs.mean())
-        xs_var = float(xs.var(unbiased=False))
-        delta = xs_mean - self.mean
-        total = self.count + n
-        self.var = (self.var * self.count + xs_var * n + delta**2 * self.count * n / total) / total
-        self.mean += delta * n / total
-        self.count = total
-        self.std = self._bessel_std()
-
-    def state_dict(self) -> dict:
-        return {"mean": self.mean, "std": self.std, "var": self.var, "count": self.count}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.mean, self.var, self.count = float(state["mean"]), float(state["var"]), float(state["count"])
-        self.std = float(state["std"]) if "std" in state else self._bessel_std()  # states saved before std was kept
-
-    def _bessel_std(self) -> float:
-        # one score in all: no Bessel correction (TRL divides by zero there)
-        return math.sqrt(self.var * self.count / (self.count - 1)) if self.count > 1 else math.sqrt(self.var)
-
-
-class ScoreProcessor:
-    """Raw scores -> PPO scores: running statistics updated with each batch's finite scores first,
-    then normalisation (s - mean) / std (use_score_norm) or scaling s / std (use_score_scaling),
-    then clipping to [-score_clip, score_clip]. With several processes the statistics are updated
-    with every process's scores (`population`), so all processes process scores alike."""
-
-    def __init__(self, use_scaling: bool, use_norm: bool, clip: Optional[float], moments: RunningMoments) -> None:
-        self.use_scaling, self.use_norm, self.clip, self.moments = use_scaling, use_norm, clip, moments
-
-    def __call__(self, scores: torch.Tensor, population: Optional[torch.Tensor] = None) -> torch.Tensor:
-        scores = scores.float()
-        if self.use_scaling or self.use_norm:
-            self.moments.update(scores if population is None else population)
-            factor = self.moments.std + torch.finfo(scores.dtype).eps
-            if self.use_norm:
-                scores = (scores - self.moments.mean) / factor
-            else:
-                scores = scores / factor
-        if self.clip is not None:
-            scores = scores.clamp(-self.clip, self.clip)
-        return scores
-
-    def state_dict(self) -> dict:
-        return self.moments.state_dict()
-
-    def load_state_dict(self, state: dict) -> None:
-        self.moments.load_state_dict(state)
-
-
-class EarlyStopping:
-    """Skip the remaining PPO epochs once an epoch ends with a policy KL above factor * target_kl
-    (TRL's rule: k1 `policy/policykl` of the epoch's last mini-batch, checked after each epoch)."""
-
-    def __init__(self, enabled: bool, target_kl: float, factor: float = 1.5) -> None:
-        self.enabled, self.target_kl, self.factor = enabled, target_kl, factor
-
-    def should_stop(self, policykl: float) -> bool:
-        return self.enabled and policykl > self.factor * self.target_kl
+    pg_loss: torch.Tensor  # the clipped policy loss
+    v_loss: torch.Tensor  # the clipped value loss
+    entropy: torch.Tensor  # the policy's mean entropy (the bonus)
+    online_distill_loss: torch.Tensor  # distill.online on the trials (0 when off)
 
 
 @dataclass
@@ -413,7 +213,8 @@ class CustomPPOTrainer:
         # One process, or several from `accelerate launch` / `torchrun`: each takes 1/N of every batch.
         self.accelerator = accelerator if accelerator is not None else accelerator_for(config)
         self.device = self.accelerator.device
-        self._check_inputs()
+        check_inputs(config, self.accelerator, tokenizer, {"teacher": teacher, "student": student, "reward": reward_model},
+                     self.train_dataset, demonstrations, self.lm_dataset)
 
         # Trainable weights in fp32 whatever dtype the checkpoint was saved in: AdamW on bf16 weights loses
         # most small updates to rounding (mixed precision computes in bf16 under autocast, not in the weights).
@@ -482,70 +283,6 @@ class CustomPPOTrainer:
             else FixedKLController(config.init_kl_coef)
         )
         self.accelerator.register_for_checkpointing(self)  # state_dict: what save_state does not hold already
-
-    def _check_inputs(self) -> None:
-        cfg = self.config
-        if self.pad_id is None or self.eos_id is None:
-            raise TndError("tokenizer needs a pad and an eos token")
-        # Sampling keeps to the tokenizer's ids (tnd.generation.TokenizerIdsOnly), so a model padded beyond
-        # the tokenizer is fine; one with fewer rows would make a trial or demonstration id an IndexError.
-        for role, model in (("teacher", self.teacher), ("student", self.student), ("reward", self.reward_model)):
-            if hasattr(model, "get_input_embeddings"):  # not e.g. a plain nn.Module reward function
-                check_vocab(model, self.tokenizer, role)
-        if cfg.trains_on_trials and not self.train_dataset:
-            raise TndError("train_dataset is empty; the trials need prompts")
-        if any(len(p) == 0 for p in self.train_dataset):
-            raise TndError("train_dataset holds an empty prompt; every prompt needs at least one token")
-        if cfg.reads_demo_cache and self.demonstrations is None:
-            raise TndError(
-                f"tnd.mode = {cfg.mode} needs demonstrations (a TeacherCache); pass demonstrations= "
-                "or set tnd.mode: trials_only"
-            )
-        if cfg.reads_demo_cache and len(self.demonstrations) == 0:
-            raise TndError("the demonstrations cache is empty; rerun `dvc repro cache_teacher_logits`")
-        cache_temperature = getattr(self.demonstrations, "temperature", None)
-        if cfg.demos_distilled and cache_temperature is not None and cache_temperature != cfg.distill_temperature:
-            # The top-k loss softens the student only: the cached teacher is already at its temperature.
-            raise PPOConfigError(
-                f"distill_temperature ({cfg.distill_temperature}) must equal the demonstrations' cache temperature "
-                f"({cache_temperature}): a top-k + tail teacher cannot be re-tempered exactly; set distill.temperature "
-                "to cache.temperature (or rebuild the cache at the temperature you want)"
-            )
-        accelerator = self.accelerator
-        n = accelerator.num_processes
-        if accelerator.gradient_accumulation_steps != cfg.gradient_accumulation_steps:
-            raise PPOConfigError(
-                f"the accelerator accumulates {accelerator.gradient_accumulation_steps} mini-batches, the config "
-                f"{cfg.gradient_accumulation_steps}; build it with tnd.trainers.ppo.accelerator_for(config)"
-            )
-        if n > 1 and cfg.value_head_sometimes_unused and not getattr(
-                accelerator.ddp_handler, "find_unused_parameters", False):
-            raise PPOConfigError(
-                "some backward passes leave the value head out (LM steps or demos_only), which DDP must be told: "
-                "build the accelerator with tnd.trainers.ppo.accelerator_for(config)"
-            )
-        if cfg.kernel_fused_head and shards_parameters(accelerator):
-            raise PPOConfigError(
-                "kernels.fused_head applies the student's output head outside its forward and needs the head's whole "
-                "weight on every process, which FSDP and DeepSpeed shard: set kernels.fused_head: false"
-            )
-        if cfg.mini_batch_size % n:
-            raise PPOConfigError(
-                f"ppo.mini_batch_size ({cfg.mini_batch_size}) must be divisible by the number of processes ({n}): "
-                "each process takes an equal share of every mini-batch"
-            )
-        if cfg.lm_steps and cfg.lm_batch_size < n:
-            raise PPOConfigError(f"tnd.lm_batch_size ({cfg.lm_batch_size}) must be at least the number of processes ({n})")
-        if cfg.lm_steps and cfg.lm_data == "corpus" and not self.lm_dataset:
-            raise TndError("tnd.lm_data = corpus needs the training corpus: pass lm_dataset= (token ids per text)")
-        if cfg.distill_online and cfg.uses_trials:
-            vt = self.teacher.get_output_embeddings().out_features
-            vs = self.student.get_output_embeddings().out_features
-            if vt != vs:
-                raise TndError(
-                    f"distill.online needs the same vocabulary size in teacher ({vt}) and student ({vs}); "
-                    "set distill.online: false"
-                )
 
     # --- setup (overridable) ---------------------------------------------------------------
 
@@ -686,7 +423,7 @@ class CustomPPOTrainer:
         """(logp, entropy) [M] of `tokens` [M] under softmax(logits / temperature), through the fused kernel."""
         import tnd_kernels
 
-        if isinstance(logits, HeadStates):  # no gradient: the update's go through the policy terms (ppo_loss)
+        if isinstance(logits, HeadStates):  # no gradient: the update's go through the policy terms (ppo_terms)
             return logits.token_logprobs_entropy(tokens, None, self.config.temperature, self.config.kernel_backend)[1:]
         return tnd_kernels.token_logprobs_entropy(
             logits, tokens, temperature=self.config.temperature, backend=self.config.kernel_backend
@@ -810,16 +547,17 @@ class CustomPPOTrainer:
     def minibatch_loss(
         self, rollout: Optional[Rollout], index: torch.Tensor, demo: Optional[dict], demo_rows: torch.Tensor
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """The loss of one mini-batch: the PPO loss on the rollout's rows `index` plus distill_coef x the
-        top-k loss on the demonstrations' rows `demo_rows`, from ONE forward of the policy over both side by
-        side (DDP and FSDP synchronise one forward per backward). A process whose share of the mini-batch is
-        empty still runs the forward and a zero loss through every parameter, as its peers' backward needs.
+        """The loss of one mini-batch: the PPO terms on the rollout's rows `index` and the demonstrations'
+        distillation on their rows `demo_rows`, from ONE forward of the policy over both side by side (DDP and
+        FSDP synchronise one forward per backward). A term with no rows here is 0.
 
         Each term is a mean over the mini-batch's tokens on every process, not over this process's only: the
         term's per-process mean is weighted by this process's share of those tokens (`_token_weights`), so
         that DDP's average of the gradients is the gradient of the mean over all tokens, whatever the lengths
         on each process (one process: weights 1)."""
         cfg = self.config
+        has_ppo = rollout is not None and len(index) > 0
+        has_demos = demo is not None and len(demo_rows) > 0
         blocks = []
         if rollout is not None:
             response_mask = rollout.response_mask[index]
@@ -833,17 +571,27 @@ class CustomPPOTrainer:
         # PPO rows come first (the count costs a device sync: only when demonstrations follow them)
         n_ppo = 0 if rollout is None else len(logits) if demo is None else int(at[: len(index)].sum())
         w_ppo, w_online, w_demo = self._token_weights(rollout, index, demo, demo_rows)
-        loss, stats = None, {}
-        if rollout is not None and len(index):
-            loss, stats = self.ppo_loss(rollout, index, logits[:n_ppo], values[:n_ppo], weights=(w_ppo, w_online))
-        if demo is not None and len(demo_rows):
-            distill = self.demo_distill_loss({k: v[demo_rows] for k, v in demo.items()}, logits[n_ppo:])
-            stats["loss/distill"] = distill.detach()
-            term = w_demo * cfg.distill_coef * distill
-            loss = term if loss is None else loss + term
-        if loss is None or (values is not None and not len(index)):
-            zero = logits.sum() * 0.0 + (0.0 if values is None else values.sum() * 0.0)
-            loss = zero if loss is None else loss + zero
+
+        zero = torch.zeros((), device=self.device)
+        terms, stats = PPOTerms(zero, zero, zero, zero), {}
+        if has_ppo:
+            terms, stats = self.ppo_terms(rollout, index, logits[:n_ppo], values[:n_ppo])
+        distill_loss = zero
+        if has_demos:
+            distill_loss = self.demo_distill_loss({k: v[demo_rows] for k, v in demo.items()}, logits[n_ppo:])
+            stats["loss/distill"] = distill_loss.detach()
+
+        # The objective: cleanrl's PPO loss, plus distillation on the trials (online) and on the demonstrations.
+        loss = (w_ppo * (terms.pg_loss + cfg.vf_coef * terms.v_loss - cfg.ent_coef * terms.entropy)
+                + w_online * cfg.distill_online_coef * terms.online_distill_loss
+                + w_demo * cfg.distill_coef * distill_loss)
+
+        # A process whose share of the mini-batch is empty still backpropagates through every parameter its
+        # forward used, as its peers' backward needs.
+        if not (has_ppo or has_demos):
+            loss = loss + logits.sum() * 0.0
+        if values is not None and not has_ppo:
+            loss = loss + values.sum() * 0.0
         return loss, stats
 
     def _token_weights(self, rollout: Optional[Rollout], index: torch.Tensor, demo: Optional[dict],
@@ -872,52 +620,48 @@ class CustomPPOTrainer:
         n = self.accelerator.num_processes
         return counts if n == 1 else self.accelerator.reduce(counts.double(), "sum").to(counts.dtype) / n
 
-    def ppo_loss(
-        self, rollout: Rollout, index: torch.Tensor, logits: Optional[torch.Tensor] = None,
-        values: Optional[torch.Tensor] = None, weights: tuple[Any, Any] = (1.0, 1.0),
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Clipped policy loss + vf_coef * clipped value loss - ent_coef * entropy (+ online distillation)
-        on the rows `index` of the rollout; `logits` [M, V] and `values` [M] of the policy at their M response
-        predictions when the caller has them (minibatch_loss), else computed here. `weights` multiply the PPO
-        terms and the online distillation (minibatch_loss's token weights over processes)."""
+    def ppo_terms(
+        self, rollout: Rollout, index: torch.Tensor, logits: torch.Tensor | HeadStates, values: torch.Tensor,
+    ) -> tuple[PPOTerms, dict[str, torch.Tensor]]:
+        """The PPO terms of the rollout's rows `index` (and the online distillation on their trials), from the
+        policy's `logits` [M, V] (or HeadStates) and `values` [M] at their M response predictions, with the
+        stats of the update."""
         cfg = self.config
         ids, response_mask = rollout.input_ids[index], rollout.response_mask[index]
-        if logits is None:
-            at = response_predictors(response_mask, rollout.prompt_width)
-            logits, values = self.get_student_logits(ids, rollout.attention_mask[index], at, return_values=True)
         # everything below is over the M response tokens of the mini-batch, flat and row-major
         tokens = ids[:, rollout.prompt_width :][response_mask]
         old = {name: getattr(rollout, name)[index][response_mask]
                for name in ("logprobs", "advantages", "values", "returns")}
-        if isinstance(logits, HeadStates):  # kernels.fused_head: the head and the policy terms in one pass
+        fused = isinstance(logits, HeadStates)
+        if fused:  # kernels.fused_head: the head and the policy terms in one pass
             policy_terms, logp, entropy = logits.token_logprobs_entropy(
                 tokens, self._policy_terms(old, len(tokens)), cfg.temperature, cfg.kernel_backend)
         else:
             logp, entropy = self._logprobs(logits, tokens)
         pg_loss, pg = clipped_policy_loss(logp, old["logprobs"], old["advantages"], cfg.cliprange)
-        vf_loss, vf = clipped_value_loss(values, old["values"], old["returns"], cfg.cliprange_value)
-        mean_entropy = entropy.mean()
-        if isinstance(logits, HeadStates):
-            loss = policy_terms + cfg.vf_coef * vf_loss
-        else:
-            loss = pg_loss + cfg.vf_coef * vf_loss
-            if cfg.ent_coef:  # a zero-weighted term would still cost a backward pass through the entropy
-                loss = loss - cfg.ent_coef * mean_entropy
-        w_ppo, w_online = weights
-        loss = w_ppo * loss
+        v_loss, vf = clipped_value_loss(values, old["values"], old["returns"], cfg.cliprange_value)
+        entropy = entropy.mean()
         stats = {  # 0-d tensors: read once per step (a .item() here would be a GPU sync per mini-batch)
-            "loss/policy": pg_loss.detach(), "loss/value": vf_loss.detach(), "policy/entropy": mean_entropy.detach(),
+            "loss/policy": pg_loss.detach(), "loss/value": v_loss.detach(), "policy/entropy": entropy.detach(),
             "policy/clipfrac": pg["clipfrac"], "policy/approx_kl": pg["approx_kl"], "policy/policykl": pg["policykl"],
             "policy/ratio_mean": pg["ratio_mean"], "val/clipfrac": vf["clipfrac"],
         }
+        if fused:
+            # The head's pass differentiates the clipped loss and the entropy bonus together (`_policy_terms`):
+            # its result is pg_loss - ent_coef * entropy, so here pg_loss carries both and entropy is 0.
+            pg_loss, entropy = policy_terms, torch.zeros_like(entropy)
+        elif not cfg.ent_coef:
+            entropy = entropy.detach()  # a zero-weighted term would still cost a backward pass through it
+
+        online_distill_loss = torch.zeros((), device=self.device)
         trials = ~rollout.is_demo[index]
         # With demos_as = ppo a mini-batch may hold demonstrations only: no trial tokens to distil on.
         if cfg.distill_online and rollout.teacher_logits is not None and bool(trials.any()):
             trial_tokens = (response_mask & trials[:, None])[response_mask]
-            online = self.online_distill_loss(logits, rollout.teacher_logits[index][response_mask], trial_tokens)
-            loss = loss + w_online * cfg.distill_online_coef * online
-            stats["loss/online_distill"] = online.detach()
-        return loss, stats
+            online_distill_loss = self.online_distill_loss(
+                logits, rollout.teacher_logits[index][response_mask], trial_tokens)
+            stats["loss/online_distill"] = online_distill_loss.detach()
+        return PPOTerms(pg_loss, v_loss, entropy, online_distill_loss), stats
 
     def _policy_terms(self, old: dict[str, torch.Tensor], m: int) -> Callable:
         """The clipped policy loss - ent_coef x entropy over m tokens, as the fused head's per-chunk loss: each
@@ -926,7 +670,7 @@ class CustomPPOTrainer:
 
         def terms(logp, entropy, rows):
             loss = clipped_policy_loss(logp, old["logprobs"][rows], old["advantages"][rows], cfg.cliprange)[0]
-            if cfg.ent_coef:  # as in ppo_loss: no entropy backward when it has no weight
+            if cfg.ent_coef:  # as in ppo_terms: no entropy backward when it has no weight
                 loss = loss - cfg.ent_coef * entropy.mean()
             return loss * (len(logp) / m)
 
