@@ -40,6 +40,7 @@ sampled at S = 4, 12, 32 draws:
 
     python benchmarks/cache_format.py            # -> benchmarks/results/cache-format-curve-cpu.json (an hour+ on 2 cores)
     python benchmarks/cache_format.py --e2e none # no end-to-end runs (minutes)
+    python benchmarks/cache_format.py --reuse benchmarks/results/cache-format-curve-cpu.json  # the end-to-end runs only
     python benchmarks/cache_format.py --smoke --e2e "sampled S=4" --seeds 1 --out /tmp/x.json   # proves it runs
 """
 
@@ -52,6 +53,7 @@ import math
 import os
 import platform
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -412,7 +414,9 @@ def end_to_end(settings: list[dict], seeds: list[int], sizes: dict, save: Callab
             write(base)
             for stage in (prepare_data, train_teacher, train_reward):
                 stage.main([])
-            record = {"sizes": sizes, "seeds": seeds, "upstream_seconds": time.perf_counter() - started,
+            commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+            record = {"date": datetime.date.today().isoformat(), "commit": commit, "loadavg": os.getloadavg(),
+                      "sizes": sizes, "seeds": seeds, "upstream_seconds": time.perf_counter() - started,
                       "teacher": default_curve(base), "runs": results}
             save(record)
             for setting in settings:
@@ -515,11 +519,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default=None)
     parser.add_argument("--figure", default=str(ROOT / "docs/img/cache-format-curve.png"))
     parser.add_argument("--plot", default=None, help="only draw --figure from this results file")
+    parser.add_argument("--reuse", default=None,
+                        help="keep the bytes and stored-KL parts of this results file and run only the end-to-end part")
     args = parser.parse_args(argv)
     if args.plot:
         plot_curve(json.loads(Path(args.plot).read_text()), Path(args.figure))
         return
     torch.set_num_threads(min(2, os.cpu_count() or 1))
+    if args.reuse:
+        record = json.loads(Path(args.reuse).read_text())
+        run_end_to_end(args, record, Path(args.out or args.reuse), record["curve"])
+        return
     n_seq = shard_prompts(65536, CONTINUATION, 64)  # the default shard: 2,688 sequences
     if args.smoke:
         n_seq, args.prompts, args.steps32k, args.vocab32k, args.corpus_chars = 64, 8, 3, 600, 60_000
@@ -545,9 +555,6 @@ def main(argv: list[str] | None = None) -> None:
     for vocab, row in curve["bytes_per_token"].items():
         print(f"V = {vocab:>6}  " + "  ".join(f"{name} {value:.1f}" for name, value in row.items()))
     print("id coding, k = 128, 32k teacher (bytes/row):", json.dumps(record_32k["id_coding_k128"]))
-    by_name = {setting_name(st): st for st in curve_settings()}
-    chosen = list(by_name.values()) if args.e2e == "all" else [by_name[n] for n in args.e2e.split(",") if n in by_name]
-
     record = {
         "meta": {
             "date": datetime.date.today().isoformat(), "k": K, "shape": f"{PROMPT}-token prompt + {CONTINUATION} "
@@ -562,8 +569,16 @@ def main(argv: list[str] | None = None) -> None:
         "curve": curve,
     }
     out = Path(args.out) if args.out else None if args.smoke else ROOT / "benchmarks/results/cache-format-curve-cpu.json"
+    run_end_to_end(args, record, out, curve)
 
-    def save(end_to_end_so_far: Optional[dict] = None) -> None:  # after every run: a stopped benchmark keeps its runs
+
+def run_end_to_end(args, record: dict, out: Optional[Path], curve: dict) -> None:
+    """The end-to-end runs of --e2e into curve["end_to_end"], `record` written to `out` after every run (a stopped
+    benchmark keeps its runs), then the figure."""
+    by_name = {setting_name(st): st for st in curve_settings()}
+    chosen = list(by_name.values()) if args.e2e == "all" else [by_name[n] for n in args.e2e.split(",") if n in by_name]
+
+    def save(end_to_end_so_far: Optional[dict] = None) -> None:
         if end_to_end_so_far is not None:
             curve["end_to_end"] = end_to_end_so_far
         if out is not None:
