@@ -28,6 +28,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from tnd.config import Params, TeacherTrainParams
 from tnd.data.tokenizer import load_tokenizer
 from tnd.engine import make_accelerator
+from tnd.errors import TndError
 from tnd.evaluation import grammaticality, sample_rows
 from tnd.io import atomic_dir, atomic_write_csv, atomic_write_json, read_jsonl
 from tnd.models import build_causal_lm, load_causal_lm, save_model
@@ -58,11 +59,18 @@ def train_teacher(params: Params, run: Tracker) -> None:
     # process 0 alone writes models/teacher_ages/ (the others' folder is None)
     with atomic_dir(TEACHER_AGES) if accelerator.is_main_process else contextlib.nullcontext() as ages:
         if cfg.source == "builtin":
+            train = planned(cfg.train, len(train_texts), params.reward.objective)
+            metrics["steps_planned"] = train.steps
+            if cfg.train.steps is None and accelerator.is_main_process:  # they follow the data: say how
+                print(f"train_teacher: at most {train.steps} steps of {train.batch_size} texts, "
+                      f"{train.steps * train.batch_size / len(train_texts):.1f} passes over the {len(train_texts)} "
+                      f"training texts (teacher.train.epochs {cfg.train.epochs:g}, at least min_steps "
+                      f"{cfg.train.min_steps}; a number in teacher.train.steps fixes them)", flush=True)
             model = build_causal_lm(cfg.arch, tokenizer, params.seed, params.tokenizer.pad_vocab_to)
             metrics.update(pretrain_lm(
-                model, tokenizer, train_texts, cfg.train, params.seed, on_log=run.log_metrics, desc="teacher",
+                model, tokenizer, train_texts, train, params.seed, on_log=run.log_metrics, desc="teacher",
                 eval_texts=valid_texts, on_eval=validation_logger(run, curve), accelerator=accelerator,
-                on_step=age_keeper(model, tokenizer, cfg.train, ages, kept),
+                on_step=age_keeper(model, tokenizer, train, ages, kept),
             ))
         else:
             model = load_causal_lm(cfg.source, tokenizer, role="teacher").to(accelerator.device)
@@ -88,6 +96,16 @@ def train_teacher(params: Params, run: Tracker) -> None:
     run.log_model(TEACHER, "teacher", task="text-generation")
     print(f"train_teacher: perplexity {metrics['eval_perplexity']:.2f}, grammaticality {metrics['grammaticality']}"
           + validation_summary(metrics))
+
+
+def planned(train: TeacherTrainParams, n_texts: int, objective: str) -> TeacherTrainParams:
+    """`train` with the steps it plans for `n_texts` training texts: teacher.train.steps, or from epochs and
+    min_steps when that is null (`TeacherTrainParams.planned_steps`)."""
+    steps = train.planned_steps(n_texts)
+    if objective == "age" and steps < 2:
+        raise TndError(f"reward.objective: age needs a teacher of at least 2 steps, and teacher.train plans {steps} "
+                       f"on {n_texts} texts; raise teacher.train.min_steps or teacher.train.epochs")
+    return train.model_copy(update={"steps": steps})
 
 
 def age_keeper(

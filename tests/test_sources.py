@@ -35,7 +35,7 @@ def write(path, kind, texts=TEXTS, field="text"):
 def test_each_local_format_loads_all_texts(tmp_path, kind):
     path = write(tmp_path / f"data.{kind}", kind)
     corpus = load_corpus(DataParams(source=str(path), n_eval=5), seed=0)
-    assert sorted(corpus.train + corpus.valid + corpus.eval) == sorted(TEXTS)
+    assert sorted(list(corpus.train) + corpus.valid + corpus.eval) == sorted(TEXTS)
     assert len(corpus.eval) == len(corpus.valid) == 3  # at most a tenth goes to eval (and to validation) on small data
 
 
@@ -77,7 +77,7 @@ def test_local_duplicates_are_dropped_before_the_split(tmp_path):
     path = write(tmp_path / "d.jsonl", "jsonl", texts + texts[:20] + ["  text   number 3 "])
     corpus = load_corpus(DataParams(source=str(path)), seed=0)
     assert corpus.stats["duplicates_dropped"] == 21
-    assert sorted(corpus.train + corpus.valid + corpus.eval) == sorted(texts)
+    assert sorted(list(corpus.train) + corpus.valid + corpus.eval) == sorted(texts)
     assert not set(corpus.eval) & set(corpus.train) and not set(corpus.valid) & (set(corpus.train) | set(corpus.eval))
     assert len(corpus.eval) == len(corpus.valid) == 4  # a tenth each on small data
 
@@ -85,15 +85,15 @@ def test_local_duplicates_are_dropped_before_the_split(tmp_path):
 def test_split_is_deterministic(tmp_path):
     path = write(tmp_path / "data.jsonl", "jsonl")
     first = load_corpus(DataParams(source=str(path)), seed=3)
-    assert first.train == load_corpus(DataParams(source=str(path)), seed=3).train
-    assert first.train != load_corpus(DataParams(source=str(path)), seed=4).train
+    assert list(first.train) == list(load_corpus(DataParams(source=str(path)), seed=3).train)
+    assert list(first.train) != list(load_corpus(DataParams(source=str(path)), seed=4).train)
 
 
 def test_long_texts_are_truncated_and_counted(tmp_path):
     path = write(tmp_path / "data.txt", "txt", TEXTS + ["word " * 500])
     corpus = load_corpus(DataParams(source=str(path), max_chars=100), seed=0)
     assert corpus.stats["truncated"] == 1
-    assert max(len(t) for t in corpus.train + corpus.valid + corpus.eval) == 100
+    assert max(len(t) for t in list(corpus.train) + corpus.valid + corpus.eval) == 100
 
 
 @pytest.mark.parametrize(
@@ -129,7 +129,7 @@ def test_csv_cells_are_read_as_the_strings_in_the_file(tmp_path):
     path.write_text("n,text\n" + "".join(f"{i},{t}\n" for i, t in enumerate(["01", "NA", "1e3", "null", "a, b"] * 2)))
     path.write_text(path.read_text().replace("a, b", '"a, b"'))
     corpus = load_corpus(DataParams(source=str(path)), seed=0)
-    assert sorted(corpus.train + corpus.valid + corpus.eval) == sorted(["01", "NA", "1e3", "null", "a, b"])
+    assert sorted(list(corpus.train) + corpus.valid + corpus.eval) == sorted(["01", "NA", "1e3", "null", "a, b"])
     assert corpus.stats["duplicates_dropped"] == 5
 
 
@@ -138,7 +138,7 @@ def test_csv_column_changing_type_after_the_first_chunk_loads(tmp_path):
     path = tmp_path / "d.csv"
     path.write_text("id,text\n" + "".join(f"{i if i < 10_000 else 'x'},text {i}\n" for i in range(10_010)))
     corpus = load_corpus(DataParams(source=str(path), n_train=20_000), seed=0)
-    assert len(corpus.train + corpus.valid + corpus.eval) == 10_010
+    assert len(list(corpus.train) + corpus.valid + corpus.eval) == 10_010
 
 
 def test_a_local_file_loads_offline_and_writes_nothing_outside(tmp_path):
@@ -148,7 +148,7 @@ def test_a_local_file_loads_offline_and_writes_nothing_outside(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "XDG_"))}
     env.update(HOME=str(home), TMPDIR=str(temp), HF_DATASETS_OFFLINE="1", PYTHONPATH=str(ROOT))
     code = ("import sys; from tnd.config import DataParams; from tnd.data.sources import load_corpus; "
-            "c = load_corpus(DataParams(source=sys.argv[1]), 0); print(len(c.train + c.valid + c.eval))")
+            "c = load_corpus(DataParams(source=sys.argv[1]), 0); print(len(list(c.train) + c.valid + c.eval))")
     proc = subprocess.run([sys.executable, "-c", code, str(path)], env=env, cwd=ROOT, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]

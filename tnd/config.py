@@ -14,6 +14,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
+import math
 import sys
 import typing
 from pathlib import Path
@@ -35,6 +36,10 @@ CorruptionKind = Literal["agreement_swap", "adjacent_swap", "drop_word", "duplic
 CORRUPTION_KINDS: tuple[str, ...] = typing.get_args(CorruptionKind)
 
 
+# data.n_train: null on the nursery data: the 20,000 sentences every default was sized on (docs/getting-started.md).
+NURSERY_N_TRAIN = 20_000
+
+
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -47,7 +52,9 @@ class DataParams(Section):
     hub_config: Optional[str] = None
     hub_split: str = "train"
     text_field: str = "text"
-    n_train: PositiveInt = 20000  # nursery: sentences generated; other sources: at most this many
+    # nursery: sentences generated (null: NURSERY_N_TRAIN); a file or hub source: at most this many, null: every text
+    # (prepare_data says in one line how many a number leaves out)
+    n_train: Optional[PositiveInt] = None
     # Texts are deduplicated, then split three ways, disjoint: eval.jsonl is the test split (evaluate, health,
     # the reported figures), valid.jsonl the validation split that early stopping and keep_best select on
     # (teacher, student warm-up, reward model); a local file or hub source gives each at most a tenth
@@ -60,6 +67,14 @@ class DataParams(Section):
     pair_corruptions: list[CorruptionKind] = Field(
         default=["agreement_swap", "drop_word", "duplicate_word"], min_length=1
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _nursery_size(cls, data: Any) -> Any:
+        # The grammar generates as many sentences as asked, so it needs a number; a corpus has its own size.
+        if isinstance(data, dict) and data.get("source", "nursery") == "nursery" and data.get("n_train") is None:
+            return {**data, "n_train": NURSERY_N_TRAIN}
+        return data
 
 
 class TokenizerParams(Section):
@@ -118,6 +133,10 @@ class LMTrainParams(Section):
     patience: NonNegativeInt = 5  # stop after this many validations in a row without a better one; 0 = never
     keep_best: bool = True  # end on the weights of the best validation, not of the last step
 
+    def planned_steps(self, n_texts: int) -> int:
+        """The steps asked for on `n_texts` training texts (or pairs): `steps` (the teacher's may follow the data)."""
+        return self.steps
+
 
 class LMEvalParams(Section):
     n_samples: PositiveInt = 200  # sampled continuations scored by the grammar checker
@@ -126,9 +145,22 @@ class LMEvalParams(Section):
 
 
 class TeacherTrainParams(LMTrainParams):
+    """The teacher's steps follow its data: `steps` null (the default) is `epochs` passes over the training texts,
+    at least `min_steps` (`planned_steps`); a number is that many steps whatever the data."""
+
+    steps: Optional[NonNegativeInt] = None  # at most (validation may stop earlier); null: from epochs and min_steps
+    # 4.8 passes: the 1,500 steps of 64 texts over the nursery's 20,000 that the defaults were tuned with
+    epochs: PositiveFloat = 4.8
+    # a small corpus still gets the 1,500 steps it always got: validation stops it when it stops improving
+    min_steps: NonNegativeInt = 1500
     # The age-predictor reward's checkpoints (reward.objective: age): the built-in teacher's weights at about
     # this many log-spaced steps, 1 ... the last (tnd.trainers.lm.age_steps), in models/teacher_ages/; 0: none
     age_checkpoints: NonNegativeInt = 0
+
+    def planned_steps(self, n_texts: int) -> int:
+        if self.steps is not None:
+            return self.steps
+        return max(self.min_steps, math.ceil(self.epochs * n_texts / self.batch_size))
 
 
 class TeacherParams(Section):
@@ -360,6 +392,23 @@ class Params(Section):
     health: HealthParams = HealthParams()
     tracking: TrackingParams = TrackingParams()
 
+    @model_validator(mode="before")
+    @classmethod
+    def _nursery_teacher_steps(cls, raw: Any) -> Any:
+        # teacher.train.steps null follows the training texts. The grammar's are data.n_train, known before any
+        # stage runs, so the steps are written in here (the nursery default: 1,500); a file's are counted by
+        # prepare_data, and train_teacher plans them (TeacherTrainParams.planned_steps).
+        if not isinstance(raw, dict):
+            return raw
+        try:
+            data, teacher = _as_model(DataParams, raw.get("data", {})), _as_model(TeacherParams, raw.get("teacher", {}))
+        except ValidationError:
+            return raw  # the section's own validation names the problem
+        if data.source != "nursery" or teacher.train.steps is not None:
+            return raw
+        train = teacher.train.model_copy(update={"steps": teacher.train.planned_steps(data.n_train)})
+        return {**raw, "teacher": teacher.model_copy(update={"train": train})}
+
     @model_validator(mode="after")
     def _demonstrations_at_the_cache_temperature(self) -> "Params":
         # The cache holds the teacher's top-k log-probs at cache.temperature. Re-tempering them would
@@ -391,11 +440,12 @@ class Params(Section):
     def _ages_from_the_builtin_teacher(self) -> "Params":
         # The ages are the steps of the teacher's own pretraining (stage train_teacher keeps those checkpoints).
         teacher, ages = self.teacher, self.teacher.train.age_checkpoints
-        if self.reward.objective == "age" and (teacher.source != "builtin" or ages < 2 or teacher.train.steps < 2):
+        steps = teacher.train.steps if teacher.train.steps is not None else teacher.train.min_steps  # at least
+        if self.reward.objective == "age" and (teacher.source != "builtin" or ages < 2 or steps < 2):
             raise ValueError(
                 "reward.objective: age learns the ages of texts sampled from checkpoints of the built-in teacher's "
                 "pretraining, which needs teacher.source: builtin, teacher.train.age_checkpoints >= 2 and "
-                f"teacher.train.steps >= 2 (got {teacher.source}, {ages} and {teacher.train.steps}); set them "
+                f"teacher.train.steps >= 2 (got {teacher.source}, {ages} and {steps}); set them "
                 "(params/tnd_original.yaml keeps 12 checkpoints) or choose another reward.objective"
             )
         if ages and teacher.source != "builtin":
@@ -418,6 +468,10 @@ class Params(Section):
         and the same values written out in params.yaml are one configuration."""
         blob = json.dumps(self.model_dump(mode="json", exclude={"preset"}), sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:12]
+
+
+def _as_model(model: type[BaseModel], value: Any) -> BaseModel:
+    return value if isinstance(value, model) else model.model_validate(value)
 
 
 # --- the trainer's settings: params.yaml's sections, flat -------------------------------------------
@@ -654,7 +708,7 @@ def _apply_preset(raw: dict, source: str) -> tuple[dict, list[str]]:
                           f"got {type(overrides).__name__}")
     if "preset" in overrides:
         raise ParamsError(f"{path}: unknown key 'preset'; a preset cannot apply another (copy that one's keys instead)")
-    defaults, preset = _leaves(Params().model_dump(mode="json")), _leaves(overrides)
+    defaults, preset = _declared_defaults(), _leaves(overrides)
     _validate(_tree({**defaults, **preset}), str(path))  # a bad key or value is named in the preset's file
     changed = {loc: value for loc, value in _leaves(raw).items() if loc not in defaults or value != defaults[loc]}
     overridden = [
@@ -664,6 +718,15 @@ def _apply_preset(raw: dict, source: str) -> tuple[dict, list[str]]:
     # on the whole defaults tree: a partial section would take its class's defaults, not the ones the section
     # has where it sits (student.train.eval_every is 50, LMTrainParams' own 100)
     return _tree({**defaults, **preset, **changed}), overridden
+
+
+# Defaults that the validators fill in from the nursery source (DataParams._nursery_size, Params._nursery_teacher_steps):
+# as preset layers they stay null, so that a file source under a preset is sized by its own data.
+FOLLOW_THE_DATA = (("data", "n_train"), ("teacher", "train", "steps"))
+
+
+def _declared_defaults() -> dict[tuple[str, ...], Any]:
+    return {loc: None if loc in FOLLOW_THE_DATA else value for loc, value in _leaves(Params().model_dump(mode="json")).items()}
 
 
 def _leaves(tree: dict, loc: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:

@@ -89,16 +89,19 @@ def small_data(params, stats: Optional[dict], reward: Optional[dict] = None) -> 
     if n_pairs:
         plans.append(("reward model", params.reward.train, n_pairs,
                       "pairs" if params.reward.objective == "pairwise" else "labelled texts"))
-    over = [(who, cfg.steps * cfg.batch_size / n, cfg, n, unit) for who, cfg, n, unit in plans
-            if cfg.steps * cfg.batch_size / n > MAX_EPOCHS]
+    # the steps each asked for on its data (the teacher's follow it unless teacher.train.steps is a number)
+    planned = [(who, cfg.planned_steps(int(n)), cfg.batch_size, n, unit) for who, cfg, n, unit in plans]
+    over = [(who, steps, batch, steps * batch / n, n, unit) for who, steps, batch, n, unit in planned
+            if steps * batch / n > MAX_EPOCHS]
     if not over:
         return Check(name, False, f"{int(n_train)} training texts: every model passes over its data at most "
                                   f"{MAX_EPOCHS:g} times")
-    parts = [f"{who} {cfg.steps} steps x {cfg.batch_size} = {epochs:.0f} passes over {int(n)} {unit}"
-             for who, epochs, cfg, n, unit in over]
+    parts = [f"{who} {steps} steps x {batch} = {epochs:.0f} passes over {int(n)} {unit}"
+             for who, steps, batch, epochs, n, unit in over]
     return Check(name, True, "the data is small for the steps asked: " + "; ".join(parts) + f" (more than "
                  f"{MAX_EPOCHS:g} overfits); validation stops training and keeps the best weights, but lower "
-                 "<model>.train.steps, or add data (docs/getting-started.md: A small corpus)")
+                 "<model>.train.steps (the teacher's min_steps, when its steps follow the data), or add data "
+                 "(docs/getting-started.md: A small corpus)")
 
 
 def prompts_repeated(params, stats: Optional[dict]) -> Check:

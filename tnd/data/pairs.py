@@ -8,23 +8,26 @@ a grammar) and nothing checks them: they are merely very likely worse.
 from __future__ import annotations
 
 import random
-from typing import Sequence
+from typing import Iterable, Iterator, Sequence
 
 from tnd.data import nursery
 
 
-def make_pairs(texts: Sequence[str], kinds: Sequence[str], seed: int, use_grammar: bool) -> list[dict]:
+def make_pairs(texts: Iterable[str], kinds: Sequence[str], seed: int, use_grammar: bool) -> list[dict]:
     """One pair per text where some kind applies; the kind is drawn at random and recorded."""
+    return list(iter_pairs(texts, kinds, seed, use_grammar))
+
+
+def iter_pairs(texts: Iterable[str], kinds: Sequence[str], seed: int, use_grammar: bool) -> Iterator[dict]:
+    """`make_pairs`' pairs one at a time, as the texts come (a corpus too large to hold is written as it is read)."""
     rng = random.Random(seed)
     corrupt = nursery.corrupt if use_grammar else _word_corrupt
-    pairs = []
     for text in texts:
         for kind in rng.sample(list(kinds), len(kinds)):
             rejected = corrupt(text, kind, rng)
             if rejected is not None and rejected != text:
-                pairs.append({"chosen": text, "rejected": rejected, "kind": kind})
+                yield {"chosen": text, "rejected": rejected, "kind": kind}
                 break
-    return pairs
 
 
 def _word_corrupt(text: str, kind: str, rng: random.Random) -> str | None:

@@ -3,27 +3,37 @@
 from __future__ import annotations
 
 import random
+from array import array
+from typing import Iterable
 
-from tnd.data.tokenizer import encode
+from tnd.data.tokenizer import encode_many
 
 
-def make_prompts(tokenizer, texts: list[str], n: int, prompt_tokens: int, seed: int) -> list[dict]:
+def make_prompts(tokenizer, texts: Iterable[str], n: int, prompt_tokens: int, seed: int) -> list[dict]:
     """bos + the first `prompt_tokens` tokens of texts that have something left to continue.
 
     The bos is part of the ids because every model here is trained on bos-prefixed text:
     generation, the teacher cache and the reward model all take these ids as they are.
+    The texts are read once, in order, and their openings kept in one flat array of ints (a corpus of
+    millions is a few bytes a text, not a list of lists).
     """
-    usable = _openings(tokenizer, texts, prompt_tokens)
+    width, flat = prompt_tokens + 1, array("q")
+    for ids in encode_many(tokenizer, texts):
+        if len(ids) > prompt_tokens:
+            flat.append(tokenizer.bos_token_id)
+            flat.extend(ids[:prompt_tokens])
+    usable = len(flat) // width
     if not usable:
         return []
     rng = random.Random(seed)
-    return _prompt_rows(tokenizer, [usable[rng.randrange(len(usable))] for _ in range(n)])
+    drawn = (rng.randrange(usable) for _ in range(n))
+    return _prompt_rows(tokenizer, [flat[i * width : (i + 1) * width].tolist() for i in drawn])
 
 
-def _openings(tokenizer, texts: list[str], prompt_tokens: int) -> list[list[int]]:
+def _openings(tokenizer, texts: Iterable[str], prompt_tokens: int) -> list[list[int]]:
     """bos + the first `prompt_tokens` token ids of each text that has something left to continue."""
     return [[tokenizer.bos_token_id] + ids[:prompt_tokens]
-            for ids in (encode(tokenizer, t) for t in texts) if len(ids) > prompt_tokens]
+            for ids in encode_many(tokenizer, texts) if len(ids) > prompt_tokens]
 
 
 def _prompt_rows(tokenizer, openings: list[list[int]]) -> list[dict]:

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from itertools import islice
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Iterator
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
@@ -52,6 +53,13 @@ def load_tokenizer(source: str | Path) -> PreTrainedTokenizerBase:
 
 def encode(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def encode_many(tokenizer: PreTrainedTokenizerBase, texts: Iterable[str], batch: int = 1024) -> Iterator[list[int]]:
+    """`encode` of each text, in order, `batch` texts to a call (a fast tokenizer encodes a batch in parallel)."""
+    texts = iter(texts)
+    while chunk := list(islice(texts, batch)):
+        yield from tokenizer(chunk, add_special_tokens=False)["input_ids"]
 
 
 def decode(tokenizer: PreTrainedTokenizerBase, ids: Iterable[int]) -> str:
