@@ -6,6 +6,9 @@ tells better text from worse there (docs/own-data.md).
         --out benchmarks/results/own-data-cpu.json                  # about 2 hours on 2 shared CPU cores
     python benchmarks/own_data.py --smoke --out /tmp/own.json       # tiny sizes: proves it runs (about a minute)
 
+To measure a commit while the checkout changes, run a copy: `git archive <rev> | tar -x -C /tmp/code`, then
+`TND_COMMIT=<rev> python /tmp/code/benchmarks/own_data.py ...` (the record names the commit).
+
 The corpus: every sentence of 6 to 24 words, plain letters and a full stop (tests/real_text.py's rule), of the
 docstrings of the modules installed beside this Python (read with `ast`, nothing imported), deduplicated,
 shuffled; nothing is downloaded and the file stays outside the repository.
@@ -226,6 +229,9 @@ def measure(default: Path, n20000: Path, samples: int, seed: int) -> dict:
 
 
 def commit() -> str:
+    """HEAD's short hash, "+changes" when the code differs from it; $TND_COMMIT in a copy without git (git archive)."""
+    if "TND_COMMIT" in os.environ:
+        return os.environ["TND_COMMIT"]
     head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     dirty = subprocess.run(["git", "status", "--porcelain", "--", "tnd", "stages", "params.yaml", "benchmarks/own_data.py"],
                            cwd=ROOT, capture_output=True, text=True).stdout.strip()
