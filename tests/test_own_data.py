@@ -84,6 +84,19 @@ def test_the_source_is_streamed_not_held(tmp_path):
     assert peak < 100 * len(rows) < size / 2, f"peak {peak / 1e6:.1f} MB while reading a {size / 1e6:.1f} MB file"
 
 
+def test_a_hub_source_is_read_a_batch_at_a_time_like_a_file(monkeypatch):
+    import datasets
+
+    rows = {"body": texts(300) + [None, "  "], "id": list(range(302))}
+    loaded = []
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: loaded.append(a) or datasets.Dataset.from_dict(rows))
+    corpus = load_corpus(DataParams(source="someone/corpus", text_field="body"), seed=0)
+    assert sorted(list(corpus.train) + corpus.valid + corpus.eval) == sorted(texts(300))
+    assert corpus.stats["empty_skipped"] == 2 and len(loaded) == 1  # loaded once, read on every pass
+    with pytest.raises(TndError, match="has no field 'text'"):
+        load_corpus(DataParams(source="someone/corpus"), seed=0)
+
+
 def test_a_source_that_changes_between_passes_is_one_clear_line(tmp_path):
     path = write_jsonl(tmp_path / "mine.jsonl", texts(100))
     corpus = load_corpus(DataParams(source=str(path)), seed=0)
@@ -156,3 +169,12 @@ def test_own_data_benchmark_smoke(tmp_path):
         for stick in ("corruptions", "teacher_vs_student"):
             assert 0 <= record["candidates"][name][stick]["accuracy"] <= 1
     assert record["candidates"]["rm_default"]["corruptions"]["n_pairs"] == stats["n_pairs_eval"]
+
+
+def test_health_names_the_recommended_trial_reward_when_the_reward_model_is_near_chance():
+    own = parse_params(merge(repo_params(), {"data": {"source": "mine.jsonl"}, "tnd": {"trial_reward": "reward_model"}}))
+    check = health.reward_near_chance(own, {"pairwise_accuracy": 0.618, "n_eval_pairs": 1000})  # the figure
+    assert check.warn and "PPO would optimise noise; set tnd.trial_reward: teacher" in check.message
+    assert "docs/own-data.md" in check.message and "\n" not in check.message
+    regression = own.model_copy(update={"reward": own.reward.model_copy(update={"objective": "regression"})})
+    assert "set tnd.trial_reward: teacher" in health.reward_near_chance(regression, {"pearson": 0.05}).message

@@ -36,6 +36,9 @@ LENGTH_COLLAPSE = 0.5  # trial length fell below this share of the first steps' 
 DISTINCT_COLLAPSE = 0.75  # ... or the student's distinct-2 below this share of the initial student's
 KL_BLOWUP = 2.0  # trial KL to the reference above this many times max(first steps' KL, ppo.kl_target)
 WINDOW = 10  # PPO steps averaged at the start and at the end of training
+# What reward_near_chance recommends first: the trial reward that needs no reward model (docs/own-data.md measured it)
+RECOMMENDED = ("set tnd.trial_reward: teacher (each trial token's log p_teacher - log p_student: no preference pairs "
+               "needed, the recommended trial reward for your own data, docs/own-data.md)")
 
 CHECKS = (
     "small_data",
@@ -160,9 +163,9 @@ def reward_near_chance(params, reward: Optional[dict]) -> Check:
         n = _get(reward, "n_eval_pairs")
         on = f" on {int(n)} held-out pairs" if n else ""
         return Check(name, True, f"the reward model's pairwise accuracy{on} is {accuracy:.3f}, near chance (0.5, "
-                                 f"limit {limit:.2f}){seen}: PPO would optimise noise; more or better preference "
-                                 "pairs, labelled texts (reward.objective: regression), the teacher's per-token "
-                                 "reward (tnd.trial_reward: teacher), or tnd.mode: demos_only")
+                                 f"limit {limit:.2f}){seen}: PPO would optimise noise; {RECOMMENDED}, or better "
+                                 "preference pairs, labelled texts (reward.objective: regression), or tnd.mode: "
+                                 "demos_only")
     pearson = _get(reward, "pearson")
     if pearson is None:
         return _skip(name, "no pearson in metrics/reward.json")
@@ -171,8 +174,7 @@ def reward_near_chance(params, reward: Optional[dict]) -> Check:
     more = ("more samples per checkpoint (reward.age.n_samples_per_checkpoint) or checkpoints "
             "(teacher.train.age_checkpoints)" if params.reward.objective == "age" else "more labelled texts")
     return Check(name, True, f"the reward model's held-out correlation with the labels is {pearson:.3f} (near none): "
-                             f"PPO would optimise noise; {more}, the teacher's per-token reward "
-                             "(tnd.trial_reward: teacher), or tnd.mode: demos_only")
+                             f"PPO would optimise noise; {RECOMMENDED}, or {more}, or tnd.mode: demos_only")
 
 
 # --- the student after PPO -----------------------------------------------------------------------
