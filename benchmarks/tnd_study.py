@@ -180,7 +180,8 @@ def run_queue(project: Path, names: list[str], jobs: int, poll_seconds: float = 
                                  stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
     if started.returncode:
         raise StudyError(f"dvc queue start failed (exit {started.returncode}): see {log}")
-    seen, start_by = False, time.monotonic() + 300  # a worker takes seconds to come up; this long is a failure
+    seen, start_by = False, time.monotonic() + 600  # a worker takes seconds to come up; this long is a failure
+    idle_polls = 0  # on a loaded machine the status can show no worker for a poll while one hands over
     while True:
         # `dvc queue status`: one row per task (task, name, created in two words, status), then a line
         # "Worker status: <n> active, <m> idle"
@@ -190,7 +191,8 @@ def run_queue(project: Path, names: list[str], jobs: int, poll_seconds: float = 
             break
         no_worker = any(line.startswith("Worker status: 0 active, 0 idle") for line in lines)
         seen = seen or not no_worker
-        if no_worker and (seen or time.monotonic() > start_by):
+        idle_polls = idle_polls + 1 if no_worker else 0
+        if idle_polls >= 3 and (seen or time.monotonic() > start_by):
             raise StudyError(f"no queue worker runs, experiments unfinished: see {log} and `dvc queue logs <name>`")
         time.sleep(poll_seconds)
     sh(project, "dvc", "queue", "stop")
