@@ -112,6 +112,11 @@ def make_project(folder: Path, corpus: Path, overrides: dict) -> Path:
     return folder
 
 
+# What each stage run here writes last: --reuse skips a stage whose output is there.
+STAGE_OUTPUT = {"prepare_data": "data/prepared/stats.json", "train_teacher": "metrics/teacher.json",
+                "train_reward": "metrics/reward.json"}
+
+
 def run_stage(folder: Path, name: str) -> dict:
     """`python -m stages.<name>` in the project folder: its wall time and the lines it printed (no progress bars)."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "TQDM_DISABLE": "1"}
@@ -154,6 +159,9 @@ def measure(default: Path, n20000: Path, samples: int, seed: int) -> dict:
     prepared = default / "data/prepared"
     tokenizer = load_tokenizer(default / "artifacts/tokenizer")
     teacher = load_causal_lm(default / "models/teacher", tokenizer, role="teacher")
+    default_model = load_reward_model(default / "models/reward", tokenizer)
+    own_tokens = load_tokenizer(n20000 / "artifacts/tokenizer")  # that project trained its own tokenizer
+    n20000_model = load_reward_model(n20000 / "models/reward", own_tokens)
     texts = [row["text"] for row in read_jsonl(prepared / "train.jsonl")]
     valid = [row["text"] for row in read_jsonl(prepared / "valid.jsonl")]
     # the initial student, as stages/train_ppo.py warms it up
@@ -202,11 +210,21 @@ def measure(default: Path, n20000: Path, samples: int, seed: int) -> dict:
     def summed(model, sequences: list[list[int]]) -> list[float]:
         return [float(x.sum()) for x in sequence_logprobs(model, sequences, tokenizer.pad_token_id)]
 
+    def in_tokens_of(other, sequences: list[list[int]]) -> list[list[int]]:
+        """The sequences in another tokenizer's ids (the n20000 project trained its own): the same text, with an
+        eos where the sample ended."""
+        out = []
+        for seq in sequences:
+            ended = [other.eos_token_id] if seq[-1] == tokenizer.eos_token_id else []
+            out.append([other.bos_token_id] + encode(other, decode(tokenizer, seq)) + ended)
+        return out
+
     scorers = {name: (lambda seqs, m=m: score_token_ids(m, tokenizer, seqs).tolist()) for name, m in (
-        ("rm_default", load_reward_model(default / "models/reward", tokenizer)),
-        ("rm_n_train_20000", load_reward_model(n20000 / "models/reward", tokenizer)),
+        ("rm_default", default_model),
         ("rm_teacher_vs_student", trained),
     )}
+    scorers["rm_n_train_20000"] = lambda seqs: score_token_ids(
+        n20000_model, own_tokens, in_tokens_of(own_tokens, seqs)).tolist()
     scorers["teacher_logprob"] = lambda seqs: summed(teacher, seqs)
     scorers["teacher_logratio"] = lambda seqs: [t - s for t, s in zip(summed(teacher, seqs), summed(student, seqs))]
 
@@ -247,6 +265,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--samples", type=int, default=4, help="continuations of each model per prompt")
     parser.add_argument("--seed", type=int, default=0, help="the sampling seed")
     parser.add_argument("--smoke", action="store_true", help="a small corpus and tiny models: proves it runs")
+    parser.add_argument("--reuse", action="store_true",
+                        help="keep the stages a run in --workdir finished (their records name the commit they ran on)")
     args = parser.parse_args(argv)
     if args.build_corpus:
         print(f"{build_corpus(args.build_corpus)} sentences -> {args.build_corpus}")
@@ -262,13 +282,18 @@ def main(argv: list[str] | None = None) -> None:
     started = datetime.now(timezone.utc)
     default = make_project(args.workdir / "default", args.corpus, overrides)
     n20000 = make_project(args.workdir / "n20000", args.corpus, merge(overrides, {"data": {"n_train": 20000}}))
-    runs = {"default": {}, "n20000": {}}
-    for name in ("prepare_data", "train_teacher", "train_reward"):
-        runs["default"][name] = run_stage(default, name)
-        print(f"default/{name}: {runs['default'][name]}", flush=True)
-    for name in ("prepare_data", "train_reward"):
-        runs["n20000"][name] = run_stage(n20000, name)
-        print(f"n20000/{name}: {runs['n20000'][name]}", flush=True)
+    # each stage's record is kept beside the projects, so that --reuse can skip what a stopped run finished
+    log = args.workdir / "stages.json"
+    runs = read_json(log) if args.reuse and log.is_file() else {"default": {}, "n20000": {}}
+    for folder, names in ((default, ("prepare_data", "train_teacher", "train_reward")),
+                          (n20000, ("prepare_data", "train_reward"))):
+        for name in names:
+            if name in runs[folder.name] and (folder / STAGE_OUTPUT[name]).is_file():
+                print(f"{folder.name}/{name}: reused ({runs[folder.name][name]['commit']})", flush=True)
+                continue
+            runs[folder.name][name] = {**run_stage(folder, name), "commit": commit()}
+            atomic_write_json(log, runs)
+            print(f"{folder.name}/{name}: {runs[folder.name][name]}", flush=True)
     teacher = read_json(default / "metrics/teacher.json")
     result = {
         "date": started.strftime("%Y-%m-%d"), "commit": commit(), "smoke": args.smoke,
