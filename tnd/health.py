@@ -36,9 +36,9 @@ LENGTH_COLLAPSE = 0.5  # trial length fell below this share of the first steps' 
 DISTINCT_COLLAPSE = 0.75  # ... or the student's distinct-2 below this share of the initial student's
 KL_BLOWUP = 2.0  # trial KL to the reference above this many times max(first steps' KL, ppo.kl_target)
 WINDOW = 10  # PPO steps averaged at the start and at the end of training
-# What reward_near_chance recommends first: the trial reward that needs no reward model (docs/own-data.md measured it)
+# What reward_near_chance recommends first: the trial reward that needs no reward model (benchmarks/own_data.py measures it)
 RECOMMENDED = ("set tnd.trial_reward: teacher (each trial token's log p_teacher - log p_student: no preference pairs "
-               "needed, the recommended trial reward for your own data, docs/own-data.md)")
+               "needed, the recommended trial reward for your own data, docs/pipeline.md)")
 
 CHECKS = (
     "small_data",
