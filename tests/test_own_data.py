@@ -175,6 +175,6 @@ def test_health_names_the_recommended_trial_reward_when_the_reward_model_is_near
     own = parse_params(merge(repo_params(), {"data": {"source": "mine.jsonl"}, "tnd": {"trial_reward": "reward_model"}}))
     check = health.reward_near_chance(own, {"pairwise_accuracy": 0.618, "n_eval_pairs": 1000})  # the figure
     assert check.warn and "PPO would optimise noise; set tnd.trial_reward: teacher" in check.message
-    assert "docs/own-data.md" in check.message and "\n" not in check.message
+    assert "docs/pipeline.md" in check.message and "\n" not in check.message
     regression = own.model_copy(update={"reward": own.reward.model_copy(update={"objective": "regression"})})
     assert "set tnd.trial_reward: teacher" in health.reward_near_chance(regression, {"pearson": 0.05}).message
