@@ -11,7 +11,7 @@ import pytest
 
 from stages import prepare_data, train_teacher
 from tnd import health
-from tnd.config import DataParams, Params, load_params, parse_params
+from tnd.config import CustomPPOConfig, DataParams, Params, load_params, parse_params
 from tnd.data.sources import TextStream, load_corpus
 from tnd.errors import TndError
 from tnd.io import read_jsonl
@@ -169,12 +169,44 @@ def test_own_data_benchmark_smoke(tmp_path):
         for stick in ("corruptions", "teacher_vs_student"):
             assert 0 <= record["candidates"][name][stick]["accuracy"] <= 1
     assert record["candidates"]["rm_default"]["corruptions"]["n_pairs"] == stats["n_pairs_eval"]
+    proc = subprocess.run([sys.executable, "benchmarks/own_data.py", "--smoke", "--reuse", "--workdir",
+                           str(tmp_path / "work"), "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0 and proc.stdout.count(": reused (") == 5, (proc.stdout + proc.stderr)[-3000:]
+    assert json.loads(out.read_text())["stats"] == record["stats"]
 
 
 def test_health_names_the_recommended_trial_reward_when_the_reward_model_is_near_chance():
     own = parse_params(merge(repo_params(), {"data": {"source": "mine.jsonl"}, "tnd": {"trial_reward": "reward_model"}}))
     check = health.reward_near_chance(own, {"pairwise_accuracy": 0.618, "n_eval_pairs": 1000})  # the figure
     assert check.warn and "PPO would optimise noise; set tnd.trial_reward: teacher" in check.message
-    assert "docs/pipeline.md" in check.message and "\n" not in check.message
+    assert "docs/own-data.md" in check.message and "\n" not in check.message
     regression = own.model_copy(update={"reward": own.reward.model_copy(update={"objective": "regression"})})
     assert "set tnd.trial_reward: teacher" in health.reward_near_chance(regression, {"pearson": 0.05}).message
+
+
+# --- the trial reward on a user's own data ----------------------------------------------------------------
+
+
+def own_params(**sections) -> Params:
+    return parse_params(merge(repo_params(), {"data": {"source": "mine.jsonl"}, **sections}))
+
+
+def test_on_a_users_own_text_the_trials_get_the_teachers_reward_unless_told():
+    assert load_params(ROOT / "params.yaml").tnd.trial_reward == "reward_model"  # nursery: exact corruptions
+    assert own_params().tnd.trial_reward == "teacher"
+    assert CustomPPOConfig.from_params(own_params()).trial_reward == "teacher"
+    assert own_params(tnd={"trial_reward": "reward_model"}).tnd.trial_reward == "reward_model"
+    # the reward model stays where it is the user's own or learns labels, and where PPO never sees trials
+    assert own_params(reward={"objective": "regression"}).tnd.trial_reward == "reward_model"
+    assert own_params(reward={"source": "my/reward-model"}).tnd.trial_reward == "reward_model"
+    assert own_params(tnd={"mode": "demos_only"}).tnd.trial_reward == "reward_model"
+    assert CustomPPOConfig().trial_reward == "reward_model" == CustomPPOConfig(mode="demos_only").trial_reward
+    preset = merge(repo_params(), {"data": {"source": "mine.jsonl"}})
+    for name, chosen in (("gpu_small", "teacher"), ("tnd_original", "reward_model")):  # tnd_original: the age reward
+        params = parse_params({**preset, "preset": name}, source=str(ROOT / "params.yaml"), quiet=True)
+        assert params.tnd.trial_reward == chosen
+
+
+def test_health_does_not_warn_of_a_reward_model_that_only_monitors_own_text():
+    check = health.reward_near_chance(own_params(), {"pairwise_accuracy": 0.6})
+    assert check.warn is False and "tnd.trial_reward: teacher" in check.message

@@ -303,8 +303,9 @@ class TnDParams(Section):
     # lm_on_rollout: the paper's control, trials_and_demos with the PPO update replaced by an LM update on the same texts
     mode: Literal["trials_and_demos", "trials_only", "demos_only", "lm_only", "lm_on_rollout"] = "trials_and_demos"
     # what a trial's PPO reward is: the reward model's score on its last token | the teacher's per-token
-    # log-ratio log p_teacher - log p_student (on-policy distillation) | both (score + teacher_reward_coef x ratio)
-    trial_reward: Literal["reward_model", "teacher", "both"] = "reward_model"
+    # log-ratio log p_teacher - log p_student (on-policy distillation) | both (score + teacher_reward_coef x ratio);
+    # null: chosen by Params from the data (`Params._trial_reward_from_the_data`), reward_model in a bare CustomPPOConfig
+    trial_reward: Optional[Literal["reward_model", "teacher", "both"]] = None
     teacher_reward_coef: NonNegativeFloat = 1.0  # weight of the teacher's per-token log-ratio (teacher, both)
     demos_as: Literal["distill", "ppo"] = "distill"  # "ppo": the paper's recipe, demos join the PPO batch
     demo_batch_size: PositiveInt = 16
@@ -408,6 +409,27 @@ class Params(Section):
             return raw
         train = teacher.train.model_copy(update={"steps": teacher.train.planned_steps(data.n_train)})
         return {**raw, "teacher": teacher.model_copy(update={"train": train})}
+
+    @model_validator(mode="before")
+    @classmethod
+    def _trial_reward_from_the_data(cls, raw: Any) -> Any:
+        # tnd.trial_reward null: the teacher's per-token reward where the reward model would be the built-in one
+        # trained on word-level corruptions of a file or hub source, which is near chance on real prose
+        # (docs/own-data.md); the reward model everywhere else (the nursery's exact corruptions, a user's labels
+        # or model, a mode whose trials PPO never learns from).
+        if not isinstance(raw, dict):
+            return raw
+        try:
+            data, reward, tnd = (_as_model(DataParams, raw.get("data", {})), _as_model(RewardParams, raw.get("reward", {})),
+                                 _as_model(TnDParams, raw.get("tnd", {})))
+        except ValidationError:
+            return raw
+        if tnd.trial_reward is not None:
+            return raw
+        corruptions_of_real_text = (data.source != "nursery" and reward.source == "builtin"
+                                    and reward.objective == "pairwise")
+        own = corruptions_of_real_text and tnd.mode in ("trials_only", "trials_and_demos")
+        return {**raw, "tnd": tnd.model_copy(update={"trial_reward": "teacher" if own else "reward_model"})}
 
     @model_validator(mode="after")
     def _demonstrations_at_the_cache_temperature(self) -> "Params":
@@ -553,6 +575,14 @@ class CustomPPOConfig(_TrainerFields):
     def from_params(cls, params: Params, **overrides: Any) -> "CustomPPOConfig":
         """The trainer's settings in `params`; keyword overrides (e.g. reward_mean=...) win."""
         return cls(**{**trainer_values(params), **overrides})
+
+    @model_validator(mode="before")
+    @classmethod
+    def _reward_model_unless_told(cls, values: Any) -> Any:
+        # a config built by hand has no data to choose by (Params chooses from data.source)
+        if isinstance(values, dict) and values.get("trial_reward") is None:
+            return {**values, "trial_reward": "reward_model"}
+        return values
 
     @model_validator(mode="after")
     def _modes_agree(self) -> "CustomPPOConfig":
@@ -720,9 +750,10 @@ def _apply_preset(raw: dict, source: str) -> tuple[dict, list[str]]:
     return _tree({**defaults, **preset, **changed}), overridden
 
 
-# Defaults that the validators fill in from the nursery source (DataParams._nursery_size, Params._nursery_teacher_steps):
+# Defaults that the validators fill in from the data (DataParams._nursery_size, Params._nursery_teacher_steps and
+# _trial_reward_from_the_data):
 # as preset layers they stay null, so that a file source under a preset is sized by its own data.
-FOLLOW_THE_DATA = (("data", "n_train"), ("teacher", "train", "steps"))
+FOLLOW_THE_DATA = (("data", "n_train"), ("teacher", "train", "steps"), ("tnd", "trial_reward"))
 
 
 def _declared_defaults() -> dict[tuple[str, ...], Any]:

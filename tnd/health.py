@@ -38,7 +38,7 @@ KL_BLOWUP = 2.0  # trial KL to the reference above this many times max(first ste
 WINDOW = 10  # PPO steps averaged at the start and at the end of training
 # What reward_near_chance recommends first: the trial reward that needs no reward model (benchmarks/own_data.py measures it)
 RECOMMENDED = ("set tnd.trial_reward: teacher (each trial token's log p_teacher - log p_student: no preference pairs "
-               "needed, the recommended trial reward for your own data, docs/pipeline.md)")
+               "needed, the recommended trial reward for your own data, docs/own-data.md)")
 
 CHECKS = (
     "small_data",
