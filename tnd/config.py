@@ -304,7 +304,7 @@ class TnDParams(Section):
     mode: Literal["trials_and_demos", "trials_only", "demos_only", "lm_only", "lm_on_rollout"] = "trials_and_demos"
     # what a trial's PPO reward is: the reward model's score on its last token | the teacher's per-token
     # log-ratio log p_teacher - log p_student (on-policy distillation) | both (score + teacher_reward_coef x ratio);
-    # null: chosen by Params from the data (`Params._trial_reward_from_the_data`), reward_model in a bare CustomPPOConfig
+    # null: chosen by Params from the data (`Params._defaults_from_the_data`), reward_model in a bare CustomPPOConfig
     trial_reward: Optional[Literal["reward_model", "teacher", "both"]] = None
     teacher_reward_coef: NonNegativeFloat = 1.0  # weight of the teacher's per-token log-ratio (teacher, both)
     demos_as: Literal["distill", "ppo"] = "distill"  # "ppo": the paper's recipe, demos join the PPO batch
@@ -395,41 +395,32 @@ class Params(Section):
 
     @model_validator(mode="before")
     @classmethod
-    def _nursery_teacher_steps(cls, raw: Any) -> Any:
-        # teacher.train.steps null follows the training texts. The grammar's are data.n_train, known before any
-        # stage runs, so the steps are written in here (the nursery default: 1,500); a file's are counted by
-        # prepare_data, and train_teacher plans them (TeacherTrainParams.planned_steps).
+    def _defaults_from_the_data(cls, raw: Any) -> Any:
+        """teacher.train.steps and tnd.trial_reward null, chosen from data.source (FOLLOW_THE_DATA)."""
         if not isinstance(raw, dict):
             return raw
         try:
-            data, teacher = _as_model(DataParams, raw.get("data", {})), _as_model(TeacherParams, raw.get("teacher", {}))
+            data, teacher, reward, tnd = (_as_model(model, raw.get(name, {})) for name, model in (
+                ("data", DataParams), ("teacher", TeacherParams), ("reward", RewardParams), ("tnd", TnDParams)))
         except ValidationError:
             return raw  # the section's own validation names the problem
-        if data.source != "nursery" or teacher.train.steps is not None:
-            return raw
-        train = teacher.train.model_copy(update={"steps": teacher.train.planned_steps(data.n_train)})
-        return {**raw, "teacher": teacher.model_copy(update={"train": train})}
-
-    @model_validator(mode="before")
-    @classmethod
-    def _trial_reward_from_the_data(cls, raw: Any) -> Any:
-        # tnd.trial_reward null: the teacher's per-token reward where the reward model would be the built-in one
-        # trained on word-level corruptions of a file or hub source, which is near chance on real prose
-        # (docs/own-data.md); the reward model everywhere else (the nursery's exact corruptions, a user's labels
-        # or model, a mode whose trials PPO never learns from).
-        if not isinstance(raw, dict):
-            return raw
-        try:
-            data, reward, tnd = (_as_model(DataParams, raw.get("data", {})), _as_model(RewardParams, raw.get("reward", {})),
-                                 _as_model(TnDParams, raw.get("tnd", {})))
-        except ValidationError:
-            return raw
-        if tnd.trial_reward is not None:
-            return raw
-        corruptions_of_real_text = (data.source != "nursery" and reward.source == "builtin"
-                                    and reward.objective == "pairwise")
-        own = corruptions_of_real_text and tnd.mode in ("trials_only", "trials_and_demos")
-        return {**raw, "tnd": tnd.model_copy(update={"trial_reward": "teacher" if own else "reward_model"})}
+        raw = dict(raw)
+        if data.source == "nursery" and teacher.train.steps is None:
+            # The steps follow the training texts. The grammar's are data.n_train, known before any stage runs, so
+            # they are written in here (the nursery default: 1,500); a file's are counted by prepare_data, and
+            # train_teacher plans them (TeacherTrainParams.planned_steps).
+            train = teacher.train.model_copy(update={"steps": teacher.train.planned_steps(data.n_train)})
+            raw["teacher"] = teacher.model_copy(update={"train": train})
+        if tnd.trial_reward is None:
+            # The teacher's per-token reward where the reward model would be the built-in one on word-level
+            # corruptions of a file or hub source, which ranks real prose poorly (docs/own-data.md); the reward
+            # model everywhere else: the nursery's exact corruptions, a user's labels or model, a mode whose
+            # trials PPO never learns from.
+            corruptions_of_real_text = (data.source != "nursery" and reward.source == "builtin"
+                                        and reward.objective == "pairwise")
+            own = corruptions_of_real_text and tnd.mode in ("trials_only", "trials_and_demos")
+            raw["tnd"] = tnd.model_copy(update={"trial_reward": "teacher" if own else "reward_model"})
+        return raw
 
     @model_validator(mode="after")
     def _demonstrations_at_the_cache_temperature(self) -> "Params":
@@ -750,9 +741,8 @@ def _apply_preset(raw: dict, source: str) -> tuple[dict, list[str]]:
     return _tree({**defaults, **preset, **changed}), overridden
 
 
-# Defaults that the validators fill in from the data (DataParams._nursery_size, Params._nursery_teacher_steps and
-# _trial_reward_from_the_data):
-# as preset layers they stay null, so that a file source under a preset is sized by its own data.
+# Defaults that the validators fill in from the data (DataParams._nursery_size, Params._defaults_from_the_data): as
+# preset layers they stay null, so that a file source under a preset is sized and rewarded by its own data.
 FOLLOW_THE_DATA = (("data", "n_train"), ("teacher", "train", "steps"), ("tnd", "trial_reward"))
 
 
